@@ -1,0 +1,1 @@
+"""The REST API of fapm-service (FastAPI). Imports no torch."""

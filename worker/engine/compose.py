@@ -1,0 +1,95 @@
+"""From a keep-mask to output bytes and report statistics (the torch path).
+
+Select, do not add: O = F where kept, W elsewhere, exact in every dtype. Only a rescaling method or
+a scale != 1 computes O = cast(float32(W) + factor * float32(D)), rounded once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass
+class TensorStats:
+    """Per-tensor counts for the report. Norms are of D's selected entries vs. all of D."""
+
+    n: int = 0
+    kept: int = 0
+    nonzero_delta: int = 0
+    kept_nonzero: int = 0
+    l1_total: float = 0.0
+    l1_kept: float = 0.0
+    l2sq_total: float = 0.0
+    l2sq_kept: float = 0.0
+    w_zero: int = 0
+    nonfinite: int = 0
+
+    def add(self, other: TensorStats) -> None:
+        for key, value in asdict(other).items():
+            setattr(self, key, getattr(self, key) + value)
+
+    def summary(self) -> dict[str, float | int]:
+        def ratio(a: float, b: float) -> float:
+            return a / b if b else 1.0
+
+        return {
+            "n": self.n,
+            "kept": self.kept,
+            "density": ratio(self.kept, self.n),
+            "nonzero_delta": self.nonzero_delta,
+            "kept_nonzero": self.kept_nonzero,
+            "density_of_nonzero": ratio(self.kept_nonzero, self.nonzero_delta),
+            "l1_kept_ratio": ratio(self.l1_kept, self.l1_total),
+            "l2_kept_ratio": ratio(self.l2sq_kept, self.l2sq_total) ** 0.5,
+            "w_zero": self.w_zero,
+            "nonfinite": self.nonfinite,
+        }
+
+
+def delta_stats(
+    w32: torch.Tensor, f32: torch.Tensor, d32: torch.Tensor, keep: torch.Tensor
+) -> TensorStats:
+    """Statistics of one pruned tensor (float32 inputs; sums accumulated in float64)."""
+    a = d32.abs().to(torch.float64)
+    nonzero = d32 != 0
+    finite = torch.isfinite(a)
+    a = torch.where(finite, a, torch.zeros_like(a))
+    kept_a = torch.where(keep, a, torch.zeros_like(a))
+    return TensorStats(
+        n=d32.numel(),
+        kept=int(keep.sum()),
+        nonzero_delta=int(nonzero.sum()),
+        kept_nonzero=int((keep & nonzero).sum()),
+        l1_total=float(a.sum()),
+        l1_kept=float(kept_a.sum()),
+        l2sq_total=float((a * a).sum()),
+        l2sq_kept=float((kept_a * kept_a).sum()),
+        w_zero=int((w32 == 0).sum()),
+        nonfinite=int((~torch.isfinite(w32)).sum() + (~torch.isfinite(f32)).sum()),
+    )
+
+
+def compose_output(
+    w: torch.Tensor,
+    f: torch.Tensor,
+    keep: torch.Tensor,
+    factor: float,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The output tensor in `out_dtype`.
+
+    `w` and `f` are in their stored dtypes (W is cast to F's when they differ); `keep` has their
+    shape. `factor` is the multiplier on kept updates: 1.0 selects F exactly.
+    """
+    if w.dtype != f.dtype:
+        w = w.to(f.dtype)
+    if factor == 1.0:
+        return torch.where(keep, f, w).to(out_dtype)
+    w32 = w.to(torch.float32)
+    d32 = f.to(torch.float32) - w32
+    factor32 = torch.tensor(factor, dtype=torch.float32, device=w.device)
+    # Where kept, round once from float32; where dropped, W exactly.
+    rescaled = (w32 + factor32 * d32).to(out_dtype)
+    return torch.where(keep, rescaled, w.to(out_dtype))

@@ -1,0 +1,78 @@
+"""What a pruning method is: a small pure function from (W, D) to a keep mask.
+
+Methods do math only. The stream loop owns I/O, devices and memory; `compose.py` turns the mask
+into output bytes. Inputs are float32 tensors of shape (rows, cols): one row for tensor scope,
+the tensor's rows for row scope; k is per row.
+"""
+
+from __future__ import annotations
+
+import zlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from worker.engine.select import keep_count, order_keys, top_k_mask
+
+
+@dataclass(frozen=True)
+class MethodParams:
+    """The JobSpec's method parameters, plus the tensor's name (it seeds random methods)."""
+
+    sparsity: float
+    alpha: float = 1.0
+    gamma: float = 0.01
+    seed: int = 0
+    tensor_name: str = ""
+
+    @property
+    def density(self) -> float:
+        return 1.0 - self.sparsity
+
+
+class PruningMethod(ABC):
+    name: str
+    title: str
+    paper_url: str | None = None
+    # True when kept updates are rescaled, so output = cast(W + factor * D) instead of a select.
+    rescales: bool = False
+
+    @abstractmethod
+    def mask(self, w: torch.Tensor, d: torch.Tensor, params: MethodParams) -> torch.Tensor:
+        """Bool keep-mask, same shape as `d`."""
+
+    def update_factor(self, params: MethodParams) -> float:
+        """Multiplier on kept updates (1.0 for methods that only select)."""
+        return 1.0
+
+
+class ScoredMethod(PruningMethod):
+    """Keep the exact top-k by a float32 score, ties to the lower index."""
+
+    @abstractmethod
+    def scores(self, w: torch.Tensor, d: torch.Tensor, params: MethodParams) -> torch.Tensor:
+        """float32 scores, same shape as `d`; higher is kept first."""
+
+    def mask(self, w: torch.Tensor, d: torch.Tensor, params: MethodParams) -> torch.Tensor:
+        k = keep_count(d.shape[-1], params.density)
+        return top_k_mask(order_keys(self.scores(w, d, params)), k)
+
+
+_RANDOM_CHUNK = 1 << 20
+
+
+def uniform_draws(params: MethodParams, n: int) -> np.ndarray:
+    """n uniform float64 draws in [0, 1), a pure function of (seed, tensor name, index).
+
+    numpy's PCG64 stream is fixed for a given seed, and drawing float64 in chunks gives the same
+    values as one large draw, so any implementation can reproduce the mask exactly.
+    """
+    seed_seq = np.random.SeedSequence([params.seed, zlib.crc32(params.tensor_name.encode())])
+    generator = np.random.Generator(np.random.PCG64(seed_seq))
+    out = np.empty(n, dtype=np.float64)
+    for start in range(0, n, _RANDOM_CHUNK):
+        stop = min(n, start + _RANDOM_CHUNK)
+        out[start:stop] = generator.random(stop - start)
+    return out

@@ -1,0 +1,30 @@
+"""FAPM: Forgetting-Aware Pruning Metric (Huang, Cheng, Wang, EMNLP 2025, arXiv 2509.08255)."""
+
+from __future__ import annotations
+
+import torch
+
+from worker.engine.methods.base import MethodParams, ScoredMethod
+
+# float32(1e-12): the floor on |W| in the ratio, so W == 0 gives a huge ratio, not inf/NaN.
+EPS = torch.tensor(1e-12, dtype=torch.float32)
+
+
+def fapm_coefficient(w: torch.Tensor, alpha: float) -> torch.Tensor:
+    """c = float32(alpha * mean(|W|)), the mean accumulated in float64 over the whole tensor."""
+    mean_abs = w.abs().sum(dtype=torch.float64) / max(w.numel(), 1)
+    return torch.tensor(float(alpha * mean_abs.item()), dtype=torch.float32)
+
+
+class Fapm(ScoredMethod):
+    name = "fapm"
+    title = "FAPM (Forgetting-Aware Pruning Metric)"
+    paper_url = "https://arxiv.org/abs/2509.08255"
+
+    def scores(self, w: torch.Tensor, d: torch.Tensor, params: MethodParams) -> torch.Tensor:
+        # S = a - c * a / max(|W|, eps), a = |D|, evaluated left to right in float32.
+        # Where D == 0, S = 0 (the paper's code gets NaN there and wastes keep slots).
+        c = fapm_coefficient(w, params.alpha).to(w.device)
+        a = d.abs()
+        s = a - c * a / torch.maximum(w.abs(), EPS.to(w.device))
+        return s.masked_fill_(d == 0, 0.0)

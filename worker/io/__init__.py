@@ -1,0 +1,1 @@
+"""Checkpoint I/O: the safetensors byte layout, byte-range sources, and the sharded writer."""

@@ -1,0 +1,172 @@
+"""A safetensors checkpoint (one file or sharded with an index) over any ModelSource.
+
+Only safetensors weights are ever read: pickle checkpoints (`*.bin`, `*.pt`) are refused, never
+unpickled. Headers are parsed up front (cheap: a few KB per shard) so the engine can plan the whole
+job, including the output's shard layout, before reading a tensor.
+
+Each input shard's sha256 is computed from the very reads the engine makes when they arrive in file
+order (the usual case), so identifying the inputs costs no second read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass
+
+from worker.errors import CorruptCheckpoint, SourceNotFound, UnsupportedFormat
+from worker.io.safetensors_format import (
+    SafetensorsHeader,
+    TensorEntry,
+    parse_header,
+    read_header_length,
+)
+from worker.io.source import ModelSource
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_HASH_CHUNK = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    file: str
+    entry: TensorEntry
+
+
+class _FileDigest:
+    """sha256 of one file, fed by reads that arrive in order; the gaps are read at the end."""
+
+    def __init__(self) -> None:
+        self.hasher = hashlib.sha256()
+        self.next_offset = 0
+
+    def feed(self, offset: int, data: memoryview) -> None:
+        if offset == self.next_offset:
+            self.hasher.update(data)
+            self.next_offset += len(data)
+
+
+class SafetensorsCheckpoint:
+    """Tensor names -> byte ranges, over one `model.safetensors`, a sharded index, or the single
+    `*.safetensors` file of a directory (e.g. `adapter_model.safetensors`)."""
+
+    def __init__(self, source: ModelSource, weights_file: str | None = None) -> None:
+        self.source = source
+        self.files = self._weight_files(weights_file)
+        self.headers: dict[str, SafetensorsHeader] = {}
+        self._digests: dict[str, _FileDigest] = {}
+        self._lock = threading.Lock()
+        self.tensors: dict[str, TensorLocation] = {}
+        for file in self.files:
+            header = self._read_header(file)
+            self.headers[file] = header
+            for entry in header.tensors:
+                if entry.name in self.tensors:
+                    raise CorruptCheckpoint(
+                        f"{source.uri}: tensor {entry.name!r} appears in both "
+                        f"{self.tensors[entry.name].file} and {file}"
+                    )
+                self.tensors[entry.name] = TensorLocation(file, entry)
+        if self._index_map is not None:
+            self._check_index(self._index_map)
+
+    # -- discovery -------------------------------------------------------------------------
+
+    def _weight_files(self, weights_file: str | None) -> list[str]:
+        names = self.source.files()
+        self._index_map: dict[str, str] | None = None
+        if weights_file is not None:
+            if weights_file not in names:
+                raise SourceNotFound(f"{self.source.uri}: {weights_file} not found")
+            return [weights_file]
+        if INDEX_FILE in names:
+            try:
+                index = json.loads(self.source.read_file(INDEX_FILE))
+                weight_map = index["weight_map"]
+                assert isinstance(weight_map, dict)
+            except (ValueError, KeyError, TypeError, AssertionError):
+                raise CorruptCheckpoint(
+                    f"{self.source.uri}/{INDEX_FILE}: not a valid index (needs a weight_map)"
+                ) from None
+            self._index_map = weight_map
+            shard_files = sorted(set(weight_map.values()))
+            missing = [f for f in shard_files if f not in names]
+            if missing:
+                raise SourceNotFound(
+                    f"{self.source.uri}: shard {missing[0]} listed in {INDEX_FILE} is missing"
+                )
+            return shard_files
+        if SINGLE_FILE in names:
+            return [SINGLE_FILE]
+        safetensors = [n for n in names if n.endswith(".safetensors")]
+        if len(safetensors) == 1:
+            return safetensors
+        pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise UnsupportedFormat(
+                f"{self.source.uri}: only pickle weights found ({pickles[0]}); fapm reads "
+                "safetensors only and never unpickles untrusted checkpoints. Convert it with "
+                "`model.save_pretrained(dir, safe_serialization=True)` on a machine you trust."
+            )
+        if safetensors:
+            raise CorruptCheckpoint(
+                f"{self.source.uri}: several .safetensors files but no {INDEX_FILE}"
+            )
+        raise SourceNotFound(f"{self.source.uri}: no safetensors weights found")
+
+    def _read_header(self, file: str) -> SafetensorsHeader:
+        where = f"{self.source.uri.rstrip('/')}/{file}"
+        size = self.source.size(file)
+        prefix = self.source.read_range(file, 0, min(8, size)) if size else b""
+        header_len = read_header_length(prefix, size, where)
+        header_bytes = self.source.read_range(file, 8, header_len)
+        digest = _FileDigest()
+        digest.feed(0, memoryview(prefix))
+        digest.feed(8, memoryview(header_bytes))
+        self._digests[file] = digest
+        return parse_header(header_bytes, size, where)
+
+    def _check_index(self, weight_map: dict[str, str]) -> None:
+        for name, file in weight_map.items():
+            location = self.tensors.get(name)
+            if location is None or location.file != file:
+                raise CorruptCheckpoint(
+                    f"{self.source.uri}: {INDEX_FILE} places {name!r} in {file}, "
+                    "but that shard does not hold it"
+                )
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """Tensor names in storage order (file, then offset): the order that reads fastest."""
+        return [n for f in self.files for n in (e.name for e in self.headers[f].tensors)]
+
+    def entry(self, name: str) -> TensorEntry:
+        return self.tensors[name].entry
+
+    def read_into(self, name: str, buffer: memoryview) -> None:
+        """Read a tensor's raw little-endian bytes into `buffer` (exactly `entry.nbytes` long)."""
+        location = self.tensors[name]
+        entry = location.entry
+        self.source.read_into(location.file, entry.begin, buffer)
+        with self._lock:
+            self._digests[location.file].feed(entry.begin, buffer)
+
+    def shard_digests(self) -> dict[str, str]:
+        """sha256 of every weight file; reads only what the engine's reads did not cover."""
+        result = {}
+        for file in self.files:
+            digest = self._digests[file]
+            size = self.source.size(file)
+            while digest.next_offset < size:
+                length = min(_HASH_CHUNK, size - digest.next_offset)
+                chunk = self.source.read_range(file, digest.next_offset, length)
+                digest.feed(digest.next_offset, memoryview(chunk))
+            result[file] = digest.hasher.hexdigest()
+        return result
+
+    def total_bytes(self) -> int:
+        return sum(loc.entry.nbytes for loc in self.tensors.values())

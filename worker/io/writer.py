@@ -1,0 +1,176 @@
+"""The sharded safetensors writer.
+
+The whole layout (which tensor goes in which shard, every header) is planned up front from the
+output's names, dtypes and shapes, so each shard file is final the moment its last tensor is
+written: it can be uploaded while the next one is computed, and its name never changes.
+Tensors are written straight to their place in the file: no output shard is buffered in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from worker.io.safetensors_format import DTYPE_SIZES, build_header
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    dtype: str  # safetensors tag
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+
+@dataclass
+class ShardLayout:
+    file: str
+    tensors: list[PlannedTensor] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class WrittenShard:
+    file: str
+    size: int
+    sha256: str
+
+
+def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[ShardLayout]:
+    """Split tensors, in order, into shards of at most `max_shard_bytes` of tensor data.
+
+    Same rule as huggingface_hub's `split_torch_state_dict_into_shards`: a tensor starts a new shard
+    when it would overflow the current one; a tensor larger than the limit gets a shard alone.
+    Names follow the HF convention: `model.safetensors` alone, else `model-0000i-of-0000N`.
+    """
+    shards: list[ShardLayout] = []
+    current = ShardLayout(file="")
+    for tensor in tensors:
+        if current.tensors and current.nbytes + tensor.nbytes > max_shard_bytes:
+            shards.append(current)
+            current = ShardLayout(file="")
+        current.tensors.append(tensor)
+    if current.tensors or not shards:
+        shards.append(current)
+    if len(shards) == 1:
+        shards[0].file = SINGLE_FILE
+    else:
+        for i, shard in enumerate(shards, start=1):
+            shard.file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+    return shards
+
+
+def index_json(shards: list[ShardLayout]) -> dict[str, object] | None:
+    """The `model.safetensors.index.json` content, or None for a single file."""
+    if len(shards) == 1:
+        return None
+    return {
+        "metadata": {"total_size": sum(s.nbytes for s in shards)},
+        "weight_map": {t.name: s.file for s in shards for t in s.tensors},
+    }
+
+
+class ShardedWriter:
+    """Writes planned shards into `directory`, tensor by tensor, in plan order.
+
+    `on_shard_complete(WrittenShard)` is called as each file is closed (fsynced), e.g. to start its
+    upload. Raises ValueError if tensors arrive out of plan order or with the wrong byte count.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        shards: list[ShardLayout],
+        metadata: dict[str, str] | None = None,
+        on_shard_complete: Callable[[WrittenShard], None] | None = None,
+    ) -> None:
+        self.directory = directory
+        self.shards = shards
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.on_shard_complete = on_shard_complete
+        self.written: list[WrittenShard] = []
+        self._order = [(i, t) for i, s in enumerate(shards) for t in s.tensors]
+        self._next = 0
+        self._file = None
+        self._hasher = hashlib.sha256()
+        self._shard_index = -1
+
+    def _open_shard(self, index: int) -> None:
+        shard = self.shards[index]
+        header, _ = build_header(
+            [(t.name, t.dtype, t.shape) for t in shard.tensors], self.metadata
+        )
+        self._file = open(self.directory / shard.file, "wb")  # noqa: SIM115 - closed in _close_shard
+        self._hasher = hashlib.sha256()
+        self._shard_index = index
+        self._emit(header)
+
+    def _emit(self, data: bytes | memoryview) -> None:
+        assert self._file is not None
+        self._file.write(data)
+        self._hasher.update(data)
+
+    def _close_shard(self) -> None:
+        assert self._file is not None
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        size = self._file.tell()
+        self._file.close()
+        self._file = None
+        shard = WrittenShard(self.shards[self._shard_index].file, size, self._hasher.hexdigest())
+        self.written.append(shard)
+        if self.on_shard_complete is not None:
+            self.on_shard_complete(shard)
+
+    def write(self, name: str, data: bytes | memoryview) -> None:
+        """Append the next tensor's raw little-endian bytes."""
+        if self._next >= len(self._order):
+            raise ValueError(f"tensor {name!r} was not planned (all planned tensors written)")
+        shard_index, planned = self._order[self._next]
+        if planned.name != name:
+            raise ValueError(f"expected tensor {planned.name!r} next, got {name!r}")
+        view = memoryview(data).cast("B")
+        if len(view) != planned.nbytes:
+            raise ValueError(
+                f"tensor {name!r}: {len(view)} bytes written, {planned.nbytes} planned"
+            )
+        if shard_index != self._shard_index:
+            if self._file is not None:
+                self._close_shard()
+            self._open_shard(shard_index)
+        self._emit(view)
+        self._next += 1
+        if self._next == len(self._order) or self._order[self._next][0] != shard_index:
+            self._close_shard()
+
+    def finish(self) -> list[WrittenShard]:
+        """Check everything planned was written, write the index, and return the shards."""
+        if self._next != len(self._order):
+            missing = self._order[self._next][1].name
+            raise ValueError(f"output incomplete: tensor {missing!r} was never written")
+        if not self._order:  # a model with no tensors still gets its (empty) file
+            self._open_shard(0)
+            self._close_shard()
+        index = index_json(self.shards)
+        if index is not None:
+            (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        return self.written
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

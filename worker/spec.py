@@ -1,0 +1,155 @@
+"""JobSpec: the one typed description of a pruning job.
+
+The CLI generates its flags from these fields (`worker/cli.py`), the API validates REST bodies with
+it, the Celery message carries it, and the model card and report embed it. This module imports no
+torch so the API can use it.
+
+Validation errors are pydantic `ValidationError`s, which are `ValueError`s that name the field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+# Method names are listed here, not imported from the engine, so this module stays torch-free;
+# tests/unit/test_methods.py checks that this list and the engine's registry agree.
+MethodName = Literal["fapm", "magnitude", "random", "dare", "breadcrumbs"]
+METHOD_NAMES: tuple[str, ...] = MethodName.__args__  # type: ignore[attr-defined]
+
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_byte_size(value: int | str) -> int:
+    """Parse a byte count: an int, or a string with an optional unit (`500MB`, `5GB`, `1GiB`).
+
+    Units are decimal (KB, MB, GB, TB) or binary (KiB, MiB, GiB, TiB), as the Hugging Face tooling
+    accepts them. Raises ValueError for anything else or a size below one byte.
+    """
+    if isinstance(value, bool):
+        raise ValueError("a byte size must be a number or a string like '5GB'")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE_RE.match(str(value))
+        unit = match.group(2).upper() if match else None
+        if not match or unit not in _SIZE_UNITS:
+            raise ValueError(f"cannot parse byte size {value!r}: use e.g. 5GB, 500MB, 1GiB or bytes")
+        size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size < 1:
+        raise ValueError("a byte size must be at least 1 byte")
+    return size
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_byte_size)]
+
+
+class JobSpec(BaseModel):
+    """What to prune, how, and where the result goes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base: str = Field(
+        description="Base (pre-trained) checkpoint: a local directory, file:// URI, "
+        "s3://bucket/prefix/ or hf://org/name@rev.",
+        json_schema_extra={"examples": ["hf://meta-llama/Llama-3.1-8B@main"]},
+    )
+    finetuned: str | None = Field(
+        default=None,
+        description="Fine-tuned checkpoint with the same architecture. Give this or --adapter.",
+    )
+    adapter: str | None = Field(
+        default=None,
+        description="PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) on top "
+        "of the base, instead of --finetuned.",
+    )
+    output: str = Field(
+        description="Where the pruned model directory goes.",
+        json_schema_extra={"cli": "--out"},
+    )
+    method: MethodName = Field(default="fapm", description="Pruning method.")
+    sparsity: float = Field(
+        default=0.9,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of each tensor's update that is dropped (0.9 keeps 10%).",
+    )
+    alpha: float = Field(
+        default=1.0, ge=0.0, description="fapm: weight of the relative-change penalty."
+    )
+    gamma: float = Field(
+        default=0.01,
+        ge=0.0,
+        le=1.0,
+        description="breadcrumbs: fraction of largest updates dropped as outliers.",
+    )
+    scale: float = Field(
+        default=1.0, description="Multiplier on the kept update (1.0 selects fine-tuned weights)."
+    )
+    seed: int = Field(default=0, ge=0, description="Seed for the random and dare methods.")
+    exclude: str | None = Field(
+        default=None,
+        description="Regular expression on tensor names; matching tensors keep their whole "
+        "update (copied from the fine-tuned model). E.g. 'embed|norm|lm_head|bias'.",
+    )
+    scope: Literal["tensor", "row"] = Field(
+        default="tensor",
+        description="Where the top-k is taken: within each tensor, or within each output row.",
+    )
+    shard_size: ByteSize = Field(
+        default=5 * 10**9,
+        description="Largest output shard in bytes; units accepted (500MB, 5GB, 1GiB).",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="Compute device: auto picks CUDA when present."
+    )
+    dtype: Literal["keep", "bfloat16", "float16", "float32"] = Field(
+        default="keep", description="Storage dtype of the output's floating-point tensors."
+    )
+    kernel: Literal["auto", "torch", "numba"] = Field(
+        default="auto",
+        description="Implementation: auto uses the fused CPU kernel where it covers the method.",
+    )
+    overwrite: bool = Field(default=False, description="Replace an existing output.")
+
+    @field_validator("exclude")
+    @classmethod
+    def _exclude_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return value
+
+    @field_validator("base", "output")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _one_update_source(self) -> JobSpec:
+        if (self.finetuned is None) == (self.adapter is None):
+            raise ValueError("finetuned: give exactly one of 'finetuned' and 'adapter'")
+        return self
+
+    @property
+    def density(self) -> float:
+        """Fraction of each tensor's entries whose update is kept."""
+        return 1.0 - self.sparsity
