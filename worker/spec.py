@@ -48,7 +48,9 @@ def parse_byte_size(value: int | str) -> int:
         match = _SIZE_RE.match(str(value))
         unit = match.group(2).upper() if match else None
         if not match or unit not in _SIZE_UNITS:
-            raise ValueError(f"cannot parse byte size {value!r}: use e.g. 5GB, 500MB, 1GiB or bytes")
+            raise ValueError(
+                f"cannot parse byte size {value!r}: use e.g. 5GB, 500MB, 1GiB or bytes"
+            )
         size = int(float(match.group(1)) * _SIZE_UNITS[unit])
     if size < 1:
         raise ValueError("a byte size must be at least 1 byte")

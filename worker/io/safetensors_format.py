@@ -194,7 +194,11 @@ def build_header(
     relative = []
     for name, dtype, shape in tensors:
         nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         relative.append((offset, offset + nbytes))
         offset += nbytes
     body = json.dumps(header, separators=(",", ":")).encode("utf-8")

@@ -111,10 +111,8 @@ class ShardedWriter:
 
     def _open_shard(self, index: int) -> None:
         shard = self.shards[index]
-        header, _ = build_header(
-            [(t.name, t.dtype, t.shape) for t in shard.tensors], self.metadata
-        )
-        self._file = open(self.directory / shard.file, "wb")  # noqa: SIM115 - closed in _close_shard
+        header, _ = build_header([(t.name, t.dtype, t.shape) for t in shard.tensors], self.metadata)
+        self._file = open(self.directory / shard.file, "wb")
         self._hasher = hashlib.sha256()
         self._shard_index = index
         self._emit(header)

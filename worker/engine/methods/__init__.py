@@ -18,7 +18,9 @@ def get_method(name: str) -> PruningMethod:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ValueError(f"method: unknown method {name!r}; choose from {sorted(REGISTRY)}") from None
+        raise ValueError(
+            f"method: unknown method {name!r}; choose from {sorted(REGISTRY)}"
+        ) from None
 
 
 __all__ = ["REGISTRY", "MethodParams", "PruningMethod", "get_method"]

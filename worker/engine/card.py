@@ -1,0 +1,58 @@
+"""The model card (README.md) written with every output, in the Hub's format."""
+
+from __future__ import annotations
+
+import json
+
+from worker.engine.methods import get_method
+from worker.io.uri import parse_uri
+from worker.spec import JobSpec
+
+
+def _hub_id(uri: str) -> str:
+    parsed = parse_uri(uri)
+    return parsed.path if parsed.scheme == "hf" else uri
+
+
+def model_card(spec: JobSpec, totals: dict[str, float | int]) -> str:
+    method = get_method(spec.method)
+    paper = f"[{method.title}]({method.paper_url})" if method.paper_url else method.title
+    update = spec.finetuned or spec.adapter
+    front = [
+        "---",
+        f"base_model: {json.dumps(_hub_id(spec.base))}",
+        "library_name: transformers",
+        "tags:",
+        "- fapm-service",
+        "- pruning",
+        "- task-vector",
+        f"- {spec.method}",
+        "---",
+    ]
+    body = f"""
+# Pruned fine-tune of {_hub_id(update or "")}
+
+This model is `base + mask * (finetuned - base)`: the fine-tuned model with part of its update
+removed by **{paper}**, so it keeps the new skill and forgets less of what the base model knew.
+Built by fapm-service.
+
+| | |
+| --- | --- |
+| base model | `{spec.base}` |
+| {"LoRA adapter" if spec.adapter else "fine-tuned model"} | `{update}` |
+| method | `{spec.method}` |
+| sparsity (update dropped) | {spec.sparsity:g} |
+| density (update kept) | {spec.density:g} |
+| selection scope | `{spec.scope}` |
+| kept / total entries | {totals.get("kept", 0)} / {totals.get("n", 0)} |
+| L2 of kept update / full update | {float(totals.get("l2_kept_ratio", 1.0)):.4f} |
+
+Per-tensor counts are in `pruning_report.json`.
+
+## Job specification
+
+```json
+{spec.model_dump_json(indent=2)}
+```
+"""
+    return "\n".join(front) + "\n" + body

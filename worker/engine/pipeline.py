@@ -1,0 +1,226 @@
+"""The stream loop: the one place a pruning job runs, for the CLI, the worker and the tests.
+
+Flow: open sources -> read headers -> plan every tensor and the output's shard layout -> stream
+(W, F) pairs through a bounded read-ahead into the method -> write each output tensor into its
+planned shard -> side files, report, card -> publish the staging directory in one rename.
+Memory holds a few tensors at a time, whatever the model size: inputs are read tensor by tensor
+and outputs go straight to their place in the shard file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from worker.engine.card import model_card
+from worker.engine.compose import TensorStats
+from worker.engine.plan import TensorTask, build_plan
+from worker.engine.readahead import read_ahead
+from worker.engine.readers import CheckpointReader, LoraMergedReader
+from worker.engine.staging import StagingDir
+from worker.engine.tensor_pruner import TensorPruner
+from worker.errors import FapmError, JobCancelled
+from worker.io.uri import open_source, parse_uri
+from worker.io.writer import ShardedWriter, plan_shards
+from worker.spec import JobSpec
+
+# Copied next to the weights, from the fine-tuned model (from the base for an adapter).
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+)
+READ_AHEAD_BYTES = 512 * 2**20
+REPORT_FILE = "pruning_report.json"
+
+
+@dataclass
+class Progress:
+    stage: str  # "plan", "prune", "finalize", "done"
+    tensors_done: int = 0
+    tensors_total: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass
+class PruneResult:
+    output: Path
+    report: dict
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _tie_word_embeddings(config: dict) -> bool:
+    # transformers' PretrainedConfig default is True; Llama-style configs write it explicitly.
+    value = config.get(
+        "tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", True)
+    )
+    return bool(value)
+
+
+def run_prune(
+    spec: JobSpec,
+    progress: ProgressCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> PruneResult:
+    """Run a pruning job to completion and publish its output directory.
+
+    Raises FapmError (with a stable code) on bad input; on any failure or cancellation the output
+    path is left untouched and the staging directory is removed.
+    """
+    report_progress = progress or (lambda _p: None)
+    cancelled = should_cancel or (lambda: False)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    output_uri = parse_uri(spec.output)
+    if output_uri.scheme != "file":
+        raise FapmError(
+            f"{spec.output}: only local outputs are available in this version",
+            code="unsupported_format",
+        )
+    staging = StagingDir(output_uri.local_path, spec.overwrite)
+    sources = []
+    try:
+        report_progress(Progress("plan"))
+        base_source = open_source(spec.base)
+        sources.append(base_source)
+        base = CheckpointReader(base_source)
+        update_source = open_source(spec.finetuned or spec.adapter or "")
+        sources.append(update_source)
+        finetuned = (
+            LoraMergedReader(base, update_source)
+            if spec.adapter
+            else CheckpointReader(update_source)
+        )
+        pruner = TensorPruner(spec)
+        config = finetuned.config()
+        tasks = build_plan(base, finetuned, spec, _tie_word_embeddings(config))
+        shards = plan_shards([t.planned for t in tasks], spec.shard_size)
+        writer = ShardedWriter(staging.path, shards)
+        timings["plan"] = time.perf_counter() - started
+
+        tensor_records, totals = _stream(
+            tasks, base, finetuned, pruner, writer, report_progress, cancelled
+        )
+        timings["prune"] = time.perf_counter() - started - timings["plan"]
+
+        report_progress(Progress("finalize", len(tasks), len(tasks)))
+        written = writer.finish()
+        update_side = base_source if spec.adapter else update_source
+        _copy_side_files(update_side, staging.path, spec)
+        summary = totals.summary()
+        report = {
+            "format": "fapm-pruning-report/1",
+            "spec": spec.model_dump(mode="json"),
+            "implementation": pruner.implementation,
+            "inputs": {
+                "base": base.identity(),
+                "adapter" if spec.adapter else "finetuned": finetuned.identity(),
+            },
+            "totals": summary,
+            "output": {"shards": [vars(s) for s in written]},
+            "tensors": tensor_records,
+        }
+        (staging.path / "README.md").write_text(model_card(spec, summary))
+        timings["finalize"] = time.perf_counter() - started - timings["plan"] - timings["prune"]
+        report["seconds"] = {**timings, "total": time.perf_counter() - started}
+        (staging.path / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        if cancelled():
+            raise JobCancelled("the job was cancelled")
+        staging.commit()
+    except BaseException:
+        staging.abort()
+        raise
+    finally:
+        for source in sources:
+            source.close()
+    report_progress(Progress("done", len(tasks), len(tasks)))
+    return PruneResult(output_uri.local_path, report, timings)
+
+
+def _stream(
+    tasks: list[TensorTask],
+    base: CheckpointReader,
+    finetuned: CheckpointReader | LoraMergedReader,
+    pruner: TensorPruner,
+    writer: ShardedWriter,
+    report_progress: ProgressCallback,
+    cancelled: Callable[[], bool],
+) -> tuple[list[dict], TensorStats]:
+    def load(task: TensorTask) -> tuple[torch.Tensor | None, torch.Tensor]:
+        w = base.read(task.name) if task.action != "copy" else None
+        return w, finetuned.read(task.name, base=w)
+
+    def load_cost(task: TensorTask) -> int:
+        return task.read_bytes + task.planned.nbytes
+
+    bytes_total = sum(t.read_bytes for t in tasks)
+    bytes_done = 0
+    totals = TensorStats()
+    records = []
+    report_progress(Progress("prune", 0, len(tasks), 0, bytes_total))
+    pairs = read_ahead(tasks, load, load_cost, READ_AHEAD_BYTES)
+    try:
+        for done, (task, (w, f)) in enumerate(pairs, start=1):
+            if cancelled():
+                raise JobCancelled("the job was cancelled")
+            tick = time.perf_counter()
+            out, stats = pruner.run(task, w, f)
+            writer.write(task.name, out.contiguous().view(torch.uint8).numpy().data)
+            record: dict[str, object] = {
+                "name": task.name,
+                "action": task.action,
+                "shape": list(task.shape),
+                "dtype": task.out_dtype,
+            }
+            if task.reason:
+                record["reason"] = task.reason
+            if task.shared_rows is not None:
+                record["shared_rows"] = task.shared_rows
+            if stats is not None:
+                totals.add(stats)
+                record.update(stats.summary())
+            record["seconds"] = round(time.perf_counter() - tick, 6)
+            records.append(record)
+            bytes_done += task.read_bytes
+            report_progress(Progress("prune", done, len(tasks), bytes_done, bytes_total))
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        pairs.close()
+    return records, totals
+
+
+def _copy_side_files(source, directory: Path, spec: JobSpec) -> None:
+    for name in SIDE_FILES:
+        if not source.exists(name):
+            continue
+        data = source.read_file(name)
+        if name == "config.json" and spec.dtype != "keep":
+            config = json.loads(data)
+            config["torch_dtype"] = spec.dtype
+            if "dtype" in config:
+                config["dtype"] = spec.dtype
+            data = (json.dumps(config, indent=2) + "\n").encode()
+        (directory / name).write_bytes(data)

@@ -1,0 +1,199 @@
+"""Tensor readers: what the stream loop reads W and F through.
+
+`CheckpointReader` reads a safetensors checkpoint. `LoraMergedReader` presents a PEFT LoRA adapter
+as a fine-tuned checkpoint: F = cast(float32(W) + D) per targeted module, D = scale * B @ A in
+float32, one module at a time, so the rest of the engine never knows it came from an adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from worker.errors import CorruptCheckpoint, SourceNotFound, UnsupportedFormat
+from worker.io.checkpoint import SafetensorsCheckpoint
+from worker.io.source import ModelSource
+from worker.io.torch_tensors import read_tensor
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # safetensors tag
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class CheckpointReader:
+    """A model directory's safetensors weights, tensor by tensor."""
+
+    def __init__(self, source: ModelSource) -> None:
+        self.source = source
+        self.checkpoint = SafetensorsCheckpoint(source)
+
+    def names(self) -> list[str]:
+        return self.checkpoint.names()
+
+    def info(self, name: str) -> TensorInfo:
+        entry = self.checkpoint.entry(name)
+        return TensorInfo(entry.dtype, entry.shape)
+
+    def read_nbytes(self, name: str) -> int:
+        """Bytes this reader fetches to produce the tensor."""
+        return self.checkpoint.entry(name).nbytes
+
+    def read(self, name: str, base: torch.Tensor | None = None) -> torch.Tensor:
+        return read_tensor(self.checkpoint, name)
+
+    def config(self) -> dict:
+        """The model's config.json, or {} when it has none."""
+        if not self.source.exists("config.json"):
+            return {}
+        try:
+            return json.loads(self.source.read_file("config.json"))
+        except ValueError:
+            raise CorruptCheckpoint(f"{self.source.uri}: config.json is not valid JSON") from None
+
+    def identity(self) -> dict[str, object]:
+        return {**self.source.identity(), "shards": self.checkpoint.shard_digests()}
+
+
+@dataclass(frozen=True)
+class _LoraModule:
+    a: str  # adapter tensor names
+    b: str
+    scale: float
+    transpose: bool
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+
+
+class LoraMergedReader:
+    """A base model plus a PEFT LoRA adapter, read as the merged fine-tuned model."""
+
+    def __init__(self, base: CheckpointReader, adapter_source: ModelSource) -> None:
+        self.base = base
+        self.source = adapter_source
+        names = adapter_source.files()
+        if ADAPTER_CONFIG not in names:
+            if ADAPTER_WEIGHTS.replace(".safetensors", ".bin") in names:
+                raise UnsupportedFormat(
+                    f"{adapter_source.uri}: adapter_model.bin is a pickle; only "
+                    "adapter_model.safetensors is read"
+                )
+            raise SourceNotFound(f"{adapter_source.uri}: no {ADAPTER_CONFIG} (not a PEFT adapter)")
+        try:
+            self.adapter_config = json.loads(adapter_source.read_file(ADAPTER_CONFIG))
+        except ValueError:
+            raise CorruptCheckpoint(f"{adapter_source.uri}: {ADAPTER_CONFIG} is not JSON") from None
+        self._check_supported(self.adapter_config)
+        if ADAPTER_WEIGHTS not in names:
+            raise SourceNotFound(f"{adapter_source.uri}: no {ADAPTER_WEIGHTS}")
+        self.checkpoint = SafetensorsCheckpoint(adapter_source, weights_file=ADAPTER_WEIGHTS)
+        self.modules, self.replaced = self._map_tensors()
+
+    def _check_supported(self, config: dict) -> None:
+        peft_type = str(config.get("peft_type", "LORA")).upper()
+        if peft_type != "LORA":
+            raise UnsupportedFormat(f"adapter type {peft_type} is not supported (LoRA only)")
+        if config.get("use_dora"):
+            raise UnsupportedFormat("DoRA adapters are not supported (plain LoRA only)")
+        if config.get("lora_bias"):
+            raise UnsupportedFormat("LoRA adapters with lora_bias are not supported")
+
+    def _alpha_for(self, module: str) -> float:
+        pattern_alpha = self.adapter_config.get("alpha_pattern") or {}
+        for pattern, alpha in pattern_alpha.items():
+            if module == pattern or re.match(rf"(.*\.)?{pattern}$", module):
+                return float(alpha)
+        return float(self.adapter_config.get("lora_alpha", 8))
+
+    def _map_tensors(self) -> tuple[dict[str, _LoraModule], dict[str, str]]:
+        base_names = set(self.base.names())
+        pairs: dict[str, dict[str, str]] = {}
+        replaced: dict[str, str] = {}
+        for key in self.checkpoint.names():
+            name = key.removeprefix(_PEFT_PREFIX)
+            match = re.match(r"(.+)\.(lora_A|lora_B)(?:\.weight)?$", name) or re.match(
+                r"(.+)\.(lora_embedding_A|lora_embedding_B)$", name
+            )
+            if match:
+                module, part = match.groups()
+                pairs.setdefault(module, {})[part[-1]] = key
+                pairs[module]["embedding"] = "embedding" if "embedding" in part else ""
+            elif "lora_magnitude_vector" in name:
+                raise UnsupportedFormat("DoRA adapters are not supported (plain LoRA only)")
+            elif name in base_names:
+                replaced[name] = key  # modules_to_save: a full replacement tensor
+            else:
+                raise CorruptCheckpoint(
+                    f"{self.source.uri}: adapter tensor {key!r} matches no base tensor"
+                )
+        modules: dict[str, _LoraModule] = {}
+        fan_in_fan_out = bool(self.adapter_config.get("fan_in_fan_out", False))
+        for module, parts in pairs.items():
+            if "A" not in parts or "B" not in parts:
+                raise CorruptCheckpoint(f"{self.source.uri}: {module} lacks lora_A or lora_B")
+            target = f"{module}.weight"
+            if target not in base_names:
+                raise CorruptCheckpoint(
+                    f"{self.source.uri}: adapter targets {target!r}, which the base lacks"
+                )
+            rank = self.checkpoint.entry(parts["A"]).shape[0]
+            alpha = self._alpha_for(module)
+            scale = (
+                alpha / math.sqrt(rank) if self.adapter_config.get("use_rslora") else alpha / rank
+            )
+            transpose = bool(parts["embedding"]) or fan_in_fan_out
+            modules[target] = _LoraModule(parts["A"], parts["B"], scale, transpose)
+        return modules, replaced
+
+    def names(self) -> list[str]:
+        return self.base.names()
+
+    def info(self, name: str) -> TensorInfo:
+        return self.base.info(name)
+
+    def read_nbytes(self, name: str) -> int:
+        if name in self.modules:
+            module = self.modules[name]
+            return self.checkpoint.entry(module.a).nbytes + self.checkpoint.entry(module.b).nbytes
+        if name in self.replaced:
+            return self.checkpoint.entry(self.replaced[name]).nbytes
+        return 0
+
+    def read(self, name: str, base: torch.Tensor | None = None) -> torch.Tensor:
+        """F for one tensor; `base` is W, already read by the caller."""
+        if name in self.replaced:
+            return read_tensor(self.checkpoint, self.replaced[name])
+        if base is None:
+            base = self.base.read(name)
+        module = self.modules.get(name)
+        if module is None:
+            return base
+        a = read_tensor(self.checkpoint, module.a).to(torch.float32)
+        b = read_tensor(self.checkpoint, module.b).to(torch.float32)
+        delta = (b @ a) * module.scale  # the same expression as peft's get_delta_weight
+        if module.transpose:
+            delta = delta.T
+        if tuple(delta.shape) != tuple(base.shape):
+            raise CorruptCheckpoint(
+                f"{self.source.uri}: LoRA delta for {name!r} has shape {tuple(delta.shape)}, "
+                f"the base tensor {tuple(base.shape)}"
+            )
+        return (base.to(torch.float32) + delta).to(base.dtype)
+
+    def config(self) -> dict:
+        return self.base.config()
+
+    def identity(self) -> dict[str, object]:
+        return {**self.source.identity(), "shards": self.checkpoint.shard_digests()}

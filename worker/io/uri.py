@@ -1,0 +1,59 @@
+"""Model URIs: `file://` and bare local paths today; `s3://` and `hf://` are parsed and named so
+a user gets a clear error until their sources land (the remote-storage issue)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from worker.errors import UnsupportedFormat
+from worker.io.source import LocalDirSource, ModelSource
+
+REMOTE_SCHEMES = ("s3", "hf")
+
+
+@dataclass(frozen=True)
+class ModelURI:
+    scheme: str  # "file", "s3" or "hf"
+    raw: str
+    path: str  # local path, "bucket/prefix" or "org/name"
+    revision: str | None = None
+
+    @property
+    def local_path(self) -> Path:
+        assert self.scheme == "file"
+        return Path(self.path)
+
+
+def parse_uri(raw: str) -> ModelURI:
+    """Parse a model location. Raises ValueError for a malformed one."""
+    if "://" not in raw:
+        return ModelURI("file", raw, raw)
+    parsed = urlparse(raw)
+    scheme = parsed.scheme.lower()
+    if scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"{raw}: file:// URIs must name a local path (file:///abs/path)")
+        return ModelURI("file", raw, unquote(parsed.path))
+    if scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError(f"{raw}: an s3 URI needs a bucket (s3://bucket/prefix/)")
+        return ModelURI("s3", raw, f"{parsed.netloc}/{parsed.path.lstrip('/')}")
+    if scheme == "hf":
+        repo, _, revision = f"{parsed.netloc}{parsed.path}".partition("@")
+        if repo.count("/") != 1 or not all(repo.split("/")):
+            raise ValueError(f"{raw}: a Hub URI is hf://org/name[@revision]")
+        return ModelURI("hf", raw, repo, revision or None)
+    raise ValueError(f"{raw}: unsupported scheme {scheme!r} (use a path, file://, s3:// or hf://)")
+
+
+def open_source(raw: str) -> ModelSource:
+    """A ModelSource for a model directory URI."""
+    uri = parse_uri(raw)
+    if uri.scheme == "file":
+        return LocalDirSource(uri.local_path, uri=raw if "://" in raw else None)
+    raise UnsupportedFormat(
+        f"{raw}: {uri.scheme}:// sources are not available in this version yet; "
+        "download the model to a local directory and pass its path"
+    )
