@@ -38,7 +38,7 @@ def top_k_mask(keys: torch.Tensor, k: int) -> torch.Tensor:
 
     `keys` is int32 of shape (rows, cols) (one row for tensor scope); `k` is per row.
     """
-    rows, cols = keys.shape
+    cols = keys.shape[-1]
     if k <= 0:
         return torch.zeros_like(keys, dtype=torch.bool)
     if k >= cols:
