@@ -186,7 +186,7 @@ def _stream(
                 raise JobCancelled("the job was cancelled")
             tick = time.perf_counter()
             out, stats = pruner.run(task, w, f)
-            writer.write(task.name, out.contiguous().view(torch.uint8).numpy().data)
+            writer.write(task.name, out.contiguous().reshape(-1).view(torch.uint8).numpy().data)
             record: dict[str, object] = {
                 "name": task.name,
                 "action": task.action,

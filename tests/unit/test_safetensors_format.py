@@ -1,0 +1,179 @@
+"""The safetensors reader against files written by the reference library, and every way a file can
+be corrupt (each must be a clear CorruptCheckpoint naming the problem, never a crash)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from worker.errors import CorruptCheckpoint
+from worker.io.checkpoint import SafetensorsCheckpoint
+from worker.io.safetensors_format import build_header, parse_header, read_header_length
+from worker.io.source import LocalDirSource
+from worker.io.torch_tensors import read_tensor
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {
+        "a": torch.randn(3, 5, dtype=torch.bfloat16),
+        "b": torch.randn(7, dtype=torch.float16),
+        "c": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "d": torch.randn(2, 2, 2, dtype=torch.float32),
+        "scalar": torch.tensor(3.5, dtype=torch.float32),
+        "empty": torch.zeros(0, 4, dtype=torch.float32),
+    }
+
+
+def test_reads_what_the_reference_library_writes(tmp_path):
+    tensors = _tensors()
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    checkpoint = SafetensorsCheckpoint(LocalDirSource(tmp_path))
+    assert set(checkpoint.names()) == set(tensors)
+    for name, tensor in tensors.items():
+        got = read_tensor(checkpoint, name)
+        assert got.dtype == tensor.dtype and got.shape == tensor.shape
+        assert torch.equal(
+            got.reshape(-1).view(torch.uint8), tensor.contiguous().reshape(-1).view(torch.uint8)
+        )
+
+
+def test_build_header_round_trips_through_the_reference_reader(tmp_path):
+    from safetensors import safe_open
+
+    tensors = _tensors()
+    order = [(n, t) for n, t in tensors.items()]
+    tags = {torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64", torch.float32: "F32"}
+    header, offsets = build_header([(n, tags[t.dtype], tuple(t.shape)) for n, t in order])
+    assert len(header) % 8 == 0
+    path = tmp_path / "x.safetensors"
+    with open(path, "wb") as f:
+        f.write(header)
+        for (_, t), (begin, end) in zip(order, offsets, strict=True):
+            assert f.tell() == begin
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            assert f.tell() == end
+    with safe_open(path, "pt") as f:
+        for name, tensor in tensors.items():
+            assert torch.equal(f.get_tensor(name), tensor)
+
+
+def _write_raw(path, header: dict | bytes, data: bytes, length: int | None = None) -> None:
+    body = header if isinstance(header, bytes) else json.dumps(header).encode()
+    prefix = struct.pack("<Q", len(body) if length is None else length)
+    path.write_bytes(prefix + body + data)
+
+
+GOOD = {"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "length", "message"),
+    [
+        (GOOD, b"\0" * 8, 10**6, "runs past the end"),
+        (GOOD, b"\0" * 8, 200_000_000, "exceeds the"),
+        (b"{not json", b"", None, "not valid JSON"),
+        (b"[1, 2]", b"", None, "not a JSON object"),
+        (
+            {"t": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}},
+            b"\0" * 8,
+            None,
+            "unknown dtype",
+        ),
+        (
+            {"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 16]}},
+            b"\0" * 8,
+            None,
+            "out of range",
+        ),
+        (
+            {"t": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}},
+            b"\0" * 8,
+            None,
+            "needs 12 bytes",
+        ),
+        (
+            {
+                "t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "u": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+            },
+            b"\0" * 8,
+            None,
+            "overlaps",
+        ),
+        ({"t": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, None, "hole"),
+        (GOOD, b"\0" * 12, None, "trailing"),
+        (
+            {"t": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}},
+            b"\0" * 8,
+            None,
+            "invalid shape",
+        ),
+        (
+            {"t": {"dtype": "F32", "shape": [2], "data_offsets": [0]}},
+            b"\0" * 8,
+            None,
+            "invalid data_offsets",
+        ),
+        ({"__metadata__": {"a": 1}, **GOOD}, b"\0" * 8, None, "__metadata__"),
+    ],
+)
+def test_corrupt_files_are_named_errors(tmp_path, header, data, length, message):
+    _write_raw(tmp_path / "model.safetensors", header, data, length)
+    with pytest.raises(CorruptCheckpoint, match=message) as info:
+        SafetensorsCheckpoint(LocalDirSource(tmp_path))
+    assert "model.safetensors" in str(info.value)
+
+
+def test_truncated_file_is_a_named_error(tmp_path):
+    save_file({"t": torch.ones(100)}, tmp_path / "model.safetensors")
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-10])
+    with pytest.raises(CorruptCheckpoint, match="truncated"):
+        SafetensorsCheckpoint(LocalDirSource(tmp_path))
+
+
+def test_too_short_file(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"\1\2")
+    with pytest.raises(CorruptCheckpoint, match="too short"):
+        SafetensorsCheckpoint(LocalDirSource(tmp_path))
+
+
+def test_header_length_and_parse_are_exact():
+    body = json.dumps(GOOD).encode()
+    assert read_header_length(struct.pack("<Q", len(body)), 8 + len(body) + 8, "f") == len(body)
+    header = parse_header(body, 8 + len(body) + 8, "f")
+    (entry,) = header.tensors
+    assert (entry.begin, entry.end) == (8 + len(body), 8 + len(body) + 8)
+    assert entry.numel == 2 and entry.is_float
+
+
+def test_index_that_names_a_missing_tensor_is_corrupt(tmp_path):
+    save_file({"a": torch.ones(2)}, tmp_path / "model-00001-of-00001.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "weight_map": {
+                    "a": "model-00001-of-00001.safetensors",
+                    "b": "model-00001-of-00001.safetensors",
+                }
+            }
+        )
+    )
+    with pytest.raises(CorruptCheckpoint, match="'b'"):
+        SafetensorsCheckpoint(LocalDirSource(tmp_path))
+
+
+def test_shard_digests_equal_sha256_of_the_files(tmp_path):
+    import hashlib
+
+    save_file(_tensors(), tmp_path / "model.safetensors")
+    checkpoint = SafetensorsCheckpoint(LocalDirSource(tmp_path))
+    for name in checkpoint.names()[:3]:  # partial, in-order reads; the rest is read at the end
+        read_tensor(checkpoint, name)
+    expected = hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
+    assert checkpoint.shard_digests() == {"model.safetensors": expected}

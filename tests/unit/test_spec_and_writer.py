@@ -1,0 +1,84 @@
+"""JobSpec validation (ValueErrors naming the field) and the output shard plan."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from worker.io.writer import PlannedTensor, ShardedWriter, plan_shards
+from worker.spec import JobSpec, parse_byte_size
+
+
+def _spec(**kw):
+    return JobSpec(**{"base": "b", "finetuned": "f", "output": "o", **kw})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"sparsity": 1.5}, "sparsity"),
+        ({"sparsity": -0.1}, "sparsity"),
+        ({"method": "ties"}, "method"),
+        ({"exclude": "(unclosed"}, "exclude"),
+        ({"shard_size": "5 parsecs"}, "shard_size"),
+        ({"shard_size": 0}, "shard_size"),
+        ({"adapter": "a"}, "finetuned"),
+        ({"finetuned": None}, "finetuned"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_invalid_specs_are_value_errors_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        _spec(**kwargs)
+
+
+def test_byte_sizes():
+    assert parse_byte_size("5GB") == 5 * 10**9
+    assert parse_byte_size("500MB") == 5 * 10**8
+    assert parse_byte_size("1GiB") == 2**30
+    assert parse_byte_size("1.5KB") == 1500
+    assert parse_byte_size(123) == 123
+    assert _spec(shard_size="2MiB").shard_size == 2 * 2**20
+
+
+def test_plan_shards_follows_the_hub_rule():
+    tensors = [PlannedTensor(f"t{i}", "F32", (n,)) for i, n in enumerate([10, 10, 30, 5, 1])]
+    shards = plan_shards(tensors, max_shard_bytes=80)  # bytes: 40, 40, 120, 20, 4
+    assert [[t.name for t in s.tensors] for s in shards] == [["t0", "t1"], ["t2"], ["t3", "t4"]]
+    assert [s.file for s in shards] == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert plan_shards(tensors, 10**9)[0].file == "model.safetensors"
+
+
+def test_writer_produces_loadable_shards_and_index(tmp_path):
+    tensors = {f"t{i}": torch.randn(i + 3, 4) for i in range(5)}
+    planned = [PlannedTensor(n, "F32", tuple(t.shape)) for n, t in tensors.items()]
+    shards = plan_shards(planned, max_shard_bytes=150)
+    completed = []
+    writer = ShardedWriter(tmp_path, shards, on_shard_complete=completed.append)
+    for name, tensor in tensors.items():
+        writer.write(name, tensor.numpy().tobytes())
+    written = writer.finish()
+    assert [w.file for w in written] == [s.file for s in shards] == [c.file for c in completed]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    loaded = {}
+    for shard in shards:
+        loaded.update(load_file(tmp_path / shard.file))
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in planned)
+    assert set(index["weight_map"]) == set(tensors)
+    for name, tensor in tensors.items():
+        assert torch.equal(loaded[name], tensor)
+
+
+def test_writer_refuses_out_of_order_or_wrong_sized_tensors(tmp_path):
+    shards = plan_shards([PlannedTensor("a", "F32", (2,)), PlannedTensor("b", "F32", (2,))], 100)
+    writer = ShardedWriter(tmp_path, shards)
+    with pytest.raises(ValueError, match="expected tensor 'a'"):
+        writer.write("b", b"\0" * 8)
+    with pytest.raises(ValueError, match="4 bytes written, 8 planned"):
+        writer.write("a", b"\0" * 4)
+    writer.write("a", b"\0" * 8)
+    with pytest.raises(ValueError, match="never written"):
+        writer.finish()
