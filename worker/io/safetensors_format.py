@@ -168,7 +168,7 @@ def _parse_entry(
     if not 0 <= begin <= end <= buffer_len:
         raise CorruptCheckpoint(
             f"{where}: tensor {name!r} data_offsets [{begin}, {end}] are out of range "
-            f"(buffer holds {buffer_len} bytes)"
+            f"(buffer holds {buffer_len} bytes): the file is truncated or its header is wrong"
         )
     expected = math.prod(shape) * DTYPE_SIZES[dtype]
     if end - begin != expected:
