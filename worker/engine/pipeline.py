@@ -46,7 +46,8 @@ SIDE_FILES = (
     "chat_template.json",
     "preprocessor_config.json",
 )
-READ_AHEAD_BYTES = 512 * 2**20
+# Loaded tensors waiting behind the one being computed; one item always fits, however large.
+READ_AHEAD_BYTES = 256 * 2**20
 REPORT_FILE = "pruning_report.json"
 
 

@@ -1,8 +1,9 @@
 """Bounded read-ahead: a reader thread loads the next tensors while the current one is computed.
 
 The bound is in bytes, not items, so a run of large tensors cannot pile up in memory: the reader
-waits while the loaded-but-unconsumed bytes exceed the budget (one item is always allowed, however
-large, so progress never stalls).
+waits while the bytes loaded but not yet handed to the consumer would exceed the budget (one item
+is always allowed, however large, so progress never stalls). Memory is therefore the item being
+computed plus at most `budget_bytes` (or one item) waiting.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def read_ahead(
     cost: Callable[[Item], int],
     budget_bytes: int,
 ) -> Iterator[tuple[Item, Loaded]]:
-    """Yield (item, load(item)) in order, loading ahead within `budget_bytes`.
+    """Yield (item, load(item)) in order, loading ahead within `budget_bytes` of waiting items.
 
     An exception in `load` is re-raised in the consumer. Closing the iterator early (break,
     an exception in the consumer) stops the reader thread.
@@ -61,13 +62,12 @@ def read_ahead(
             if isinstance(got, BaseException):
                 raise got
             item, loaded, size = got
-            try:
-                yield item, loaded
-            finally:
-                del loaded, got
-                with condition:
-                    in_flight -= size
-                    condition.notify_all()
+            del got
+            with condition:  # handed over: the reader may fetch the next one meanwhile
+                in_flight -= size
+                condition.notify_all()
+            yield item, loaded
+            del loaded
     finally:
         stop.set()
         with condition:

@@ -1,0 +1,90 @@
+"""The streaming bound, measured: a pair far larger than a memory budget is pruned within it.
+
+The CLI runs as a subprocess and its peak RSS is read from the kernel (`os.wait4`'s rusage of that
+child only). The budget is the process's own footprint on a tiny pair plus a few tensors' worth,
+and the pair is made larger than the whole budget, so holding either model in memory would fail.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parents[2]
+TENSOR_ROWS, TENSOR_COLS, TENSORS_PER_SHARD, SHARDS = 4096, 4096, 5, 4  # 32 MiB bf16 tensors
+
+
+def _peak_rss_bytes(*args: str) -> int:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    stderr = proc.stderr.read().decode() if proc.stderr else ""
+    assert os.waitstatus_to_exitcode(status) == 0, stderr
+    return usage.ru_maxrss * 1024  # Linux reports KiB
+
+
+def _write_model(directory: Path, seed: int, shift: float) -> int:
+    """A sharded bf16 checkpoint of SHARDS x TENSORS_PER_SHARD tensors; returns its bytes."""
+    import json
+
+    directory.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(seed)
+    weight_map, total = {}, 0
+    for shard in range(SHARDS):
+        name = f"model-{shard + 1:05d}-of-{SHARDS:05d}.safetensors"
+        tensors = {}
+        for i in range(TENSORS_PER_SHARD):
+            key = f"layers.{shard}.proj{i}.weight"
+            base = torch.randn(
+                TENSOR_ROWS, TENSOR_COLS, generator=torch.Generator().manual_seed(shard * 100 + i)
+            )
+            noise = torch.randn(TENSOR_ROWS, TENSOR_COLS, generator=generator) * shift
+            tensors[key] = (base * 0.02 + noise).to(torch.bfloat16)
+            weight_map[key] = name
+            total += tensors[key].numel() * 2
+        save_file(tensors, directory / name, metadata={"format": "pt"})
+        del tensors
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
+    return total
+
+
+def test_peak_memory_stays_within_a_budget_smaller_than_the_pair(tmp_path):
+    tiny_base, tiny_ft = tmp_path / "tiny_base", tmp_path / "tiny_ft"
+    for directory, value in ((tiny_base, 1.0), (tiny_ft, 1.5)):
+        directory.mkdir()
+        save_file({"w": torch.full((8, 8), value)}, directory / "model.safetensors")
+    footprint = _peak_rss_bytes(
+        "prune",
+        "--base",
+        str(tiny_base),
+        "--finetuned",
+        str(tiny_ft),
+        "--out",
+        str(tmp_path / "tiny_out"),
+    )
+
+    pair_bytes = _write_model(tmp_path / "base", 1, 0.0) + _write_model(tmp_path / "ft", 2, 0.002)
+    tensor_bytes = TENSOR_ROWS * TENSOR_COLS * 2
+    # The item computed (W, F, output) and the read-ahead (256 MiB) plus slack: a few tensors.
+    budget = footprint + 16 * tensor_bytes
+    assert pair_bytes > budget, "the test must process more than its memory budget"
+
+    peak = _peak_rss_bytes(
+        "prune", "--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / "ft"),
+        "--out", str(tmp_path / "out"), "--sparsity", "0.9", "--shard-size", "200MB",
+    )  # fmt: skip
+    print(f"footprint {footprint / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB, "
+          f"budget {budget / 2**20:.0f} MiB, pair {pair_bytes / 2**20:.0f} MiB")  # fmt: skip
+    assert peak < budget
+    assert len(list((tmp_path / "out").glob("*.safetensors"))) == 4
