@@ -66,24 +66,27 @@ def _one_line_validation_error(exc: ValidationError) -> str:
 
 
 def _progress_bar():
-    """A tqdm bar over bytes on a TTY; None (quiet) otherwise."""
+    """A tqdm bar over bytes (with tensors and ETA) on a TTY; None (quiet) otherwise."""
     if not sys.stderr.isatty():
         return None
+    import shutil
+
     from tqdm import tqdm
 
-    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True)
+    # A TTY that reports a 0x0 size (some ptys, CI) makes tqdm hide the bar; fall back to 100x20.
+    size = shutil.get_terminal_size((100, 20))
+    bar = None
 
     def update(progress) -> None:
+        nonlocal bar
         if progress.stage == "prune":
-            bar.total = progress.bytes_total
-            bar.n = progress.bytes_done
+            if bar is None:
+                bar = tqdm(total=progress.bytes_total, unit="B", unit_scale=True,
+                           unit_divisor=1024, ncols=size.columns, nrows=size.lines, file=sys.stderr)  # fmt: skip
             bar.set_description(f"{progress.tensors_done}/{progress.tensors_total} tensors")
-            bar.refresh()
-        elif progress.stage in ("finalize", "done"):
-            bar.set_description(progress.stage)
-            bar.refresh()
-            if progress.stage == "done":
-                bar.close()
+            bar.update(progress.bytes_done - bar.n)
+        elif progress.stage == "done" and bar is not None:
+            bar.close()
 
     return update
 
