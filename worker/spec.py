@@ -18,6 +18,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 # tests/unit/test_methods.py checks that this list and the engine's registry agree.
 MethodName = Literal["fapm", "magnitude", "random", "dare", "breadcrumbs"]
 METHOD_NAMES: tuple[str, ...] = MethodName.__args__  # type: ignore[attr-defined]
+# Methods that rank entries by a score, so one threshold can span the whole model.
+MODEL_SCOPE_METHODS = ("fapm", "magnitude", "random")
 
 _SIZE_UNITS = {
     "": 1,
@@ -108,9 +110,10 @@ class JobSpec(BaseModel):
         description="Regular expression on tensor names; matching tensors keep their whole "
         "update (copied from the fine-tuned model). E.g. 'embed|norm|lm_head|bias'.",
     )
-    scope: Literal["tensor", "row"] = Field(
+    scope: Literal["tensor", "row", "model"] = Field(
         default="tensor",
-        description="Where the top-k is taken: within each tensor, or within each output row.",
+        description="Where the top-k is taken: within each tensor, each output row, or over the "
+        "whole model (fapm, magnitude and random; two extra streaming passes).",
     )
     shard_size: ByteSize = Field(
         default=5 * 10**9,
@@ -144,6 +147,14 @@ class JobSpec(BaseModel):
         if not value.strip():
             raise ValueError("must not be empty")
         return value
+
+    @model_validator(mode="after")
+    def _scope_fits_method(self) -> JobSpec:
+        if self.scope == "model" and self.method not in MODEL_SCOPE_METHODS:
+            raise ValueError(
+                f"scope: 'model' applies to {', '.join(MODEL_SCOPE_METHODS)}, not {self.method}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_update_source(self) -> JobSpec:

@@ -19,6 +19,7 @@ import torch
 
 from worker.engine.card import model_card
 from worker.engine.compose import TensorStats
+from worker.engine.model_scope import find_global_threshold
 from worker.engine.plan import TensorTask, build_plan
 from worker.engine.readahead import read_ahead
 from worker.engine.readers import CheckpointReader, LoraMergedReader
@@ -53,7 +54,7 @@ REPORT_FILE = "pruning_report.json"
 
 @dataclass
 class Progress:
-    stage: str  # "plan", "prune", "finalize", "done"
+    stage: str  # "plan", ["scan1", "scan2" for scope model,] "prune", "finalize", "done"
     tensors_done: int = 0
     tensors_total: int = 0
     bytes_done: int = 0
@@ -119,11 +120,16 @@ def run_prune(
         shards = plan_shards([t.planned for t in tasks], spec.shard_size)
         writer = ShardedWriter(staging.path, shards)
         timings["plan"] = time.perf_counter() - started
+        if spec.scope == "model":
+            pruner.global_threshold = _count_model_scope(
+                tasks, base, finetuned, pruner, report_progress, cancelled
+            )
+            timings["scan"] = time.perf_counter() - started - timings["plan"]
 
         tensor_records, totals = _stream(
             tasks, base, finetuned, pruner, writer, report_progress, cancelled
         )
-        timings["prune"] = time.perf_counter() - started - timings["plan"]
+        timings["prune"] = time.perf_counter() - started - sum(timings.values())
 
         report_progress(Progress("finalize", len(tasks), len(tasks)))
         written = writer.finish()
@@ -143,7 +149,7 @@ def run_prune(
             "tensors": tensor_records,
         }
         (staging.path / "README.md").write_text(model_card(spec, summary))
-        timings["finalize"] = time.perf_counter() - started - timings["plan"] - timings["prune"]
+        timings["finalize"] = time.perf_counter() - started - sum(timings.values())
         report["seconds"] = {**timings, "total": time.perf_counter() - started}
         (staging.path / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         if cancelled():
@@ -159,6 +165,44 @@ def run_prune(
     return PruneResult(output_uri.local_path, report, timings)
 
 
+def _load_pair(base, finetuned):
+    """The read-ahead's loader: W (None for a copied tensor) and F of one task."""
+
+    def load(task: TensorTask) -> tuple[torch.Tensor | None, torch.Tensor]:
+        w = base.read(task.name) if task.action != "copy" else None
+        return w, finetuned.read(task.name, base=w)
+
+    return load
+
+
+def _load_cost(task: TensorTask) -> int:
+    return task.read_bytes + task.planned.nbytes
+
+
+def _count_model_scope(tasks, base, finetuned, pruner, report_progress, cancelled):
+    """Scope model: the two counting passes that fix the global threshold."""
+    pruned = [t for t in tasks if t.action != "copy"]
+    total = sum(t.read_bytes for t in pruned)
+    passes_done = 0
+
+    def key_pass():
+        nonlocal passes_done
+        done = 0
+        pairs = read_ahead(pruned, _load_pair(base, finetuned), _load_cost, READ_AHEAD_BYTES)
+        try:
+            for i, (task, (w, f)) in enumerate(pairs, start=1):
+                if cancelled():
+                    raise JobCancelled("the job was cancelled")
+                yield pruner.order_keys(task, w, f)
+                done += task.read_bytes
+                report_progress(Progress(f"scan{passes_done + 1}", i, len(pruned), done, total))
+        finally:
+            pairs.close()
+        passes_done += 1
+
+    return find_global_threshold(key_pass, pruner.spec.density)
+
+
 def _stream(
     tasks: list[TensorTask],
     base: CheckpointReader,
@@ -168,19 +212,12 @@ def _stream(
     report_progress: ProgressCallback,
     cancelled: Callable[[], bool],
 ) -> tuple[list[dict], TensorStats]:
-    def load(task: TensorTask) -> tuple[torch.Tensor | None, torch.Tensor]:
-        w = base.read(task.name) if task.action != "copy" else None
-        return w, finetuned.read(task.name, base=w)
-
-    def load_cost(task: TensorTask) -> int:
-        return task.read_bytes + task.planned.nbytes
-
     bytes_total = sum(t.read_bytes for t in tasks)
     bytes_done = 0
     totals = TensorStats()
     records = []
     report_progress(Progress("prune", 0, len(tasks), 0, bytes_total))
-    pairs = read_ahead(tasks, load, load_cost, READ_AHEAD_BYTES)
+    pairs = read_ahead(tasks, _load_pair(base, finetuned), _load_cost, READ_AHEAD_BYTES)
     try:
         for done, (task, (w, f)) in enumerate(pairs, start=1):
             if cancelled():

@@ -10,7 +10,10 @@ import torch
 
 from worker.engine.compose import TensorStats, compose_output, delta_stats
 from worker.engine.methods import MethodParams, get_method
+from worker.engine.methods.base import ScoredMethod
+from worker.engine.model_scope import GlobalThreshold
 from worker.engine.plan import TensorTask
+from worker.engine.select import keep_count, order_keys
 from worker.spec import JobSpec
 
 FUSED_METHODS = frozenset({"fapm", "magnitude"})
@@ -44,6 +47,8 @@ class TensorPruner:
         if spec.kernel == "numba" and fused is None:
             raise ValueError("kernel: numba was requested but the fused kernel is unavailable")
         self.fused = fused
+        # Scope "model": set by the pipeline after its counting passes, consumed in plan order.
+        self.global_threshold: GlobalThreshold | None = None
 
     @property
     def implementation(self) -> str:
@@ -61,6 +66,18 @@ class TensorPruner:
     def _params(self, name: str) -> MethodParams:
         s = self.spec
         return MethodParams(s.sparsity, s.alpha, s.gamma, s.seed, tensor_name=name)
+
+    def _keys(self, name: str, w32: torch.Tensor, d32: torch.Tensor) -> torch.Tensor:
+        assert isinstance(self.method, ScoredMethod)
+        scores = self.method.scores(w32.reshape(1, -1), d32.reshape(1, -1), self._params(name))
+        return order_keys(scores)
+
+    def order_keys(self, task: TensorTask, w: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """The int32 order keys of a pruned tensor's entries (its shared rows for prune_rows)."""
+        if task.action == "prune_rows":
+            f = f[: task.shared_rows]
+        w32 = w.to(self.device).to(torch.float32)
+        return self._keys(task.name, w32, f.to(self.device).to(torch.float32) - w32)
 
     def run(
         self, task: TensorTask, w: torch.Tensor | None, f: torch.Tensor
@@ -81,8 +98,6 @@ class TensorPruner:
         self, name: str, w: torch.Tensor, f: torch.Tensor, out_dtype: torch.dtype
     ) -> tuple[torch.Tensor, TensorStats]:
         if self._fused_applies() and w.dtype == f.dtype and out_dtype == f.dtype:
-            from worker.engine.select import keep_count
-
             out = torch.empty_like(f)
             k = keep_count(f.numel(), self.spec.density)
             stats = self.fused.fused_prune(self.spec.method, w, f, k, self.spec.alpha, out)
@@ -92,8 +107,13 @@ class TensorPruner:
         f_dev = f.to(self.device, non_blocking=True)
         w32 = w_dev.to(torch.float32)
         d32 = f_dev.to(torch.float32) - w32
-        rows = f.shape[0] if self.spec.scope == "row" and f.dim() >= 2 else 1
-        keep = self.method.mask(w32.reshape(rows, -1), d32.reshape(rows, -1), self._params(name))
+        if self.spec.scope == "model":
+            assert self.global_threshold is not None, "model scope needs its counting passes"
+            keep = self.global_threshold.mask(self._keys(name, w32, d32))
+        else:
+            rows = f.shape[0] if self.spec.scope == "row" and f.dim() >= 2 else 1
+            params = self._params(name)
+            keep = self.method.mask(w32.reshape(rows, -1), d32.reshape(rows, -1), params)
         keep = keep.reshape(f.shape)
         stats = delta_stats(w32, f_dev.to(torch.float32), d32, keep)
         out = compose_output(w_dev, f_dev, keep, self.factor, out_dtype)

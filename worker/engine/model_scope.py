@@ -1,0 +1,82 @@
+"""Scope `model`: one exact top-k over every pruned tensor, found by streaming, never by
+concatenating the model.
+
+k = floor((1 - s) * N + 0.5) over the N entries of all pruned tensors. The global order is the
+tensor-scope order extended across tensors: higher score first, ties to the earlier tensor (in the
+plan's order) and then to the lower flat index. Two streaming passes find the k-th key exactly
+(a histogram of the keys' high 16 bits, then of the low 16 bits inside the bucket that holds the
+k-th); the write pass keeps keys above it and hands out the remaining ties in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from worker.engine.select import keep_count
+
+_BUCKETS = 1 << 16
+
+
+def unsigned_keys(keys: torch.Tensor) -> torch.Tensor:
+    """int32 order keys -> int64 in [0, 2**32) with the same order."""
+    return keys.to(torch.int64) + 2**31
+
+
+def _kth_bucket(histogram: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bucket holding the k-th largest entry (1-based k) and the count in buckets above it."""
+    above = torch.flip(torch.cumsum(torch.flip(histogram, [0]), 0), [0])  # entries in >= bucket
+    bucket = int(torch.nonzero(above >= k).max())
+    count_above = int(above[bucket + 1]) if bucket + 1 < len(histogram) else 0
+    return bucket, count_above
+
+
+@dataclass
+class GlobalThreshold:
+    """Keep keys > `key`; of the ties at `key`, the first `ties_left` in global order."""
+
+    key: int  # unsigned key (see unsigned_keys); -1 keeps everything, 2**32 nothing
+    ties_left: int
+
+    def mask(self, keys: torch.Tensor) -> torch.Tensor:
+        """The keep-mask of the next tensor in plan order; consumes its share of the ties."""
+        ukeys = unsigned_keys(keys.reshape(-1))
+        keep = ukeys > self.key
+        ties = ukeys == self.key
+        if self.ties_left > 0 and bool(ties.any()):
+            rank = torch.cumsum(ties, 0, dtype=torch.int64)
+            keep |= ties & (rank <= self.ties_left)
+            self.ties_left -= min(self.ties_left, int(ties.sum()))
+        return keep.reshape(keys.shape)
+
+
+def find_global_threshold(
+    key_passes: Callable[[], Iterable[torch.Tensor]], density: float
+) -> GlobalThreshold:
+    """Two streaming passes over the order keys of every pruned tensor.
+
+    `key_passes()` yields each tensor's int32 order keys, in plan order, every time it is called.
+    """
+    total = 0
+    high = torch.zeros(_BUCKETS, dtype=torch.int64)
+    for keys in key_passes():
+        ukeys = unsigned_keys(keys.reshape(-1))
+        high += torch.bincount(ukeys >> 16, minlength=_BUCKETS)
+        total += ukeys.numel()
+    k = keep_count(total, density)
+    if k == 0:
+        return GlobalThreshold(key=2**32, ties_left=0)
+    if k == total:
+        return GlobalThreshold(key=-1, ties_left=0)
+    bucket, above_bucket = _kth_bucket(high, k)
+
+    low = torch.zeros(_BUCKETS, dtype=torch.int64)
+    for keys in key_passes():
+        ukeys = unsigned_keys(keys.reshape(-1))
+        inside = ukeys[(ukeys >> 16) == bucket]
+        low += torch.bincount(inside & 0xFFFF, minlength=_BUCKETS)
+    low_bucket, above_in_bucket = _kth_bucket(low, k - above_bucket)
+    key = (bucket << 16) | low_bucket
+    return GlobalThreshold(key=key, ties_left=k - above_bucket - above_in_bucket)
