@@ -1,0 +1,381 @@
+"""Benchmark `fapm prune` against a copy-through and mergekit `ties` on a synthetic Llama-8B-shaped pair.
+
+    .venv/bin/python bench/bench_prune.py --sizes 2,4            # the full run (about 15 minutes)
+    .venv/bin/python bench/bench_prune.py --sizes 2 --skip-mergekit
+
+For each size (decimal GB per model) it makes the pair if needed (bench/make_pair.py, into
+bench/out/pair-<N>gb) and times, each as its own subprocess:
+
+  (a)  copy-through: bench/copy_through.py reads every tensor of both checkpoints with safetensors
+       and writes the fine-tuned tensors as a new checkpoint of 1 GB shards, fsyncing each shard
+  (b)  `fapm prune --sparsity 0.9 --shard-size 1GB` (FAPM, --kernel auto: the fused numba kernel
+       when worker/engine/kernels/cpu_fused.py is there); when that kernel is there, also
+  (b') the same with --kernel torch (the reference torch path)
+  (c)  mergekit 0.1.5 `ties`, density 0.1, weight 1.0, normalize false, dtype bfloat16, in
+       bench/.mergekit-venv (bench/setup_mergekit.sh), `--out-shard-size 1B` (1e9 bytes of tensor
+       data per shard, as the other two), `--lazy-unpickle`, `--no-copy-tokenizer`; the timed window
+       includes fsyncing its output shards afterwards, because (a) and (b) fsync theirs
+
+Fairness: before each leg the previous outputs are removed and `sync` runs (outside the timed
+window), and both input checkpoints are read once with `cat > /dev/null` so every leg starts with
+its inputs in the page cache (24 GB of RAM holds them). The fapm legs are run once untimed on a
+small pair first, so numba's on-disk JIT cache is filled (compiling is not what is measured).
+
+Per leg: wall time, input GB/s = (base + fine-tuned safetensors bytes) / wall, peak RSS (ru_maxrss of
+the child from os.wait4, taken in bench/measure.py) and CPU seconds (user + sys of the child). The
+markdown table goes to stdout and, with --markdown FILE, to a file; raw numbers to
+bench/out/bench-results.json.
+Other processes on the machine skew wall times (a shared 2-core box): before each leg the script
+waits (up to --quiet-wait s) for the others to go idle, and it records how many cores the rest of
+the machine kept busy during the leg ("others' load", from /proc/stat minus the leg's own CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+OUT = BENCH / "out"
+PROJECT_PY = REPO / ".venv" / "bin" / "python"
+MERGEKIT_VENV = BENCH / ".mergekit-venv"
+MERGEKIT_YAML = MERGEKIT_VENV / "bin" / "mergekit-yaml"
+
+sys.path.insert(0, str(BENCH))
+from make_pair import make_pair  # noqa: E402
+
+# Offline: nothing may try the hub (mergekit/transformers look for tokenizers and configs).
+# NUMBA_DEBUG_CACHE makes numba log cache loads/saves: a save in a timed fapm leg means it compiled.
+CHILD_ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TQDM_DISABLE": "1",
+    "NUMBA_DEBUG_CACHE": "1",
+}
+KERNEL_SOURCE = REPO / "worker" / "engine" / "kernels" / "cpu_fused.py"
+
+
+@dataclass
+class Leg:
+    size: str
+    leg: str
+    label: str
+    command: list[str]
+    wall_s: float = 0.0
+    input_gb_s: float = 0.0
+    peak_rss_gb: float = 0.0
+    cpu_s: float = 0.0
+    others_cores: float = 0.0
+    busy_before: float = 0.0
+    note: str = ""
+    ok: bool = True
+
+
+def weights_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+
+def warm_inputs(*directories: Path) -> float:
+    """Read the inputs once so they are in the page cache; returns the seconds it took."""
+    started = time.perf_counter()
+    for directory in directories:
+        for path in sorted(directory.glob("*.safetensors")):
+            with open(path, "rb") as f:
+                while f.readinto(_BUFFER):
+                    pass
+    return time.perf_counter() - started
+
+
+_BUFFER = bytearray(64 * 2**20)
+
+
+def run_measured(command: list[str], log: Path) -> dict:
+    """Run `command` under bench/measure.py; its exit code, wall s, peak RSS bytes, user/sys s."""
+    result = log.with_suffix(".json")
+    with open(log, "wb") as sink:
+        subprocess.run(
+            [sys.executable, "-S", str(BENCH / "measure.py"), str(result), "--", *command],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=CHILD_ENV,
+            cwd=REPO,
+            check=True,
+        )
+    return json.loads(result.read_text())
+
+
+def cpu_busy_s() -> float:
+    """CPU seconds spent busy on the whole machine since boot (all cores; /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_quiet(max_wait: float, threshold: float = 0.25) -> float:
+    """Wait (at most max_wait s) until other processes use under `threshold` of a core; returns it."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        before = cpu_busy_s()
+        time.sleep(1.0)
+        busy = cpu_busy_s() - before
+        if busy < threshold or time.monotonic() >= deadline:
+            return busy
+
+
+def fsync_tree(directory: Path) -> None:
+    for path in directory.iterdir():
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def fused_kernel_present() -> bool:
+    probe = (
+        "import sys\n"
+        "try:\n"
+        "    from worker.engine.kernels import cpu_fused\n"
+        "except ImportError:\n"
+        "    sys.exit(1)\n"
+        "sys.exit(0 if cpu_fused.fused_available() else 1)\n"
+    )
+    return subprocess.run([str(PROJECT_PY), "-c", probe], cwd=REPO, env=CHILD_ENV).returncode == 0
+
+
+def source_digest(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else None
+
+
+def mergekit_config(base: Path, finetuned: Path, path: Path) -> Path:
+    path.write_text(
+        "merge_method: ties\n"
+        f"base_model: {base}\n"
+        "models:\n"
+        f"  - model: {finetuned}\n"
+        "    parameters:\n"
+        "      weight: 1.0\n"
+        "      density: 0.1\n"
+        "parameters:\n"
+        "  normalize: false\n"
+        "dtype: bfloat16\n"
+    )
+    return path
+
+
+FAPM = REPO / ".venv" / "bin" / "fapm"
+
+
+def fapm_command(base: Path, ft: Path, out: Path, kernel: str) -> list[str]:
+    return [
+        *(str(FAPM), "prune", "--base", str(base), "--finetuned", str(ft), "--out", str(out)),
+        *("--sparsity", "0.9", "--shard-size", "1GB", "--overwrite", "--kernel", kernel),
+    ]
+
+
+def legs_for(size: str, pair: Path, with_torch: bool, with_mergekit: bool, work: Path) -> list[Leg]:
+    base, ft = pair / "base", pair / "finetuned"
+    copy = [str(PROJECT_PY), str(BENCH / "copy_through.py"), "--base", str(base)]
+    copy += ["--finetuned", str(ft), "--out", str(work / "copy"), "--shard-size", "1e9"]
+    legs = [
+        Leg(size, "a", "copy-through (safetensors read both, write fine-tuned, fsync)", copy),
+        Leg(
+            size,
+            "b",
+            "fapm prune, FAPM 0.9, --kernel auto",
+            fapm_command(base, ft, work / "fapm", "auto"),
+        ),
+    ]
+    if with_torch:
+        legs.append(
+            Leg(
+                size,
+                "b'",
+                "fapm prune, FAPM 0.9, --kernel torch",
+                fapm_command(base, ft, work / "fapm-torch", "torch"),
+            )
+        )
+    if with_mergekit:
+        config = mergekit_config(base, ft, work / "ties.yml")
+        mergekit = [str(MERGEKIT_YAML), str(config), str(work / "mergekit")]
+        mergekit += ["--out-shard-size", "1B", "--lazy-unpickle", "--no-copy-tokenizer", "--quiet"]
+        legs.append(
+            Leg(size, "c", "mergekit 0.1.5 ties, density 0.1 (+ fsync of its shards)", mergekit)
+        )
+    return legs
+
+
+def output_of(leg: Leg) -> Path:
+    if leg.leg == "c":
+        return Path(leg.command[2])
+    return Path(leg.command[leg.command.index("--out") + 1])
+
+
+def run_leg(leg: Leg, pair: Path, log_dir: Path, quiet_wait: float) -> Leg:
+    out = output_of(leg)
+    shutil.rmtree(out, ignore_errors=True)
+    subprocess.run(["sync"], check=True)
+    warm_inputs(pair / "base", pair / "finetuned")
+    leg.busy_before = wait_for_quiet(quiet_wait)
+    log = log_dir / f"{leg.size}-{leg.leg.replace(chr(39), 'p')}.log"
+    busy_start = cpu_busy_s()
+    measured = run_measured(leg.command, log)
+    wall = measured["wall_s"]
+    if measured["exit"] == 0 and leg.leg == "c":
+        started = time.perf_counter()
+        fsync_tree(out)
+        wall += time.perf_counter() - started
+    leg.cpu_s = measured["user_s"] + measured["sys_s"]
+    # CPU the rest of the machine used meanwhile, in cores (2 = both cores taken by others).
+    leg.others_cores = max(0.0, cpu_busy_s() - busy_start - leg.cpu_s) / wall
+    input_bytes = weights_bytes(pair / "base") + weights_bytes(pair / "finetuned")
+    leg.wall_s, leg.peak_rss_gb = wall, measured["peak_rss_bytes"] / 1e9
+    leg.input_gb_s = input_bytes / 1e9 / wall
+    leg.ok = measured["exit"] == 0
+    if not leg.ok:
+        leg.note = f"exit {measured['exit']}; see {log}"
+    elif leg.leg.startswith("b"):
+        report = json.loads((out / "pruning_report.json").read_text())
+        leg.note = f"implementation {report['implementation']}"
+        compiled = log.read_text(errors="replace").count("[cache] data saved")
+        if compiled:
+            leg.note += f"; numba compiled {compiled} functions in the run (JIT cache was stale)"
+    print(
+        f"  ({leg.leg}) {leg.wall_s:7.1f}s  {leg.input_gb_s:5.2f} GB/s  RSS {leg.peak_rss_gb:5.2f} GB  "
+        f"CPU {leg.cpu_s:6.1f}s  others {leg.others_cores:.2f} cores  {leg.note}",
+        file=sys.stderr,
+        flush=True,
+    )
+    if leg.ok:
+        shutil.rmtree(out, ignore_errors=True)  # keep the disk for the next leg
+    return leg
+
+
+def markdown(results: list[Leg], sizes: dict[str, dict]) -> str:
+    lines = [
+        "| size/model | leg | run | wall s | input GB/s | peak RSS GB | CPU s | others' load | vs (a) | note |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for leg in results:
+        a = next((x for x in results if x.size == leg.size and x.leg == "a" and x.ok), None)
+        ratio = f"{leg.wall_s / a.wall_s:.2f}x" if a and leg.ok else "-"
+        gb = sizes[leg.size]["bytes_per_model"] / 1e9
+        lines.append(
+            f"| {gb:.2f} GB | ({leg.leg}) | {leg.label} | {leg.wall_s:.1f} | {leg.input_gb_s:.2f} | "
+            f"{leg.peak_rss_gb:.2f} | {leg.cpu_s:.1f} | {leg.others_cores:.2f} | {ratio} | {leg.note} |"
+        )
+    lines += ["", "| size/model | target | measured | met |", "| --- | --- | --- | --- |"]
+    for size in sizes:
+        got = {x.leg: x for x in results if x.size == size and x.ok}
+        gb = f"{sizes[size]['bytes_per_model'] / 1e9:.2f} GB"
+        if "a" in got and "b" in got:
+            r = got["b"].wall_s / got["a"].wall_s
+            lines.append(
+                f"| {gb} | (b)/(a) wall <= 1.5 | {r:.2f} | {'yes' if r <= 1.5 else 'no'} |"
+            )
+        if "b" in got and "c" in got:
+            r = got["c"].wall_s / got["b"].wall_s
+            lines.append(f"| {gb} | (c)/(b) wall >= 3 | {r:.2f} | {'yes' if r >= 3 else 'no'} |")
+        if "b" in got:
+            m = got["b"].peak_rss_gb
+            lines.append(
+                f"| {gb} | (b) peak RSS < 1.5 GB | {m:.2f} GB | {'yes' if m < 1.5 else 'no'} |"
+            )
+        if "b'" in got and "a" in got:
+            r = got["b'"].wall_s / got["a"].wall_s
+            lines.append(f"| {gb} | (b') torch path, for reference: (b')/(a) | {r:.2f} | - |")
+    return "\n".join(lines) + "\n"
+
+
+def warm_up(with_torch: bool) -> None:
+    """Run the fapm legs once on a small pair so numba's JIT cache is on disk (untimed)."""
+    pair = OUT / "pair-warmup"
+    make_pair(pair, 0.0, layers=1, vocab=1024)
+    work = OUT / "work-warmup"
+    work.mkdir(parents=True, exist_ok=True)
+    for leg in legs_for("warmup", pair, with_torch, False, work):
+        code = subprocess.run(leg.command, cwd=REPO, env=CHILD_ENV, capture_output=True).returncode
+        if code != 0:
+            raise SystemExit(f"warm-up of ({leg.leg}) failed: {' '.join(leg.command)}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="2,4", help="GB per model, comma-separated (2,4)")
+    parser.add_argument("--skip-mergekit", action="store_true", help="leave out leg (c)")
+    parser.add_argument("--no-torch-kernel", action="store_true", help="leave out leg (b')")
+    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=60.0,
+        help="before each leg, wait up to this many seconds for other processes to go idle (60)",
+    )
+    args = parser.parse_args(argv)
+
+    with_mergekit = not args.skip_mergekit
+    if with_mergekit and not MERGEKIT_YAML.exists():
+        print(
+            f"{MERGEKIT_YAML} is missing: run bench/setup_mergekit.sh (or --skip-mergekit)",
+            file=sys.stderr,
+        )
+        return 2
+    fused = fused_kernel_present()
+    with_torch = fused and not args.no_torch_kernel
+    print(f"fused numba kernel present: {fused}", file=sys.stderr)
+    OUT.mkdir(exist_ok=True)
+    kernel_digest = source_digest(KERNEL_SOURCE)
+    started = time.perf_counter()
+    warm_up(with_torch)
+
+    results: list[Leg] = []
+    sizes: dict[str, dict] = {}
+    log_dir = OUT / "logs"
+    log_dir.mkdir(exist_ok=True)
+    for size in args.sizes.split(","):
+        size = size.strip()
+        pair = OUT / f"pair-{float(size):g}gb"
+        sizes[size] = make_pair(pair, float(size))
+        work = OUT / f"work-{float(size):g}gb"
+        work.mkdir(parents=True, exist_ok=True)
+        print(f"{size} GB/model ({sizes[size]['bytes_per_model'] / 1e9:.2f} GB):", file=sys.stderr)
+        for leg in legs_for(size, pair, with_torch, with_mergekit, work):
+            results.append(run_leg(leg, pair, log_dir, args.quiet_wait))
+    table = markdown(results, sizes)
+    print(table)
+    if args.markdown:
+        args.markdown.write_text(table)
+    (OUT / "bench-results.json").write_text(
+        json.dumps(
+            {
+                "sizes": sizes,
+                "legs": [asdict(x) for x in results],
+                "fused_kernel": fused,
+                "kernel_source_sha256": kernel_digest,
+                "kernel_source_sha256_at_end": source_digest(KERNEL_SOURCE),
+                "cpus": os.cpu_count(),
+                "seconds": time.perf_counter() - started,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"total {time.perf_counter() - started:.0f}s", file=sys.stderr)
+    return 0 if all(x.ok for x in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
