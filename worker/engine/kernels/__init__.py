@@ -1,0 +1,1 @@
+"""Fused compute kernels for the pruning hot path (the torch path in `select.py` is the reference)."""

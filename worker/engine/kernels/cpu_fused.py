@@ -1,0 +1,763 @@
+"""Fused CPU kernel for tensor-scope `fapm` / `magnitude` pruning (numba, bit-exact to the torch path).
+
+`fused_prune` gives the same output bytes as
+
+    keep = top_k_mask(order_keys(scores).view(1, -1), k)      # select.py
+    out = compose_output(w, f, keep, 1.0, f.dtype)            # compose.py
+
+and the same `delta_stats`, without any per-entry temporary. How (PERFORMANCE.md):
+
+1. fapm only: sum |W| in float64 (fixed chunks, partial sums combined in order) -> c.
+2. Score a strided sample (1 entry per window, hashed offset; every entry when the tensor is
+   small), sort its order keys and bracket the k-th key in [lo, hi] (+-4.5 sigma of the sample rank).
+3. One fused pass: score, order key, the full-update statistics, and the output written as if the
+   threshold were hi (F where key > hi, W elsewhere); entries with key in [lo, hi] are collected
+   (key, offset) into small per-chunk buffers.
+4. Resolve the exact k-th key T and the index `cut` of the last kept tie from the candidates (a
+   histogram select; chunks whose buffer overflowed are recomputed), then patch the candidates:
+   F where key > T or (key == T and index <= cut).
+   If the bracket missed the k-th key, the same resolution runs over the whole key range (slower,
+   same result).
+
+Keys are the unsigned form of `select.order_keys` (int32 key ^ 0x80000000): NaN -> 0, -0.0 and
++0.0 -> 0x80000000. Floating point is IEEE (no fastmath) wherever a score is computed; only the
+float64 statistic sums are reassociated. Work is split into fixed 64Ki-entry chunks, so results do
+not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from worker.engine.compose import TensorStats
+
+try:  # numba is optional: callers fall back to the torch path when it is missing.
+    from llvmlite import ir as _llvm_ir
+    from numba import njit, prange, types
+    from numba.extending import intrinsic, overload
+
+    _HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - exercised only without numba
+    _HAVE_NUMBA = False
+
+_CHUNK = 1 << 16  # entries per chunk (fixed: results are independent of the thread count)
+_BLOCK = 1024  # entries per inner block (small buffers stay in L1)
+_SAMPLE = 1 << 17  # sampled entries used to bracket the k-th key
+_GROUPS = 8  # histogram copies in the resolution sweeps
+_MAX_KEY = 0xFFFFFFFF
+_Z = 4.5  # bracket half-width in sample-rank standard deviations
+
+# storage dtype -> (torch view dtype, numpy dtype that selects the decoder inside the kernels)
+_VIEWS = {
+    torch.bfloat16: (torch.int16, np.uint16),
+    torch.float16: (torch.int16, np.int16),
+    torch.float32: (torch.int32, np.uint32),
+}
+
+
+def fused_available() -> bool:
+    """True when the numba kernel can run here."""
+    return _HAVE_NUMBA
+
+
+if _HAVE_NUMBA:
+    _EPS32 = np.float32(1e-12)
+    _INF32 = np.float32(np.inf)
+    _ZERO32 = np.float32(0.0)
+    _TWO_M24 = np.float32(2.0**-24)
+
+    # ---------------------------------------------------------------------------------------
+    # scalar helpers (inlined by LLVM)
+    # ---------------------------------------------------------------------------------------
+
+    @intrinsic
+    def _u2f(typingctx, x):
+        """Bit-cast uint32 -> float32."""
+        if x != types.uint32:
+            return None
+        sig = types.float32(types.uint32)
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], _llvm_ir.FloatType())
+
+        return sig, codegen
+
+    @intrinsic
+    def _f2u(typingctx, x):
+        """Bit-cast float32 -> uint32."""
+        if x != types.float32:
+            return None
+        sig = types.uint32(types.float32)
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], _llvm_ir.IntType(32))
+
+        return sig, codegen
+
+    def _to_f32(x):  # pragma: no cover - replaced by the overload inside numba
+        raise NotImplementedError
+
+    @overload(_to_f32, jit_options={"fastmath": False})
+    def _to_f32_impl(x):
+        """Stored bits -> float32: uint16 is bfloat16, int16 is float16, uint32 is float32."""
+        if x == types.uint16:
+
+            def bf16(x):
+                return _u2f(np.uint32(np.uint32(x) << np.uint32(16)))
+
+            return bf16
+        if x == types.int16:
+
+            def fp16(x):
+                h = np.int64(x) & 0xFFFF
+                sign = (h & 0x8000) << 16
+                e = (h >> 10) & 0x1F
+                mant = h & 0x3FF
+                if e == 0:  # zero / subnormal: mant * 2^-24 exactly
+                    bits = np.int64(_f2u(np.float32(mant) * _TWO_M24))
+                elif e == 31:  # inf / nan (payload kept)
+                    bits = 0x7F800000 | (mant << 13)
+                else:
+                    bits = ((e + 112) << 23) | (mant << 13)
+                return _u2f(np.uint32(bits | sign))
+
+            return fp16
+        if x == types.uint32:
+
+            def fp32(x):
+                return _u2f(x)
+
+            return fp32
+        return None
+
+    def _is_zero(x):  # pragma: no cover - replaced by the overload inside numba
+        raise NotImplementedError
+
+    def _is_nonfinite(x):  # pragma: no cover - replaced by the overload inside numba
+        raise NotImplementedError
+
+    def _masks(x):
+        """(magnitude mask, exponent mask) of the stored bits, by storage type."""
+        if x == types.uint16:
+            return 0x7FFF, 0x7F80
+        if x == types.int16:
+            return 0x7FFF, 0x7C00
+        if x == types.uint32:
+            return 0x7FFFFFFF, 0x7F800000
+        return None
+
+    @overload(_is_zero)
+    def _is_zero_impl(x):
+        masks = _masks(x)
+        if masks is None:
+            return None
+        mag = masks[0]
+
+        def impl(x):
+            return (np.int64(x) & mag) == 0
+
+        return impl
+
+    @overload(_is_nonfinite)
+    def _is_nonfinite_impl(x):
+        masks = _masks(x)
+        if masks is None:
+            return None
+        ex = masks[1]
+
+        def impl(x):
+            return (np.int64(x) & ex) == ex
+
+        return impl
+
+    def _score(a, wf, d, c):  # pragma: no cover - replaced by the overload inside numba
+        raise NotImplementedError
+
+    @overload(_score, jit_options={"fastmath": False})
+    def _score_impl(a, wf, d, c):
+        """magnitude (c is None): S = a.  fapm: S = a - (c * a) / max(|W|, 1e-12), 0 where D == 0."""
+        if isinstance(c, types.NoneType):
+
+            def magnitude(a, wf, d, c):
+                return a
+
+            return magnitude
+
+        def fapm(a, wf, d, c):
+            aw = abs(wf)
+            m = _EPS32 if aw < _EPS32 else aw  # torch.maximum: NaN propagates
+            s = a - (c * a) / m
+            return _ZERO32 if d == 0 else s
+
+        return fapm
+
+    @njit(nogil=True, cache=True)
+    def _key(s):
+        """Order key of a float32 score as int64 in [0, 2^32): NaN 0, -0.0 == +0.0."""
+        bits = np.int64(_f2u(s))
+        if s == 0:
+            bits = 0
+        neg = bits >> 31
+        key = bits ^ (0x80000000 | (neg * 0x7FFFFFFF))
+        if s != s:
+            key = 0
+        return key
+
+    @njit(nogil=True, cache=True)
+    def _key_at(wb, fb, i, c):
+        wf = _to_f32(wb[i])
+        d = _to_f32(fb[i]) - wf
+        return _key(_score(abs(d), wf, d, c))
+
+    @njit(nogil=True, cache=True)
+    def _delta_abs(wb, fb, i):
+        return abs(_to_f32(fb[i]) - _to_f32(wb[i]))
+
+    # ---------------------------------------------------------------------------------------
+    # float64 sums: the only reassociated code (order-free sums of exact float64 terms)
+    # ---------------------------------------------------------------------------------------
+
+    @njit(nogil=True, cache=True, fastmath={"reassoc"})
+    def _abs_sum_range(wb, s, e):
+        x = wb[s:e]  # 0-based loop: no negative-index wraparound, so LLVM vectorises
+        acc = 0.0
+        for j in range(x.shape[0]):
+            acc += np.float64(abs(_to_f32(x[j])))
+        return acc
+
+    @njit(nogil=True, cache=True, fastmath={"reassoc"})
+    def _block_counts(wblk, fblk, sbuf, abuf, length, th):
+        """Counts of one block: (kept at hi, in [lo, hi], D != 0, kept and D != 0, W == 0,
+        non-finite W and F). float32 sums of 0/1 terms: exact in any order (< 2^24 terms), so
+        they may be reassociated, and they vectorise 8 wide. (`np.float32(flag)`, not
+        `1.0 if flag else 0.0`, and a constant trip count: both matter 2-3x to LLVM here.)
+        """
+        hi_f, lo_f, in_hi_f = th
+        gt = np.float32(0.0)
+        inr = np.float32(0.0)
+        nz = np.float32(0.0)
+        knz = np.float32(0.0)
+        wz = np.float32(0.0)
+        nf = np.float32(0.0)
+        if length == _BLOCK:
+            for j in range(_BLOCK):
+                sc = sbuf[j]
+                keep = sc > hi_f
+                nzj = abuf[j] != 0
+                gt += np.float32(keep)
+                inr += np.float32((sc >= lo_f) & (sc <= in_hi_f))
+                nz += np.float32(nzj)
+                knz += np.float32(keep & nzj)
+                wz += np.float32(_is_zero(wblk[j]))
+                nf += np.float32(_is_nonfinite(wblk[j])) + np.float32(_is_nonfinite(fblk[j]))
+        else:
+            for j in range(length):
+                sc = sbuf[j]
+                keep = sc > hi_f
+                nzj = abuf[j] != 0
+                gt += np.float32(keep)
+                inr += np.float32((sc >= lo_f) & (sc <= in_hi_f))
+                nz += np.float32(nzj)
+                knz += np.float32(keep & nzj)
+                wz += np.float32(_is_zero(wblk[j]))
+                nf += np.float32(_is_nonfinite(wblk[j])) + np.float32(_is_nonfinite(fblk[j]))
+        return (
+            np.int64(gt),
+            np.int64(inr),
+            np.int64(nz),
+            np.int64(knz),
+            np.int64(wz),
+            np.int64(nf),
+        )
+
+    @njit(nogil=True, cache=True, fastmath={"reassoc"})
+    def _block_sums(sbuf, abuf, length, hi_f):
+        """float64 sums of |D| and |D|^2 over one block, all and kept at hi (NaN / inf |D| left
+        out). The terms are exact; only the order of the sums is free."""
+        inf = np.float32(np.inf)
+        zero = np.float32(0.0)
+        l1 = 0.0
+        l2 = 0.0
+        l1k = 0.0
+        l2k = 0.0
+        if length == _BLOCK:
+            for j in range(_BLOCK):
+                a32 = abuf[j]
+                a32 = a32 if a32 < inf else zero
+                a = np.float64(a32)
+                ak = np.float64(a32 if sbuf[j] > hi_f else zero)
+                l1 += a
+                l2 += a * a
+                l1k += ak
+                l2k += ak * ak
+        else:
+            for j in range(length):
+                a32 = abuf[j]
+                a32 = a32 if a32 < inf else zero
+                a = np.float64(a32)
+                ak = np.float64(a32 if sbuf[j] > hi_f else zero)
+                l1 += a
+                l2 += a * a
+                l1k += ak
+                l2k += ak * ak
+        return l1, l2, l1k, l2k
+
+    # ---------------------------------------------------------------------------------------
+    # passes
+    # ---------------------------------------------------------------------------------------
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def _abs_sum_parts(wb, nchunks):
+        n = wb.shape[0]
+        parts = np.empty(nchunks, np.float64)
+        for ch in prange(nchunks):
+            s = ch * _CHUNK
+            parts[ch] = _abs_sum_range(wb, s, min(n, s + _CHUNK))
+        return parts
+
+    @njit(nogil=True, cache=True)
+    def _sample_keys(wb, fb, c, m, stride):
+        """Keys of m entries: one per window of `stride` entries, at a hashed offset."""
+        keys = np.empty(m, np.uint32)
+        for j in range(m):
+            i = j
+            if stride != 1:
+                h = (j * np.int64(2654435761) + np.int64(12345)) & np.int64(0xFFFFFFFF)
+                h ^= h >> 15
+                h = (h * np.int64(2246822519)) & np.int64(0xFFFFFFFF)
+                h ^= h >> 13
+                i = j * stride + h % stride
+            keys[j] = np.uint32(_key_at(wb, fb, i, c))
+        return keys
+
+    @njit(nogil=True, cache=True)
+    def _radix_sort(a):
+        m = a.shape[0]
+        src = a.copy()
+        dst = np.empty_like(a)
+        for shift in (0, 11, 22):
+            cnt = np.zeros(2049, np.int64)
+            for i in range(m):
+                cnt[((np.int64(src[i]) >> shift) & 2047) + 1] += 1
+            for b in range(2048):
+                cnt[b + 1] += cnt[b]
+            for i in range(m):
+                b = (np.int64(src[i]) >> shift) & 2047
+                dst[cnt[b]] = src[i]
+                cnt[b] += 1
+            src, dst = dst, src
+        return src
+
+    @njit(nogil=True, cache=True, inline="always")
+    def _score_terms(wv, fv, c):
+        """One entry: (score, |D|) (numba-inlined into the loops below)."""
+        wf = _to_f32(wv)
+        d = _to_f32(fv) - wf
+        a = abs(d)
+        return _score(a, wf, d, c), a
+
+    @njit(nogil=True, cache=True)
+    def _block_scores(wblk, fblk, oblk, sbuf, abuf, ibuf, length, c, th):
+        """Scores, |D| and "key in [lo, hi]" flags of one block into sbuf / abuf / ibuf, and the
+        output as if the threshold were hi (F where key > hi)."""
+        hi_f, lo_f, in_hi_f = th
+        if length == _BLOCK:  # a constant trip count: better code
+            for j in range(_BLOCK):
+                sc, a = _score_terms(wblk[j], fblk[j], c)
+                oblk[j] = fblk[j] if sc > hi_f else wblk[j]
+                sbuf[j] = sc
+                abuf[j] = a
+                ibuf[j] = np.uint8((sc >= lo_f) & (sc <= in_hi_f))
+        else:
+            for j in range(length):
+                sc, a = _score_terms(wblk[j], fblk[j], c)
+                oblk[j] = fblk[j] if sc > hi_f else wblk[j]
+                sbuf[j] = sc
+                abuf[j] = a
+                ibuf[j] = np.uint8((sc >= lo_f) & (sc <= in_hi_f))
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def _scan(wb, fb, out, c, th, cap, cand, cnt_gt, cnt_in, st_i, st_f):
+        """The fused pass: scores, statistics, output as if the threshold were hi, candidates.
+
+        The comparisons with the key bounds lo / hi are done on the float32 score (`th`, see
+        `_thresholds`), so the hot loop stays float32 and vectorises 8 wide; keys are formed only
+        for the candidates.
+        """
+        n = wb.shape[0]
+        nchunks = cnt_gt.shape[0]
+        cand_key, cand_off, cand_a, cand_f = cand
+        for ch in prange(nchunks):
+            s = ch * _CHUNK
+            e = min(n, s + _CHUNK)
+            sbuf = np.empty(_BLOCK, np.float32)
+            abuf = np.empty(_BLOCK, np.float32)
+            ibuf = np.zeros(_BLOCK, np.uint8)
+            iwords = ibuf.view(np.uint64)
+            gt = 0
+            inr = 0
+            nz = 0
+            knz = 0
+            wz = 0
+            nf = 0
+            l1 = 0.0
+            l2 = 0.0
+            l1k = 0.0
+            l2k = 0.0
+            base = ch * cap
+            nc = 0
+            for b0 in range(s, e, _BLOCK):
+                length = min(_BLOCK, e - b0)
+                wblk = wb[b0 : b0 + length]
+                fblk = fb[b0 : b0 + length]
+                oblk = out[b0 : b0 + length]
+                _block_scores(wblk, fblk, oblk, sbuf, abuf, ibuf, length, c, th)
+                r = _block_counts(wblk, fblk, sbuf, abuf, length, th)
+                gt += r[0]
+                binr = r[1]
+                inr += binr
+                nz += r[2]
+                knz += r[3]
+                wz += r[4]
+                nf += r[5]
+                q = _block_sums(sbuf, abuf, length, th[0])
+                l1 += q[0]
+                l2 += q[1]
+                l1k += q[2]
+                l2k += q[3]
+                if binr > 0 and nc < cap:  # collect: skip 8 flags at a time
+                    for q in range((length + 7) // 8):
+                        if iwords[q] != 0:
+                            for j in range(8 * q, min(8 * q + 8, length)):
+                                if ibuf[j] != 0 and nc < cap:
+                                    cand_key[base + nc] = np.uint32(_key(sbuf[j]))
+                                    cand_off[base + nc] = b0 + j - s
+                                    cand_a[base + nc] = abuf[j]
+                                    cand_f[base + nc] = fblk[j]
+                                    nc += 1
+            cnt_gt[ch] = gt
+            cnt_in[ch] = inr
+            st_i[ch, 0] = gt
+            st_i[ch, 1] = nz
+            st_i[ch, 2] = knz
+            st_i[ch, 3] = wz
+            st_i[ch, 4] = nf
+            st_f[ch, 0] = l1
+            st_f[ch, 1] = l2
+            st_f[ch, 2] = l1k
+            st_f[ch, 3] = l2k
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def _sweep(wb, fb, c, lo, hi, shift, nbins, cap, cand_key, cnt_in, ovf):
+        """Per chunk-group histograms of (key - lo) >> shift over the keys in [lo, hi], from the
+        candidate buffers, or recomputed for the chunks whose buffer overflowed. With nbins == 0:
+        per-chunk counts of key == lo instead."""
+        n = wb.shape[0]
+        nchunks = cnt_in.shape[0]
+        per_chunk = nbins == 0
+        groups = nchunks if per_chunk else min(_GROUPS, nchunks)
+        hist = np.zeros((groups, max(nbins, 1)), np.int64)
+        for g in prange(groups):
+            for ch in range(g * nchunks // groups, (g + 1) * nchunks // groups):
+                if ovf[ch]:
+                    for i in range(ch * _CHUNK, min(n, (ch + 1) * _CHUNK)):
+                        key = _key_at(wb, fb, i, c)
+                        if key >= lo and key <= hi:
+                            hist[g, (key - lo) >> shift] += 1
+                else:
+                    base = ch * cap
+                    for j in range(cnt_in[ch]):
+                        key = np.int64(cand_key[base + j])
+                        if key >= lo and key <= hi:
+                            hist[g, (key - lo) >> shift] += 1
+        if per_chunk:
+            return hist[:, 0].copy()
+        total = np.zeros(nbins, np.int64)
+        for g in range(groups):
+            total += hist[g]
+        return total
+
+    @njit(nogil=True, cache=True)
+    def _find_cut(wb, fb, c, ch, t, r):
+        """Flat index of the r-th (1-based) entry with key == t in chunk ch."""
+        n = wb.shape[0]
+        for i in range(ch * _CHUNK, min(n, (ch + 1) * _CHUNK)):
+            if _key_at(wb, fb, i, c) == t:
+                r -= 1
+                if r == 0:
+                    return i
+        return -1
+
+    @njit(parallel=True, nogil=True, cache=True)
+    def _patch(wb, fb, out, c, lo, hi, t, cut, need_w, cap, cand, cnt_in, ovf, pk):
+        """Final rule on the undecided keys [lo, hi]: keep key > t, or key == t and index <= cut.
+
+        Kept entries get F; with need_w the others get W (else W is already there). Candidates
+        carry their F bits and |D|, so only `out` is touched at their positions. pk collects per
+        chunk (kept, kept_nonzero, l1_kept, l2sq_kept).
+        """
+        n = wb.shape[0]
+        nchunks = cnt_in.shape[0]
+        cand_key, cand_off, cand_a, cand_f = cand
+        for ch in prange(nchunks):
+            s = ch * _CHUNK
+            kept = 0
+            knz = 0
+            l1k = 0.0
+            l2k = 0.0
+            if ovf[ch]:
+                # Nothing undecided can be kept past the cut when t is the top undecided key.
+                if need_w or s <= cut or t < hi:
+                    for i in range(s, min(n, s + _CHUNK)):
+                        key = _key_at(wb, fb, i, c)
+                        if key >= lo and key <= hi:
+                            if key > t or (key == t and i <= cut):
+                                out[i] = fb[i]
+                                a = _delta_abs(wb, fb, i)
+                                kept += 1
+                                knz += a != 0
+                                if a < _INF32:
+                                    a64 = np.float64(a)
+                                    l1k += a64
+                                    l2k += a64 * a64
+                            elif need_w:
+                                out[i] = wb[i]
+            else:
+                base = ch * cap
+                for j in range(cnt_in[ch]):
+                    key = np.int64(cand_key[base + j])
+                    i = s + np.int64(cand_off[base + j])
+                    if key > t or (key == t and i <= cut):
+                        out[i] = cand_f[base + j]
+                        a = cand_a[base + j]
+                        kept += 1
+                        knz += a != 0
+                        if a < _INF32:
+                            a64 = np.float64(a)
+                            l1k += a64
+                            l2k += a64 * a64
+            pk[ch, 0] = kept
+            pk[ch, 1] = knz
+            pk[ch, 2] = l1k
+            pk[ch, 3] = l2k
+
+
+def _bits_view(t: torch.Tensor) -> np.ndarray:
+    view_dtype, np_dtype = _VIEWS[t.dtype]
+    return t.view(view_dtype).numpy().reshape(-1).view(np_dtype)
+
+
+def _no_candidates(dtype: np.dtype) -> tuple[np.ndarray, ...]:
+    return (
+        np.zeros(1, np.uint32),
+        np.zeros(1, np.int32),
+        np.zeros(1, np.float32),
+        np.zeros(1, dtype),
+    )
+
+
+def _check(w: torch.Tensor, f: torch.Tensor, out: torch.Tensor) -> None:
+    if w.dtype not in _VIEWS:
+        raise ValueError(f"fused_prune: unsupported dtype {w.dtype}")
+    for name, t in (("f", f), ("out", out)):
+        if t.dtype != w.dtype or t.shape != w.shape:
+            raise ValueError(
+                f"fused_prune: {name} is {t.dtype}{tuple(t.shape)}, w is {w.dtype}{tuple(w.shape)}"
+            )
+    for name, t in (("w", w), ("f", f), ("out", out)):
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"fused_prune: {name} must be a contiguous CPU tensor")
+
+
+_KEY_NEG_INF = 0x007FFFFF  # keys of the non-NaN float32 scores: [key(-inf), key(+inf)]
+_KEY_POS_INF = 0xFF800000
+
+
+def _key_value(key: int, upper: bool) -> np.float32:
+    """The float32 score whose order key is `key` (a non-NaN key).
+
+    0x7FFFFFFF would be -0.0, which never is a key (zeros are +0.0); as an upper bound it means
+    "below +0.0", i.e. the largest negative float32.
+    """
+    if upper and key == 0x7FFFFFFF:
+        key = 0x7FFFFFFE
+    bits = key ^ 0x80000000 if key >= 0x80000000 else ~key & 0xFFFFFFFF
+    return np.array([bits], np.uint32).view(np.float32)[0]
+
+
+def _thresholds(lo: int, hi: int) -> tuple[np.float32, np.float32, np.float32]:
+    """(hi_f, lo_f, in_hi_f): `key > hi` is `s > hi_f`, `lo <= key <= hi` is lo_f <= s <= in_hi_f.
+
+    lo and hi must be keys of non-NaN scores (>= key(-inf)), or hi > key(+inf) for "none"; the
+    NaN key 0 cannot be expressed as a float comparison (callers clamp it and let the bracket
+    check catch a k-th key that is NaN).
+    """
+    inf = np.float32(np.inf)
+    if not _KEY_NEG_INF <= lo and _KEY_NEG_INF <= hi:
+        raise AssertionError("NaN key bound")
+    hi_f = _key_value(hi, upper=True) if hi < _KEY_POS_INF else inf
+    b = min(hi, _KEY_POS_INF)
+    if lo > b:
+        return hi_f, inf, -inf
+    return hi_f, _key_value(lo, upper=False), _key_value(b, upper=True)
+
+
+def _bracket(sorted_keys: np.ndarray, n: int, k: int, stride: int) -> tuple[int, int, float]:
+    """[lo, hi] holding the k-th largest key with high probability, and its expected count."""
+    m = sorted_keys.shape[0]
+    if stride == 1:  # the sample is the tensor: the k-th key exactly
+        lo = hi = int(sorted_keys[n - k])
+    else:
+        q = k / n
+        pos = (n - k) * m / n
+        delta = _Z * math.sqrt(m * q * (1.0 - q)) + 4.0
+        li, hi_i = math.floor(pos - delta), math.ceil(pos + delta)
+        lo = int(sorted_keys[li]) if li >= 0 else 0
+        hi = int(sorted_keys[hi_i]) if hi_i < m else _MAX_KEY
+    inside = int(
+        np.searchsorted(sorted_keys, hi, "right") - np.searchsorted(sorted_keys, lo, "left")
+    )
+    return lo, hi, inside * n / m
+
+
+def _candidate_cap(per_chunk: float, n: int, nchunks: int) -> int:
+    """Candidate buffer entries per chunk: the expected count plus a margin, and at most
+    max(2M, n / 8) in all (a chunk that overflows is recomputed instead)."""
+    cap = int(min(_CHUNK, 1.5 * per_chunk + 6.0 * math.sqrt(per_chunk) + 32.0))
+    return max(1, min(cap, max(1 << 21, n // 8) // nchunks))
+
+
+def fused_prune(
+    method: str, w: torch.Tensor, f: torch.Tensor, k: int, alpha: float, out: torch.Tensor
+) -> TensorStats:
+    """Tensor-scope top-k pruning of F - W into `out` (F where kept, W elsewhere), bit-exact.
+
+    Same result as `top_k_mask(order_keys(scores).view(1, -1), k)` + `compose_output(..., 1.0)`
+    and `delta_stats` of the torch path (float sums to rounding).
+    """
+    if method not in ("fapm", "magnitude"):
+        raise ValueError(f"fused_prune: unsupported method {method!r} (fapm, magnitude)")
+    if not _HAVE_NUMBA:
+        raise RuntimeError("fused_prune: numba is not available")
+    _check(w, f, out)
+    n = w.numel()
+    if n == 0:
+        return TensorStats()
+    k = min(max(int(k), 0), n)
+    wb, fb, ob = _bits_view(w), _bits_view(f), _bits_view(out)
+    nchunks = -(-n // _CHUNK)
+    cnt_gt = np.zeros(nchunks, np.int64)
+    cnt_in = np.zeros(nchunks, np.int64)
+    st_i = np.zeros((nchunks, 5), np.int64)
+    st_f = np.zeros((nchunks, 4), np.float64)
+
+    if k == 0 or k == n:  # no selection: the statistics (and W copied) in one pass
+        th = _thresholds(1 << 33, 1 << 32)  # nothing kept, nothing undecided
+        _scan(wb, fb, ob, None, th, 0, _no_candidates(wb.dtype), cnt_gt, cnt_in, st_i, st_f)
+        stats = _stats(n, st_i, st_f, None)
+        if k == n:  # everything kept: F, and the kept statistics are the totals
+            np.copyto(ob, fb)
+            stats.kept, stats.kept_nonzero = n, stats.nonzero_delta
+            stats.l1_kept, stats.l2sq_kept = stats.l1_total, stats.l2sq_total
+        return stats
+
+    c = None
+    if method == "fapm":
+        parts = _abs_sum_parts(wb, nchunks)
+        c = np.float32(alpha * (math.fsum(parts) / n))
+
+    stride = 1 if n <= 2 * _SAMPLE else n // _SAMPLE
+    m = n if stride == 1 else _SAMPLE
+    lo, hi, expected = _bracket(_radix_sort(_sample_keys(wb, fb, c, m, stride)), n, k, stride)
+    cap = _candidate_cap(expected / nchunks, n, nchunks)
+    size = nchunks * cap
+    cand_key, cand_off = np.empty(size, np.uint32), np.empty(size, np.int32)
+    cand = (cand_key, cand_off, np.empty(size, np.float32), np.empty(size, wb.dtype))
+    # The NaN key cannot be a float bound: clamp to key(-inf); the check below catches a k-th
+    # key that is NaN.
+    lo, hi = max(lo, _KEY_NEG_INF), max(hi, _KEY_NEG_INF)
+    th = _thresholds(lo, hi)
+    _scan(wb, fb, ob, c, th, cap, cand, cnt_gt, cnt_in, st_i, st_f)
+
+    # Undecided keys [ulo, uhi]: written as W so far (unless need_w), decided by the patch.
+    gt = int(cnt_gt.sum())
+    ulo, uhi, need_w, scan_kept_valid = lo, hi, False, True
+    ovf = cnt_in > cap
+    if gt >= k:  # the k-th key is above hi
+        ulo, uhi, need_w, scan_kept_valid, gt = hi + 1, _MAX_KEY, True, False, 0
+        ovf[:] = True
+    elif gt + int(cnt_in.sum()) < k:  # below lo
+        ulo, uhi, need_w = 0, hi, True
+        ovf[:] = True
+
+    # Narrow [lo_n, hi_n] (k-th key inside, gt_n keys above it) down to the single key t.
+    lo_n, hi_n, gt_n = ulo, uhi, gt
+    while lo_n < hi_n:
+        shift = max(0, (hi_n - lo_n).bit_length() - 16)
+        nbins = ((hi_n - lo_n) >> shift) + 1
+        hist = _sweep(wb, fb, c, lo_n, hi_n, shift, nbins, cap, cand_key, cnt_in, ovf)
+        from_top = np.cumsum(hist[::-1])
+        idx = int(np.searchsorted(from_top, k - gt_n))  # first bin reaching the k-th
+        b = nbins - 1 - idx
+        gt_n += int(from_top[idx] - hist[b])
+        lo_n, hi_n = lo_n + (b << shift), min(hi_n, lo_n + ((b + 1) << shift) - 1)
+    t, r = lo_n, k - gt_n
+
+    # Per-chunk ties at t locate the r-th tie: the last kept one.
+    if ulo == uhi and not need_w:
+        eq = cnt_in
+    else:
+        eq = _sweep(wb, fb, c, t, t, 0, 0, cap, cand_key, cnt_in, ovf)
+    cum = np.cumsum(eq)
+    ch = int(np.searchsorted(cum, r))
+    cut = _find_cut(wb, fb, c, ch, t, r - (int(cum[ch - 1]) if ch > 0 else 0))
+
+    pk = np.zeros((nchunks, 4), np.float64)
+    _patch(wb, fb, ob, c, ulo, uhi, t, cut, need_w, cap, cand, cnt_in, ovf, pk)
+    if not scan_kept_valid:
+        st_i[:, 0] = 0
+        st_i[:, 2] = 0
+        st_f[:, 2:] = 0.0
+    return _stats(n, st_i, st_f, pk)
+
+
+def _stats(n: int, st_i: np.ndarray, st_f: np.ndarray, pk: np.ndarray | None) -> TensorStats:
+    tot_i = st_i.sum(axis=0)
+    kept, kept_nz = int(tot_i[0]), int(tot_i[2])
+    l1k, l2k = math.fsum(st_f[:, 2]), math.fsum(st_f[:, 3])
+    if pk is not None:
+        kept += int(pk[:, 0].sum())
+        kept_nz += int(pk[:, 1].sum())
+        l1k = math.fsum([l1k, *pk[:, 2]])
+        l2k = math.fsum([l2k, *pk[:, 3]])
+    return TensorStats(
+        n=n,
+        kept=kept,
+        nonzero_delta=int(tot_i[1]),
+        kept_nonzero=kept_nz,
+        l1_total=math.fsum(st_f[:, 0]),
+        l1_kept=l1k,
+        l2sq_total=math.fsum(st_f[:, 1]),
+        l2sq_kept=l2k,
+        w_zero=int(tot_i[3]),
+        nonfinite=int(tot_i[4]),
+    )
+
+
+def warmup() -> None:
+    """Compile (or load from numba's on-disk cache) every kernel for every dtype and method."""
+    if not _HAVE_NUMBA:
+        return
+    for dtype in _VIEWS:
+        w = torch.zeros(8, dtype=dtype)
+        f = torch.ones(8, dtype=dtype)
+        wb, fb = _bits_view(w), _bits_view(f)
+        ovf = np.ones(1, np.bool_)
+        cnt = np.zeros(1, np.int64)
+        for method in ("fapm", "magnitude"):
+            fused_prune(method, w, f, 3, 1.0, torch.empty_like(f))
+            c = np.float32(1.0) if method == "fapm" else None
+            _sweep(wb, fb, c, 0, 1, 0, 2, 1, np.zeros(1, np.uint32), cnt, ovf)
