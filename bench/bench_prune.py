@@ -10,16 +10,21 @@ bench/out/pair-<N>gb) and times, each as its own subprocess:
        and writes the fine-tuned tensors as a new checkpoint of 1 GB shards, fsyncing each shard
   (b)  `fapm prune --sparsity 0.9 --shard-size 1GB` (FAPM, --kernel auto: the fused numba kernel
        when worker/engine/kernels/cpu_fused.py is there); when that kernel is there, also
-  (b') the same with --kernel torch (the reference torch path)
+  (b') the same with --kernel torch (the reference torch path), at the first size only unless
+       --torch-sizes says otherwise (it runs at ~2 min per GB)
   (c)  mergekit 0.1.5 `ties`, density 0.1, weight 1.0, normalize false, dtype bfloat16, in
        bench/.mergekit-venv (bench/setup_mergekit.sh), `--out-shard-size 1B` (1e9 bytes of tensor
        data per shard, as the other two), `--lazy-unpickle`, `--no-copy-tokenizer`; the timed window
        includes fsyncing its output shards afterwards, because (a) and (b) fsync theirs
 
 Fairness: before each leg the previous outputs are removed and `sync` runs (outside the timed
-window), and both input checkpoints are read once with `cat > /dev/null` so every leg starts with
-its inputs in the page cache (24 GB of RAM holds them). The fapm legs are run once untimed on a
-small pair first, so numba's on-disk JIT cache is filled (compiling is not what is measured).
+window), and both input checkpoints are read through once so every leg starts with its
+inputs in the page cache (24 GB of RAM holds them). Legs (a) and (b) are run once untimed on a
+small pair first, so numba's on-disk JIT cache is filled (compiling is not what is measured; a fapm
+leg that compiled anyway, because the kernel source changed meanwhile, says so in its note).
+
+Legs (a) and (b) run --repeat times (3) and report the median wall and CPU and the largest peak
+RSS; the slow legs (b') and (c) run once.
 
 Per leg: wall time, input GB/s = (base + fine-tuned safetensors bytes) / wall, peak RSS (ru_maxrss of
 the child from os.wait4, taken in bench/measure.py) and CPU seconds (user + sys of the child). The
@@ -37,10 +42,11 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -76,9 +82,9 @@ class Leg:
     peak_rss_gb: float = 0.0
     cpu_s: float = 0.0
     others_cores: float = 0.0
-    busy_before: float = 0.0
     note: str = ""
     ok: bool = True
+    runs: list[dict] = field(default_factory=list)
 
 
 def weights_bytes(directory: Path) -> int:
@@ -223,49 +229,70 @@ def output_of(leg: Leg) -> Path:
     return Path(leg.command[leg.command.index("--out") + 1])
 
 
-def run_leg(leg: Leg, pair: Path, log_dir: Path, quiet_wait: float) -> Leg:
+def run_once(leg: Leg, pair: Path, log: Path, quiet_wait: float) -> dict:
     out = output_of(leg)
     shutil.rmtree(out, ignore_errors=True)
     subprocess.run(["sync"], check=True)
     warm_inputs(pair / "base", pair / "finetuned")
-    leg.busy_before = wait_for_quiet(quiet_wait)
-    log = log_dir / f"{leg.size}-{leg.leg.replace(chr(39), 'p')}.log"
+    wait_for_quiet(quiet_wait)
     busy_start = cpu_busy_s()
     measured = run_measured(leg.command, log)
-    wall = measured["wall_s"]
     if measured["exit"] == 0 and leg.leg == "c":
         started = time.perf_counter()
         fsync_tree(out)
-        wall += time.perf_counter() - started
-    leg.cpu_s = measured["user_s"] + measured["sys_s"]
+        measured["wall_s"] += time.perf_counter() - started
+    measured["cpu_s"] = measured["user_s"] + measured["sys_s"]
     # CPU the rest of the machine used meanwhile, in cores (2 = both cores taken by others).
-    leg.others_cores = max(0.0, cpu_busy_s() - busy_start - leg.cpu_s) / wall
-    input_bytes = weights_bytes(pair / "base") + weights_bytes(pair / "finetuned")
-    leg.wall_s, leg.peak_rss_gb = wall, measured["peak_rss_bytes"] / 1e9
-    leg.input_gb_s = input_bytes / 1e9 / wall
-    leg.ok = measured["exit"] == 0
-    if not leg.ok:
-        leg.note = f"exit {measured['exit']}; see {log}"
-    elif leg.leg.startswith("b"):
+    others = cpu_busy_s() - busy_start - measured["cpu_s"]
+    measured["others_cores"] = max(0.0, others) / measured["wall_s"]
+    measured["note"] = ""
+    if measured["exit"] == 0 and leg.leg.startswith("b"):
         report = json.loads((out / "pruning_report.json").read_text())
-        leg.note = f"implementation {report['implementation']}"
+        measured["note"] = f"implementation {report['implementation']}"
         compiled = log.read_text(errors="replace").count("[cache] data saved")
         if compiled:
-            leg.note += f"; numba compiled {compiled} functions in the run (JIT cache was stale)"
+            measured["note"] += f"; numba compiled {compiled} functions (stale JIT cache)"
+    if measured["exit"] == 0:
+        shutil.rmtree(out, ignore_errors=True)  # keep the disk for the next leg
+    return measured
+
+
+def run_leg(leg: Leg, pair: Path, log_dir: Path, quiet_wait: float, repeats: int) -> Leg:
+    """Run the leg `repeats` times: wall and CPU are the medians, peak RSS the largest."""
+    runs = []
+    for i in range(repeats):
+        log = log_dir / f"{leg.size}-{leg.leg.replace(chr(39), 'p')}-{i}.log"
+        runs.append(run_once(leg, pair, log, quiet_wait))
+        if runs[-1]["exit"] != 0:
+            leg.ok = False
+            leg.note = f"exit {runs[-1]['exit']}; see {log}"
+            break
+    leg.runs = runs
+    good = [r for r in runs if r["exit"] == 0] or runs
+    leg.wall_s = statistics.median(r["wall_s"] for r in good)
+    leg.cpu_s = statistics.median(r["cpu_s"] for r in good)
+    leg.peak_rss_gb = max(r["peak_rss_bytes"] for r in good) / 1e9
+    leg.others_cores = max(r["others_cores"] for r in good)
+    input_bytes = weights_bytes(pair / "base") + weights_bytes(pair / "finetuned")
+    leg.input_gb_s = input_bytes / 1e9 / leg.wall_s
+    if leg.ok:
+        leg.note = "; ".join(sorted({r["note"] for r in good if r["note"]}))
+    walls = ", ".join(f"{r['wall_s']:.1f}" for r in runs)
+    if len(runs) > 1:
+        leg.note = f"runs {walls} s" + (f"; {leg.note}" if leg.note else "")
     print(
-        f"  ({leg.leg}) {leg.wall_s:7.1f}s  {leg.input_gb_s:5.2f} GB/s  RSS {leg.peak_rss_gb:5.2f} GB  "
-        f"CPU {leg.cpu_s:6.1f}s  others {leg.others_cores:.2f} cores  {leg.note}",
+        f"  ({leg.leg}) {leg.wall_s:7.1f}s  {leg.input_gb_s:5.2f} GB/s  "
+        f"RSS {leg.peak_rss_gb:5.2f} GB  CPU {leg.cpu_s:6.1f}s  "
+        f"others {leg.others_cores:.2f} cores  {leg.note}",
         file=sys.stderr,
         flush=True,
     )
-    if leg.ok:
-        shutil.rmtree(out, ignore_errors=True)  # keep the disk for the next leg
     return leg
 
 
 def markdown(results: list[Leg], sizes: dict[str, dict]) -> str:
     lines = [
-        "| size/model | leg | run | wall s | input GB/s | peak RSS GB | CPU s | others' load | vs (a) | note |",
+        "| size/model | leg | run | wall s | input GB/s | peak RSS GB | CPU s | others' cores | vs (a) | note |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for leg in results:
@@ -299,13 +326,13 @@ def markdown(results: list[Leg], sizes: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def warm_up(with_torch: bool) -> None:
-    """Run the fapm legs once on a small pair so numba's JIT cache is on disk (untimed)."""
+def warm_up() -> None:
+    """Run (a) and (b) once on a small pair so numba's JIT cache is on disk (untimed)."""
     pair = OUT / "pair-warmup"
     make_pair(pair, 0.0, layers=1, vocab=1024)
     work = OUT / "work-warmup"
     work.mkdir(parents=True, exist_ok=True)
-    for leg in legs_for("warmup", pair, with_torch, False, work):
+    for leg in legs_for("warmup", pair, False, False, work):
         code = subprocess.run(leg.command, cwd=REPO, env=CHILD_ENV, capture_output=True).returncode
         if code != 0:
             raise SystemExit(f"warm-up of ({leg.leg}) failed: {' '.join(leg.command)}")
@@ -316,8 +343,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="2,4", help="GB per model, comma-separated (2,4)")
     parser.add_argument("--skip-mergekit", action="store_true", help="leave out leg (c)")
-    parser.add_argument("--no-torch-kernel", action="store_true", help="leave out leg (b')")
+    parser.add_argument(
+        "--torch-sizes",
+        help="sizes at which leg (b') (--kernel torch, ~2 min/GB) also runs; default: the first "
+        "of --sizes only, to keep a full run under 20 minutes; 'none' leaves it out",
+    )
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs of the fast legs (a) and (b); the table gives the median wall (3)",
+    )
     parser.add_argument(
         "--quiet-wait",
         type=float,
@@ -334,26 +371,29 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     fused = fused_kernel_present()
-    with_torch = fused and not args.no_torch_kernel
+    sizes_list = [x.strip() for x in args.sizes.split(",") if x.strip()]
+    torch_sizes = (args.torch_sizes or sizes_list[0]).split(",")
+    torch_sizes = [] if torch_sizes == ["none"] else [x.strip() for x in torch_sizes]
     print(f"fused numba kernel present: {fused}", file=sys.stderr)
     OUT.mkdir(exist_ok=True)
     kernel_digest = source_digest(KERNEL_SOURCE)
     started = time.perf_counter()
-    warm_up(with_torch)
+    warm_up()
 
     results: list[Leg] = []
     sizes: dict[str, dict] = {}
     log_dir = OUT / "logs"
     log_dir.mkdir(exist_ok=True)
-    for size in args.sizes.split(","):
-        size = size.strip()
+    for size in sizes_list:
+        with_torch = fused and size in torch_sizes
         pair = OUT / f"pair-{float(size):g}gb"
         sizes[size] = make_pair(pair, float(size))
         work = OUT / f"work-{float(size):g}gb"
         work.mkdir(parents=True, exist_ok=True)
         print(f"{size} GB/model ({sizes[size]['bytes_per_model'] / 1e9:.2f} GB):", file=sys.stderr)
         for leg in legs_for(size, pair, with_torch, with_mergekit, work):
-            results.append(run_leg(leg, pair, log_dir, args.quiet_wait))
+            repeats = args.repeat if leg.leg in ("a", "b") else 1
+            results.append(run_leg(leg, pair, log_dir, args.quiet_wait, repeats))
     table = markdown(results, sizes)
     print(table)
     if args.markdown:
