@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 
@@ -153,18 +154,22 @@ def test_fp_subnormals(dtype):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_bracket_misses_use_the_fallback(method, monkeypatch):
-    """A bracket above or below the k-th key, or a single wrong key: same result."""
+def test_bracket_misses_and_endpoint_ties(method, monkeypatch):
+    """Brackets above, below, around the k-th key, or a single key, with the ties at hi kept
+    provisionally or not: always the same result (fallback and endpoint-fix paths)."""
     w, f = pair(400000, torch.bfloat16, seed=12)
     n = w.numel()
     real = cpu_fused._bracket
-    for lo_rank, hi_rank in ((0.999, 0.9995), (0.01, 0.02), (0.5, 0.5), (0.0, 1.0)):
+    cases = [(0.999, 0.9995), (0.01, 0.02), (0.5, 0.5), (0.0, 1.0), (0.85, 0.95), (0.9, 0.9)]
+    for (lo_rank, hi_rank), ge in itertools.product(cases, (True, False)):
 
-        def fake(sorted_keys, n_, k_, stride, lo_rank=lo_rank, hi_rank=hi_rank):
-            m = len(sorted_keys)
-            lo = int(sorted_keys[min(m - 1, int(lo_rank * m))])
-            hi = int(sorted_keys[min(m - 1, int(hi_rank * m))])
-            return lo, hi, real(sorted_keys, n_, k_, stride)[2]
+        def fake(keys, n_, k_, stride, lo_rank=lo_rank, hi_rank=hi_rank, ge=ge):
+            m = len(keys)
+            lo_key = int(keys[min(m - 1, int(lo_rank * m))])
+            hi_key = int(keys[min(m - 1, int(hi_rank * m))])
+            lo_key = min(max(lo_key, cpu_fused._KEY_NEG_INF), cpu_fused._KEY_POS_INF)
+            hi_key = min(max(hi_key, cpu_fused._KEY_NEG_INF), cpu_fused._KEY_POS_INF)
+            return lo_key, hi_key, ge or lo_key < hi_key, real(keys, n_, k_, stride)[3]
 
         monkeypatch.setattr(cpu_fused, "_bracket", fake)
         for k in (keep_count(n, 0.1), n // 2, 17):

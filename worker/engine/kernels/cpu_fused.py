@@ -7,22 +7,27 @@
 
 and the same `delta_stats`, without any per-entry temporary. How (PERFORMANCE.md):
 
-1. fapm only: sum |W| in float64 (fixed chunks, partial sums combined in order) -> c.
-2. Score a strided sample (1 entry per window, hashed offset; every entry when the tensor is
-   small), sort its order keys and bracket the k-th key in [lo, hi] (+-4.5 sigma of the sample rank).
-3. One fused pass: score, order key, the full-update statistics, and the output written as if the
-   threshold were hi (F where key > hi, W elsewhere); entries with key in [lo, hi] are collected
-   (key, offset) into small per-chunk buffers.
-4. Resolve the exact k-th key T and the index `cut` of the last kept tie from the candidates (a
-   histogram select; chunks whose buffer overflowed are recomputed), then patch the candidates:
-   F where key > T or (key == T and index <= cut).
-   If the bracket missed the k-th key, the same resolution runs over the whole key range (slower,
-   same result).
+1. fapm only: sum |W| in float64 (fixed chunks, partial sums combined exactly) -> c.
+2. Score a sample (runs of 8 neighbours in 16Ki hashed windows; every entry when the tensor is
+   small), sort its order keys and bracket the k-th key: lo <= t <= hi w.h.p. (+-4.5 sigma of
+   the sample rank). When lo == hi the sample also says on which side of the tie split most of
+   that tie group falls.
+3. One fused pass over blocks of 1024 (vectorised float32, L1-resident block buffers): score,
+   the full-update statistics, and the provisional output: F where key >= hi (or > hi), W
+   elsewhere. Entries strictly inside (lo, hi) are collected (key, offset, |D|, F bits) into
+   per-chunk buffers; entries equal to lo and to hi are only counted per chunk.
+4. From the counts: t is hi, lo, or inside (then a histogram select over the candidates finds
+   it); the index `cut` of the last kept tie at t comes from the per-chunk tie counts and one
+   chunk rescan. The final rule is keep = key > t or (key == t and index <= cut).
+5. Patch: kept candidates get F (only `out` is touched); chunks where the provisional output can
+   be wrong beyond the candidates (the tie group at lo or hi on the wrong side of the cut, or a
+   candidate buffer that overflowed) are recomputed whole with the final rule. If the bracket
+   missed t altogether, everything is decided again by histogram passes (slower, same result).
 
 Keys are the unsigned form of `select.order_keys` (int32 key ^ 0x80000000): NaN -> 0, -0.0 and
 +0.0 -> 0x80000000. Floating point is IEEE (no fastmath) wherever a score is computed; only the
-float64 statistic sums are reassociated. Work is split into fixed 64Ki-entry chunks, so results do
-not depend on the thread count.
+statistics' sums are reassociated (float64 sums of exact terms, float32 counts of 0/1 terms).
+Work is split into fixed 64Ki-entry chunks, so results do not depend on the thread count.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ except ImportError:  # pragma: no cover - exercised only without numba
 _CHUNK = 1 << 16  # entries per chunk (fixed: results are independent of the thread count)
 _BLOCK = 1024  # entries per inner block (small buffers stay in L1)
 _SAMPLE = 1 << 17  # sampled entries used to bracket the k-th key
+_RUN = 8  # consecutive entries per sampled window
 _GROUPS = 8  # histogram copies in the resolution sweeps
 _MAX_KEY = 0xFFFFFFFF
 _Z = 4.5  # bracket half-width in sample-rank standard deviations
@@ -229,66 +235,76 @@ if _HAVE_NUMBA:
         return acc
 
     @njit(nogil=True, cache=True, fastmath={"reassoc"})
-    def _block_counts(wblk, fblk, sbuf, abuf, length, th):
-        """Counts of one block: (kept at hi, in [lo, hi], D != 0, kept and D != 0, W == 0,
-        non-finite W and F). float32 sums of 0/1 terms: exact in any order (< 2^24 terms), so
-        they may be reassociated, and they vectorise 8 wide. (`np.float32(flag)`, not
-        `1.0 if flag else 0.0`, and a constant trip count: both matter 2-3x to LLVM here.)
+    def _block_counts(wblk, sbuf, abuf, length, th):
+        """Counts of one block: (provisionally kept, strictly inside (lo, hi), key == hi,
+        key == lo, D != 0, provisionally kept and D != 0, W == 0).
+
+        float32 sums of 0/1 terms: exact in any order (< 2^24 terms), so they may be
+        reassociated, and they vectorise 8 wide. (`np.float32(flag)`, not `1.0 if flag else
+        0.0`, and a constant trip count: both matter 2-3x to LLVM here.)
         """
-        hi_f, lo_f, in_hi_f = th
-        gt = np.float32(0.0)
+        p_f, lo_f, hi_f = th
+        kp = np.float32(0.0)
         inr = np.float32(0.0)
+        ehi = np.float32(0.0)
+        elo = np.float32(0.0)
         nz = np.float32(0.0)
         knz = np.float32(0.0)
         wz = np.float32(0.0)
-        nf = np.float32(0.0)
         if length == _BLOCK:
             for j in range(_BLOCK):
                 sc = sbuf[j]
-                keep = sc > hi_f
+                keep = sc > p_f
                 nzj = abuf[j] != 0
-                gt += np.float32(keep)
-                inr += np.float32((sc >= lo_f) & (sc <= in_hi_f))
+                kp += np.float32(keep)
+                inr += np.float32((sc > lo_f) & (sc < hi_f))
+                ehi += np.float32(sc == hi_f)
+                elo += np.float32(sc == lo_f)
                 nz += np.float32(nzj)
                 knz += np.float32(keep & nzj)
                 wz += np.float32(_is_zero(wblk[j]))
-                nf += np.float32(_is_nonfinite(wblk[j])) + np.float32(_is_nonfinite(fblk[j]))
         else:
             for j in range(length):
                 sc = sbuf[j]
-                keep = sc > hi_f
+                keep = sc > p_f
                 nzj = abuf[j] != 0
-                gt += np.float32(keep)
-                inr += np.float32((sc >= lo_f) & (sc <= in_hi_f))
+                kp += np.float32(keep)
+                inr += np.float32((sc > lo_f) & (sc < hi_f))
+                ehi += np.float32(sc == hi_f)
+                elo += np.float32(sc == lo_f)
                 nz += np.float32(nzj)
                 knz += np.float32(keep & nzj)
                 wz += np.float32(_is_zero(wblk[j]))
-                nf += np.float32(_is_nonfinite(wblk[j])) + np.float32(_is_nonfinite(fblk[j]))
         return (
-            np.int64(gt),
+            np.int64(kp),
             np.int64(inr),
+            np.int64(ehi),
+            np.int64(elo),
             np.int64(nz),
             np.int64(knz),
             np.int64(wz),
-            np.int64(nf),
         )
 
     @njit(nogil=True, cache=True, fastmath={"reassoc"})
-    def _block_sums(sbuf, abuf, length, hi_f):
-        """float64 sums of |D| and |D|^2 over one block, all and kept at hi (NaN / inf |D| left
-        out). The terms are exact; only the order of the sums is free."""
+    def _block_sums(sbuf, abuf, length, p_f):
+        """float64 sums of |D| and |D|^2 over one block, all and provisionally kept, with NaN /
+        inf |D| left out, and the count of those. The terms are exact; only the order of the
+        sums is free."""
         inf = np.float32(np.inf)
         zero = np.float32(0.0)
         l1 = 0.0
         l2 = 0.0
         l1k = 0.0
         l2k = 0.0
+        bad = np.float32(0.0)
         if length == _BLOCK:
             for j in range(_BLOCK):
                 a32 = abuf[j]
-                a32 = a32 if a32 < inf else zero
+                finite = a32 < inf
+                bad += np.float32(not finite)
+                a32 = a32 if finite else zero
                 a = np.float64(a32)
-                ak = np.float64(a32 if sbuf[j] > hi_f else zero)
+                ak = np.float64(a32 if sbuf[j] > p_f else zero)
                 l1 += a
                 l2 += a * a
                 l1k += ak
@@ -296,14 +312,25 @@ if _HAVE_NUMBA:
         else:
             for j in range(length):
                 a32 = abuf[j]
-                a32 = a32 if a32 < inf else zero
+                finite = a32 < inf
+                bad += np.float32(not finite)
+                a32 = a32 if finite else zero
                 a = np.float64(a32)
-                ak = np.float64(a32 if sbuf[j] > hi_f else zero)
+                ak = np.float64(a32 if sbuf[j] > p_f else zero)
                 l1 += a
                 l2 += a * a
                 l1k += ak
                 l2k += ak * ak
-        return l1, l2, l1k, l2k
+        return l1, l2, l1k, l2k, np.int64(bad)
+
+    @njit(nogil=True, cache=True)
+    def _count_nonfinite(wblk, fblk, length):
+        """Non-finite W and F entries of a block (only run where some |D| is not finite: a
+        non-finite W or F always gives a non-finite D)."""
+        nf = 0
+        for j in range(length):
+            nf += _is_nonfinite(wblk[j]) + _is_nonfinite(fblk[j])
+        return nf
 
     # ---------------------------------------------------------------------------------------
     # passes
@@ -320,17 +347,22 @@ if _HAVE_NUMBA:
 
     @njit(nogil=True, cache=True)
     def _sample_keys(wb, fb, c, m, stride):
-        """Keys of m entries: one per window of `stride` entries, at a hashed offset."""
+        """Keys of m entries: all of them when stride is 1, else runs of _RUN consecutive
+        entries, one run per window of `stride` entries at a hashed offset (a run shares
+        cache lines: m / _RUN memory accesses, not m)."""
         keys = np.empty(m, np.uint32)
-        for j in range(m):
-            i = j
-            if stride != 1:
-                h = (j * np.int64(2654435761) + np.int64(12345)) & np.int64(0xFFFFFFFF)
-                h ^= h >> 15
-                h = (h * np.int64(2246822519)) & np.int64(0xFFFFFFFF)
-                h ^= h >> 13
-                i = j * stride + h % stride
-            keys[j] = np.uint32(_key_at(wb, fb, i, c))
+        if stride == 1:
+            for i in range(m):
+                keys[i] = np.uint32(_key_at(wb, fb, i, c))
+            return keys
+        for win in range(m // _RUN):
+            h = (win * np.int64(2654435761) + np.int64(12345)) & np.int64(0xFFFFFFFF)
+            h ^= h >> 15
+            h = (h * np.int64(2246822519)) & np.int64(0xFFFFFFFF)
+            h ^= h >> 13
+            i0 = win * stride + h % (stride - _RUN + 1)
+            for r in range(_RUN):
+                keys[win * _RUN + r] = np.uint32(_key_at(wb, fb, i0 + r, c))
         return keys
 
     @njit(nogil=True, cache=True)
@@ -361,34 +393,30 @@ if _HAVE_NUMBA:
 
     @njit(nogil=True, cache=True)
     def _block_scores(wblk, fblk, oblk, sbuf, abuf, ibuf, length, c, th):
-        """Scores, |D| and "key in [lo, hi]" flags of one block into sbuf / abuf / ibuf, and the
-        output as if the threshold were hi (F where key > hi)."""
-        hi_f, lo_f, in_hi_f = th
-        if length == _BLOCK:  # a constant trip count: better code
-            for j in range(_BLOCK):
-                sc, a = _score_terms(wblk[j], fblk[j], c)
-                oblk[j] = fblk[j] if sc > hi_f else wblk[j]
-                sbuf[j] = sc
-                abuf[j] = a
-                ibuf[j] = np.uint8((sc >= lo_f) & (sc <= in_hi_f))
-        else:
-            for j in range(length):
-                sc, a = _score_terms(wblk[j], fblk[j], c)
-                oblk[j] = fblk[j] if sc > hi_f else wblk[j]
-                sbuf[j] = sc
-                abuf[j] = a
-                ibuf[j] = np.uint8((sc >= lo_f) & (sc <= in_hi_f))
+        """Scores and |D| of one block into sbuf / abuf, "strictly inside (lo, hi)" flags into
+        ibuf, and the provisional output: F where the score is above p_f."""
+        p_f, lo_f, hi_f = th
+        # (No constant-trip-count copy of this loop: with its stores LLVM leaves that one
+        # scalar, while this one is vectorised behind runtime alias checks.)
+        for j in range(length):
+            sc, a = _score_terms(wblk[j], fblk[j], c)
+            oblk[j] = fblk[j] if sc > p_f else wblk[j]
+            sbuf[j] = sc
+            abuf[j] = a
+            ibuf[j] = np.uint8((sc > lo_f) & (sc < hi_f))
 
     @njit(parallel=True, nogil=True, cache=True)
-    def _scan(wb, fb, out, c, th, cap, cand, cnt_gt, cnt_in, st_i, st_f):
-        """The fused pass: scores, statistics, output as if the threshold were hi, candidates.
+    def _scan(wb, fb, out, c, th, cap, cand, cnts, st_i, st_f):
+        """The fused pass (see the module docstring, step 3).
 
-        The comparisons with the key bounds lo / hi are done on the float32 score (`th`, see
-        `_thresholds`), so the hot loop stays float32 and vectorises 8 wide; keys are formed only
-        for the candidates.
+        Per chunk: cnts = (provisionally kept, inside (lo, hi), key == hi, key == lo); st_i =
+        (provisionally kept, D != 0, provisionally kept and D != 0, W == 0, non-finite W and
+        F); st_f = (l1, l2sq, l1 kept, l2sq kept) with "kept" provisional. The comparisons
+        with the key bounds are float32 score comparisons (`_thresholds`), so the hot loops stay
+        float32 and vectorise 8 wide; keys are formed for the collected candidates only.
         """
         n = wb.shape[0]
-        nchunks = cnt_gt.shape[0]
+        nchunks = cnts.shape[0]
         cand_key, cand_off, cand_a, cand_f = cand
         for ch in prange(nchunks):
             s = ch * _CHUNK
@@ -397,8 +425,10 @@ if _HAVE_NUMBA:
             abuf = np.empty(_BLOCK, np.float32)
             ibuf = np.zeros(_BLOCK, np.uint8)
             iwords = ibuf.view(np.uint64)
-            gt = 0
+            kp = 0
             inr = 0
+            ehi = 0
+            elo = 0
             nz = 0
             knz = 0
             wz = 0
@@ -415,32 +445,37 @@ if _HAVE_NUMBA:
                 fblk = fb[b0 : b0 + length]
                 oblk = out[b0 : b0 + length]
                 _block_scores(wblk, fblk, oblk, sbuf, abuf, ibuf, length, c, th)
-                r = _block_counts(wblk, fblk, sbuf, abuf, length, th)
-                gt += r[0]
+                r = _block_counts(wblk, sbuf, abuf, length, th)
+                kp += r[0]
                 binr = r[1]
                 inr += binr
-                nz += r[2]
-                knz += r[3]
-                wz += r[4]
-                nf += r[5]
+                ehi += r[2]
+                elo += r[3]
+                nz += r[4]
+                knz += r[5]
+                wz += r[6]
                 q = _block_sums(sbuf, abuf, length, th[0])
                 l1 += q[0]
                 l2 += q[1]
                 l1k += q[2]
                 l2k += q[3]
+                if q[4] > 0:
+                    nf += _count_nonfinite(wblk, fblk, length)
                 if binr > 0 and nc < cap:  # collect: skip 8 flags at a time
-                    for q in range((length + 7) // 8):
-                        if iwords[q] != 0:
-                            for j in range(8 * q, min(8 * q + 8, length)):
+                    for w8 in range((length + 7) // 8):
+                        if iwords[w8] != 0:
+                            for j in range(8 * w8, min(8 * w8 + 8, length)):
                                 if ibuf[j] != 0 and nc < cap:
                                     cand_key[base + nc] = np.uint32(_key(sbuf[j]))
                                     cand_off[base + nc] = b0 + j - s
                                     cand_a[base + nc] = abuf[j]
                                     cand_f[base + nc] = fblk[j]
                                     nc += 1
-            cnt_gt[ch] = gt
-            cnt_in[ch] = inr
-            st_i[ch, 0] = gt
+            cnts[ch, 0] = kp
+            cnts[ch, 1] = inr
+            cnts[ch, 2] = ehi
+            cnts[ch, 3] = elo
+            st_i[ch, 0] = kp
             st_i[ch, 1] = nz
             st_i[ch, 2] = knz
             st_i[ch, 3] = wz
@@ -451,10 +486,10 @@ if _HAVE_NUMBA:
             st_f[ch, 3] = l2k
 
     @njit(parallel=True, nogil=True, cache=True)
-    def _sweep(wb, fb, c, lo, hi, shift, nbins, cap, cand_key, cnt_in, ovf):
-        """Per chunk-group histograms of (key - lo) >> shift over the keys in [lo, hi], from the
-        candidate buffers, or recomputed for the chunks whose buffer overflowed. With nbins == 0:
-        per-chunk counts of key == lo instead."""
+    def _sweep(wb, fb, c, lo, hi, shift, nbins, cap, cand_key, cnt_in, recomp):
+        """Histogram of (key - lo) >> shift over the keys in [lo, hi]: from the candidate
+        buffers, or recomputed for the chunks marked in `recomp` (their buffer overflowed, or
+        there are no candidates). With nbins == 0: per-chunk counts of key == lo instead."""
         n = wb.shape[0]
         nchunks = cnt_in.shape[0]
         per_chunk = nbins == 0
@@ -462,7 +497,7 @@ if _HAVE_NUMBA:
         hist = np.zeros((groups, max(nbins, 1)), np.int64)
         for g in prange(groups):
             for ch in range(g * nchunks // groups, (g + 1) * nchunks // groups):
-                if ovf[ch]:
+                if recomp[ch]:
                     for i in range(ch * _CHUNK, min(n, (ch + 1) * _CHUNK)):
                         key = _key_at(wb, fb, i, c)
                         if key >= lo and key <= hi:
@@ -492,12 +527,15 @@ if _HAVE_NUMBA:
         return -1
 
     @njit(parallel=True, nogil=True, cache=True)
-    def _patch(wb, fb, out, c, lo, hi, t, cut, need_w, cap, cand, cnt_in, ovf, pk):
-        """Final rule on the undecided keys [lo, hi]: keep key > t, or key == t and index <= cut.
+    def _patch(wb, fb, out, c, t, cut, cap, cand, cnt_in, recomp, pk):
+        """The final rule, keep key > t or (key == t and index <= cut), where the provisional
+        output can differ from it.
 
-        Kept entries get F; with need_w the others get W (else W is already there). Candidates
-        carry their F bits and |D|, so only `out` is touched at their positions. pk collects per
-        chunk (kept, kept_nonzero, l1_kept, l2sq_kept).
+        Chunks marked in `recomp` are recomputed whole: their output and their kept
+        statistics, which replace the scan's. Elsewhere only the collected candidates can
+        change: kept ones get F (they carry their F bits and |D|, so only `out` is touched),
+        and their statistics add to the scan's. pk: per chunk (kept, kept_nonzero, l1_kept,
+        l2sq_kept).
         """
         n = wb.shape[0]
         nchunks = cnt_in.shape[0]
@@ -508,23 +546,20 @@ if _HAVE_NUMBA:
             knz = 0
             l1k = 0.0
             l2k = 0.0
-            if ovf[ch]:
-                # Nothing undecided can be kept past the cut when t is the top undecided key.
-                if need_w or s <= cut or t < hi:
-                    for i in range(s, min(n, s + _CHUNK)):
-                        key = _key_at(wb, fb, i, c)
-                        if key >= lo and key <= hi:
-                            if key > t or (key == t and i <= cut):
-                                out[i] = fb[i]
-                                a = _delta_abs(wb, fb, i)
-                                kept += 1
-                                knz += a != 0
-                                if a < _INF32:
-                                    a64 = np.float64(a)
-                                    l1k += a64
-                                    l2k += a64 * a64
-                            elif need_w:
-                                out[i] = wb[i]
+            if recomp[ch]:
+                for i in range(s, min(n, s + _CHUNK)):
+                    key = _key_at(wb, fb, i, c)
+                    if key > t or (key == t and i <= cut):
+                        out[i] = fb[i]
+                        a = _delta_abs(wb, fb, i)
+                        kept += 1
+                        knz += a != 0
+                        if a < _INF32:
+                            a64 = np.float64(a)
+                            l1k += a64
+                            l2k += a64 * a64
+                    else:
+                        out[i] = wb[i]
             else:
                 base = ch * cap
                 for j in range(cnt_in[ch]):
@@ -588,39 +623,47 @@ def _key_value(key: int, upper: bool) -> np.float32:
     return np.array([bits], np.uint32).view(np.float32)[0]
 
 
-def _thresholds(lo: int, hi: int) -> tuple[np.float32, np.float32, np.float32]:
-    """(hi_f, lo_f, in_hi_f): `key > hi` is `s > hi_f`, `lo <= key <= hi` is lo_f <= s <= in_hi_f.
+def _thresholds(lo: int, hi: int, ge: bool) -> tuple[np.float32, np.float32, np.float32]:
+    """(p_f, lo_f, hi_f) for the scan, lo and hi keys of non-NaN scores.
 
-    lo and hi must be keys of non-NaN scores (>= key(-inf)), or hi > key(+inf) for "none"; the
-    NaN key 0 cannot be expressed as a float comparison (callers clamp it and let the bracket
-    check catch a k-th key that is NaN).
+    Provisionally kept: `s > p_f`, i.e. key > hi, or key >= hi with `ge`. Inside: lo_f < s <
+    hi_f is lo < key < hi; s == hi_f is key == hi (-0.0 == +0.0 as in the keys; NaN, key 0, is
+    never equal nor inside).
     """
-    inf = np.float32(np.inf)
-    if not _KEY_NEG_INF <= lo and _KEY_NEG_INF <= hi:
-        raise AssertionError("NaN key bound")
-    hi_f = _key_value(hi, upper=True) if hi < _KEY_POS_INF else inf
-    b = min(hi, _KEY_POS_INF)
-    if lo > b:
-        return hi_f, inf, -inf
-    return hi_f, _key_value(lo, upper=False), _key_value(b, upper=True)
+    if not _KEY_NEG_INF <= lo <= hi <= _KEY_POS_INF:
+        raise AssertionError(f"bad key bracket {lo}, {hi}")
+    p_f = _key_value(hi - 1 if ge else hi, upper=True)
+    return p_f, _key_value(lo, upper=False), _key_value(hi, upper=True)
 
 
-def _bracket(sorted_keys: np.ndarray, n: int, k: int, stride: int) -> tuple[int, int, float]:
-    """[lo, hi] holding the k-th largest key with high probability, and its expected count."""
-    m = sorted_keys.shape[0]
+def _bracket(keys: np.ndarray, n: int, k: int, stride: int) -> tuple[int, int, bool, float]:
+    """From the sorted sample keys: (lo, hi) holding the k-th largest key with high
+    probability, whether ties at hi are provisionally kept (`ge`), and the expected number of
+    entries strictly inside (lo, hi)."""
+    m = keys.shape[0]
     if stride == 1:  # the sample is the tensor: the k-th key exactly
-        lo = hi = int(sorted_keys[n - k])
+        lo = hi = int(keys[n - k])
     else:
         q = k / n
         pos = (n - k) * m / n
-        delta = _Z * math.sqrt(m * q * (1.0 - q)) + 4.0
+        # sqrt(2): runs of neighbouring entries are not independent draws
+        delta = _Z * math.sqrt(2.0 * m * q * (1.0 - q)) + 4.0
         li, hi_i = math.floor(pos - delta), math.ceil(pos + delta)
-        lo = int(sorted_keys[li]) if li >= 0 else 0
-        hi = int(sorted_keys[hi_i]) if hi_i < m else _MAX_KEY
-    inside = int(
-        np.searchsorted(sorted_keys, hi, "right") - np.searchsorted(sorted_keys, lo, "left")
-    )
-    return lo, hi, inside * n / m
+        lo = int(keys[li]) if li >= 0 else 0
+        hi = int(keys[hi_i]) if hi_i < m else _KEY_POS_INF
+    # The NaN key cannot be a float bound: clamp (the bracket check catches a NaN k-th key).
+    lo = min(max(lo, _KEY_NEG_INF), _KEY_POS_INF)
+    hi = min(max(hi, _KEY_NEG_INF), _KEY_POS_INF)
+    below_hi = int(np.searchsorted(keys, hi, "left"))
+    above_hi = m - int(np.searchsorted(keys, hi, "right"))
+    inside = below_hi - int(np.searchsorted(keys, lo, "right"))
+    ge = True
+    if lo == hi:  # one tie group: keep it provisionally if most of it is likely kept
+        ties = m - above_hi - below_hi
+        ge = ties > 0 and (k * m / n - above_hi) / ties >= 0.5
+    if hi == _KEY_NEG_INF:  # "key >= key(-inf)" is not a float comparison
+        ge = False
+    return lo, hi, ge, max(inside, 0) * n / m
 
 
 def _candidate_cap(per_chunk: float, n: int, nchunks: int) -> int:
@@ -649,15 +692,15 @@ def fused_prune(
     k = min(max(int(k), 0), n)
     wb, fb, ob = _bits_view(w), _bits_view(f), _bits_view(out)
     nchunks = -(-n // _CHUNK)
-    cnt_gt = np.zeros(nchunks, np.int64)
-    cnt_in = np.zeros(nchunks, np.int64)
+    cnts = np.zeros((nchunks, 4), np.int64)
     st_i = np.zeros((nchunks, 5), np.int64)
     st_f = np.zeros((nchunks, 4), np.float64)
 
     if k == 0 or k == n:  # no selection: the statistics (and W copied) in one pass
-        th = _thresholds(1 << 33, 1 << 32)  # nothing kept, nothing undecided
-        _scan(wb, fb, ob, None, th, 0, _no_candidates(wb.dtype), cnt_gt, cnt_in, st_i, st_f)
-        stats = _stats(n, st_i, st_f, None)
+        nan = np.float32(np.nan)
+        th = (np.float32(np.inf), nan, nan)  # nothing kept, nothing inside or equal
+        _scan(wb, fb, ob, None, th, 0, _no_candidates(wb.dtype), cnts, st_i, st_f)
+        stats = _stats(n, st_i, st_f, None, None)
         if k == n:  # everything kept: F, and the kept statistics are the totals
             np.copyto(ob, fb)
             stats.kept, stats.kept_nonzero = n, stats.nonzero_delta
@@ -669,79 +712,91 @@ def fused_prune(
         parts = _abs_sum_parts(wb, nchunks)
         c = np.float32(alpha * (math.fsum(parts) / n))
 
-    stride = 1 if n <= 2 * _SAMPLE else n // _SAMPLE
+    stride = 1 if n <= 2 * _SAMPLE else n // (_SAMPLE // _RUN)  # window length
     m = n if stride == 1 else _SAMPLE
-    lo, hi, expected = _bracket(_radix_sort(_sample_keys(wb, fb, c, m, stride)), n, k, stride)
+    lo, hi, ge, expected = _bracket(_radix_sort(_sample_keys(wb, fb, c, m, stride)), n, k, stride)
     cap = _candidate_cap(expected / nchunks, n, nchunks)
     size = nchunks * cap
-    cand_key, cand_off = np.empty(size, np.uint32), np.empty(size, np.int32)
-    cand = (cand_key, cand_off, np.empty(size, np.float32), np.empty(size, wb.dtype))
-    # The NaN key cannot be a float bound: clamp to key(-inf); the check below catches a k-th
-    # key that is NaN.
-    lo, hi = max(lo, _KEY_NEG_INF), max(hi, _KEY_NEG_INF)
-    th = _thresholds(lo, hi)
-    _scan(wb, fb, ob, c, th, cap, cand, cnt_gt, cnt_in, st_i, st_f)
+    cand_key = np.empty(size, np.uint32)
+    cand = (
+        cand_key,
+        np.empty(size, np.int32),
+        np.empty(size, np.float32),
+        np.empty(size, wb.dtype),
+    )
+    _scan(wb, fb, ob, c, _thresholds(lo, hi, ge), cap, cand, cnts, st_i, st_f)
 
-    # Undecided keys [ulo, uhi]: written as W so far (unless need_w), decided by the patch.
-    gt = int(cnt_gt.sum())
-    ulo, uhi, need_w, scan_kept_valid = lo, hi, False, True
-    ovf = cnt_in > cap
-    if gt >= k:  # the k-th key is above hi
-        ulo, uhi, need_w, scan_kept_valid, gt = hi + 1, _MAX_KEY, True, False, 0
-        ovf[:] = True
-    elif gt + int(cnt_in.sum()) < k:  # below lo
-        ulo, uhi, need_w = 0, hi, True
-        ovf[:] = True
+    # Where is the k-th key t: above hi, at hi, inside, at lo, or below lo?
+    kept_prov, inside, at_hi, at_lo = (int(x) for x in cnts.sum(axis=0))
+    cnt_in = np.ascontiguousarray(cnts[:, 1])  # (a strided view makes the sweeps 50x slower)
+    above = kept_prov - at_hi if ge else kept_prov
+    if lo == hi:
+        at_lo = 0  # the same entries as at_hi
+    recomp = cnt_in > cap  # chunks whose candidates overflowed are recomputed
+    fix_prefix = fix_suffix = False
+    if above < k <= above + at_hi:
+        t, r, eq = hi, k - above, cnts[:, 2]
+        fix_suffix, fix_prefix = ge, not ge  # the ties at hi past / up to the cut flip
+    elif above + at_hi < k <= above + at_hi + inside:
+        t, r = _narrow(wb, fb, c, lo + 1, hi - 1, above + at_hi, k, cap, cand_key, cnt_in, recomp)
+        eq = _sweep(wb, fb, c, t, t, 0, 0, cap, cand_key, cnt_in, recomp)
+    elif above + at_hi + inside < k <= above + at_hi + inside + at_lo:
+        t, r, eq = lo, k - above - at_hi - inside, cnts[:, 3]
+        fix_prefix = True  # the ties at lo up to the cut flip to kept
+    else:  # the bracket missed (sampling bad luck or a NaN k-th key): decide everything again
+        recomp[:] = True
+        t, r = _narrow(wb, fb, c, 0, _MAX_KEY, 0, k, cap, cand_key, cnt_in, recomp)
+        eq = _sweep(wb, fb, c, t, t, 0, 0, cap, cand_key, cnt_in, recomp)
 
-    # Narrow [lo_n, hi_n] (k-th key inside, gt_n keys above it) down to the single key t.
-    lo_n, hi_n, gt_n = ulo, uhi, gt
-    while lo_n < hi_n:
-        shift = max(0, (hi_n - lo_n).bit_length() - 16)
-        nbins = ((hi_n - lo_n) >> shift) + 1
-        hist = _sweep(wb, fb, c, lo_n, hi_n, shift, nbins, cap, cand_key, cnt_in, ovf)
-        from_top = np.cumsum(hist[::-1])
-        idx = int(np.searchsorted(from_top, k - gt_n))  # first bin reaching the k-th
-        b = nbins - 1 - idx
-        gt_n += int(from_top[idx] - hist[b])
-        lo_n, hi_n = lo_n + (b << shift), min(hi_n, lo_n + ((b + 1) << shift) - 1)
-    t, r = lo_n, k - gt_n
-
-    # Per-chunk ties at t locate the r-th tie: the last kept one.
-    if ulo == uhi and not need_w:
-        eq = cnt_in
-    else:
-        eq = _sweep(wb, fb, c, t, t, 0, 0, cap, cand_key, cnt_in, ovf)
+    # The r-th tie at t (in index order) is the last kept one.
     cum = np.cumsum(eq)
-    ch = int(np.searchsorted(cum, r))
-    cut = _find_cut(wb, fb, c, ch, t, r - (int(cum[ch - 1]) if ch > 0 else 0))
-
+    cut_chunk = int(np.searchsorted(cum, r))
+    cut = _find_cut(wb, fb, c, cut_chunk, t, r - (int(cum[cut_chunk - 1]) if cut_chunk else 0))
+    if fix_prefix:
+        recomp[: cut_chunk + 1] = True
+    if fix_suffix:
+        recomp[cut_chunk:] = True
     pk = np.zeros((nchunks, 4), np.float64)
-    _patch(wb, fb, ob, c, ulo, uhi, t, cut, need_w, cap, cand, cnt_in, ovf, pk)
-    if not scan_kept_valid:
-        st_i[:, 0] = 0
-        st_i[:, 2] = 0
-        st_f[:, 2:] = 0.0
-    return _stats(n, st_i, st_f, pk)
+    _patch(wb, fb, ob, c, t, cut, cap, cand, cnt_in, recomp, pk)
+    return _stats(n, st_i, st_f, pk, recomp)
 
 
-def _stats(n: int, st_i: np.ndarray, st_f: np.ndarray, pk: np.ndarray | None) -> TensorStats:
-    tot_i = st_i.sum(axis=0)
-    kept, kept_nz = int(tot_i[0]), int(tot_i[2])
-    l1k, l2k = math.fsum(st_f[:, 2]), math.fsum(st_f[:, 3])
+def _narrow(wb, fb, c, lo, hi, gt, k, cap, cand_key, cnt_in, recomp) -> tuple[int, int]:
+    """The k-th key t, given that it is in [lo, hi] and gt keys are above hi, and r: how many
+    of its ties are kept. Histogram passes over [lo, hi] (65536 bins each)."""
+    while lo < hi:
+        shift = max(0, (hi - lo).bit_length() - 16)
+        nbins = ((hi - lo) >> shift) + 1
+        hist = _sweep(wb, fb, c, lo, hi, shift, nbins, cap, cand_key, cnt_in, recomp)
+        from_top = np.cumsum(hist[::-1])
+        idx = int(np.searchsorted(from_top, k - gt))  # first bin reaching the k-th
+        b = nbins - 1 - idx
+        gt += int(from_top[idx] - hist[b])
+        lo, hi = lo + (b << shift), min(hi, lo + ((b + 1) << shift) - 1)
+    return lo, k - gt
+
+
+def _stats(
+    n: int, st_i: np.ndarray, st_f: np.ndarray, pk: np.ndarray | None, recomp: np.ndarray | None
+) -> TensorStats:
+    """Totals of the per-chunk statistics (fixed order). Kept statistics: the scan's
+    provisional ones plus the patch's, or the patch's alone where it recomputed a chunk."""
+    kept_i, kept_f = st_i[:, [0, 2]].copy(), st_f[:, 2:].copy()
     if pk is not None:
-        kept += int(pk[:, 0].sum())
-        kept_nz += int(pk[:, 1].sum())
-        l1k = math.fsum([l1k, *pk[:, 2]])
-        l2k = math.fsum([l2k, *pk[:, 3]])
+        kept_i[recomp] = 0
+        kept_f[recomp] = 0.0
+        kept_i += pk[:, :2].astype(np.int64)
+        kept_f = np.concatenate([kept_f, pk[:, 2:]], axis=0)
+    tot_i = st_i.sum(axis=0)
     return TensorStats(
         n=n,
-        kept=kept,
+        kept=int(kept_i[:, 0].sum()),
         nonzero_delta=int(tot_i[1]),
-        kept_nonzero=kept_nz,
+        kept_nonzero=int(kept_i[:, 1].sum()),
         l1_total=math.fsum(st_f[:, 0]),
-        l1_kept=l1k,
+        l1_kept=math.fsum(kept_f[:, 0]),
         l2sq_total=math.fsum(st_f[:, 1]),
-        l2sq_kept=l2k,
+        l2sq_kept=math.fsum(kept_f[:, 1]),
         w_zero=int(tot_i[3]),
         nonfinite=int(tot_i[4]),
     )
