@@ -157,7 +157,7 @@ def test_fp_subnormals(dtype):
 def test_bracket_misses_and_endpoint_ties(method, monkeypatch):
     """Brackets above, below, around the k-th key, or a single key, with the ties at hi kept
     provisionally or not: always the same result (fallback and endpoint-fix paths)."""
-    w, f = pair(400000, torch.bfloat16, seed=12)
+    w, f = pair(270001, torch.bfloat16, seed=12)  # > 2 * _SAMPLE: the sampled path
     n = w.numel()
     real = cpu_fused._bracket
     cases = [(0.999, 0.9995), (0.01, 0.02), (0.5, 0.5), (0.0, 1.0), (0.85, 0.95), (0.9, 0.9)]
@@ -172,7 +172,7 @@ def test_bracket_misses_and_endpoint_ties(method, monkeypatch):
             return lo_key, hi_key, ge or lo_key < hi_key, real(keys, n_, k_, stride)[3]
 
         monkeypatch.setattr(cpu_fused, "_bracket", fake)
-        for k in (keep_count(n, 0.1), n // 2, 17):
+        for k in (keep_count(n, 0.1), 17):
             assert_same(method, w, f, k)
 
 
