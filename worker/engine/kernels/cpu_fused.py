@@ -223,7 +223,7 @@ if _HAVE_NUMBA:
         return abs(_to_f32(fb[i]) - _to_f32(wb[i]))
 
     # ---------------------------------------------------------------------------------------
-    # float64 sums: the only reassociated code (order-free sums of exact float64 terms)
+    # statistics: the only reassociated code (sums of exact terms, whose order is free)
     # ---------------------------------------------------------------------------------------
 
     @njit(nogil=True, cache=True, fastmath={"reassoc"})
