@@ -82,3 +82,27 @@ def test_writer_refuses_out_of_order_or_wrong_sized_tensors(tmp_path):
     writer.write("a", b"\0" * 8)
     with pytest.raises(ValueError, match="never written"):
         writer.finish()
+
+
+def test_writer_thread_writes_in_order_and_reports_errors(tmp_path):
+    from worker.io.writer import WriterThread
+
+    tensors = {f"t{i}": torch.randn(64, 64) for i in range(6)}
+    planned = [PlannedTensor(n, "F32", tuple(t.shape)) for n, t in tensors.items()]
+    background = WriterThread(ShardedWriter(tmp_path, plan_shards(planned, 40_000)))
+    for name, tensor in tensors.items():
+        background.write(name, tensor.numpy())
+    written = background.finish()
+    loaded = {}
+    for shard in written:
+        loaded.update(load_file(tmp_path / shard.file))
+    assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
+
+    failing = WriterThread(ShardedWriter(tmp_path / "x", plan_shards(planned, 40_000)))
+    (tmp_path / "x").mkdir()
+    failing.write("t1", tensors["t1"].numpy())  # out of order: fails on the writer thread
+    with pytest.raises(ValueError, match="expected tensor 't0'"):
+        for name, tensor in tensors.items():
+            failing.write(name, tensor.numpy())
+        failing.finish()
+    failing.abort()  # idempotent after a failure

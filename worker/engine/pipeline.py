@@ -27,7 +27,7 @@ from worker.engine.staging import StagingDir
 from worker.engine.tensor_pruner import TensorPruner
 from worker.errors import FapmError, JobCancelled
 from worker.io.uri import open_source, parse_uri
-from worker.io.writer import ShardedWriter, plan_shards
+from worker.io.writer import ShardedWriter, WriterThread, plan_shards
 from worker.spec import JobSpec
 
 # Copied next to the weights, from the fine-tuned model (from the base for an adapter).
@@ -48,7 +48,7 @@ SIDE_FILES = (
     "preprocessor_config.json",
 )
 # Loaded tensors waiting behind the one being computed; one item always fits, however large.
-READ_AHEAD_BYTES = 256 * 2**20
+READ_AHEAD_BYTES = 128 * 2**20
 REPORT_FILE = "pruning_report.json"
 
 
@@ -102,6 +102,7 @@ def run_prune(
         )
     staging = StagingDir(output_uri.local_path, spec.overwrite)
     sources = []
+    writer: WriterThread | None = None
     try:
         report_progress(Progress("plan"))
         base_source = open_source(spec.base)
@@ -118,7 +119,7 @@ def run_prune(
         config = finetuned.config()
         tasks = build_plan(base, finetuned, spec, _tie_word_embeddings(config))
         shards = plan_shards([t.planned for t in tasks], spec.shard_size)
-        writer = ShardedWriter(staging.path, shards)
+        writer = WriterThread(ShardedWriter(staging.path, shards))
         timings["plan"] = time.perf_counter() - started
         if spec.scope == "model":
             pruner.global_threshold = _count_model_scope(
@@ -156,6 +157,8 @@ def run_prune(
             raise JobCancelled("the job was cancelled")
         staging.commit()
     except BaseException:
+        if writer is not None:
+            writer.abort()
         staging.abort()
         raise
     finally:
@@ -208,7 +211,7 @@ def _stream(
     base: CheckpointReader,
     finetuned: CheckpointReader | LoraMergedReader,
     pruner: TensorPruner,
-    writer: ShardedWriter,
+    writer: WriterThread,
     report_progress: ProgressCallback,
     cancelled: Callable[[], bool],
 ) -> tuple[list[dict], TensorStats]:
@@ -224,7 +227,8 @@ def _stream(
                 raise JobCancelled("the job was cancelled")
             tick = time.perf_counter()
             out, stats = pruner.run(task, w, f)
-            writer.write(task.name, out.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            # The writer thread keeps `out` alive (through the numpy view) until it is written.
+            writer.write(task.name, out.contiguous().reshape(-1).view(torch.uint8).numpy())
             record: dict[str, object] = {
                 "name": task.name,
                 "action": task.action,
@@ -242,9 +246,6 @@ def _stream(
             records.append(record)
             bytes_done += task.read_bytes
             report_progress(Progress("prune", done, len(tasks), bytes_done, bytes_total))
-    except BaseException:
-        writer.abort()
-        raise
     finally:
         pairs.close()
     return records, totals

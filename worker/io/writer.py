@@ -172,3 +172,60 @@ class ShardedWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class WriterThread:
+    """Runs a ShardedWriter on its own thread, so writing, hashing and fsync overlap compute.
+
+    `write` hands over a tensor's bytes (any object exposing the buffer protocol, kept alive
+    until written) and returns at once unless one write is already waiting: at most one output is
+    queued behind the one being written, which bounds the memory it adds. An error on the writer
+    thread is re-raised by the next `write` or by `finish`.
+    """
+
+    def __init__(self, writer: ShardedWriter) -> None:
+        import queue
+        import threading
+
+        self.writer = writer
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="fapm-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is None:
+                try:
+                    self.writer.write(*item)
+                except BaseException as exc:
+                    self._error = exc
+            del item
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def write(self, name: str, data: object) -> None:
+        self._raise_if_failed()
+        self._queue.put((name, data))
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def finish(self) -> list[WrittenShard]:
+        """Wait for every queued write, then finish the underlying writer."""
+        self._stop()
+        self._raise_if_failed()
+        return self.writer.finish()
+
+    def abort(self) -> None:
+        """Stop after the write in progress (idempotent); the caller removes the files."""
+        self._error = self._error or RuntimeError("aborted")
+        self._stop()
+        self.writer.abort()
