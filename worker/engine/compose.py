@@ -48,27 +48,34 @@ class TensorStats:
         }
 
 
+_STATS_CHUNK = 1 << 22  # float64 work in chunks: no whole-tensor float64 copies
+
+
 def delta_stats(
     w32: torch.Tensor, f32: torch.Tensor, d32: torch.Tensor, keep: torch.Tensor
 ) -> TensorStats:
     """Statistics of one pruned tensor (float32 inputs; sums accumulated in float64)."""
-    a = d32.abs().to(torch.float64)
-    nonzero = d32 != 0
-    finite = torch.isfinite(a)
-    a = torch.where(finite, a, torch.zeros_like(a))
-    kept_a = torch.where(keep, a, torch.zeros_like(a))
-    return TensorStats(
-        n=d32.numel(),
-        kept=int(keep.sum()),
-        nonzero_delta=int(nonzero.sum()),
-        kept_nonzero=int((keep & nonzero).sum()),
-        l1_total=float(a.sum()),
-        l1_kept=float(kept_a.sum()),
-        l2sq_total=float((a * a).sum()),
-        l2sq_kept=float((kept_a * kept_a).sum()),
-        w_zero=int((w32 == 0).sum()),
-        nonfinite=int((~torch.isfinite(w32)).sum() + (~torch.isfinite(f32)).sum()),
-    )
+    stats = TensorStats(n=d32.numel())
+    flat_d, flat_keep = d32.reshape(-1), keep.reshape(-1)
+    flat_w, flat_f = w32.reshape(-1), f32.reshape(-1)
+    for start in range(0, stats.n, _STATS_CHUNK):
+        part = slice(start, start + _STATS_CHUNK)
+        d, kept = flat_d[part], flat_keep[part]
+        a = d.abs().to(torch.float64)
+        a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
+        kept_a = torch.where(kept, a, torch.zeros_like(a))
+        nonzero = d != 0
+        stats.kept += int(kept.sum())
+        stats.nonzero_delta += int(nonzero.sum())
+        stats.kept_nonzero += int((kept & nonzero).sum())
+        stats.l1_total += float(a.sum())
+        stats.l1_kept += float(kept_a.sum())
+        stats.l2sq_total += float((a * a).sum())
+        stats.l2sq_kept += float((kept_a * kept_a).sum())
+        stats.w_zero += int((flat_w[part] == 0).sum())
+        stats.nonfinite += int((~torch.isfinite(flat_w[part])).sum())
+        stats.nonfinite += int((~torch.isfinite(flat_f[part])).sum())
+    return stats
 
 
 def compose_output(
