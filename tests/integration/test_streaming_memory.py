@@ -64,14 +64,19 @@ def test_peak_memory_stays_within_a_budget_smaller_than_the_pair(tmp_path):
     for directory, value in ((tiny_base, 1.0), (tiny_ft, 1.5)):
         directory.mkdir()
         save_file({"w": torch.full((8, 8), value)}, directory / "model.safetensors")
-    footprint = _peak_rss_bytes(
-        "prune",
-        "--base",
-        str(tiny_base),
-        "--finetuned",
-        str(tiny_ft),
-        "--out",
-        str(tmp_path / "tiny_out"),
+    # Twice, keeping the smaller: a first run on a fresh checkout may also JIT-compile the numba
+    # kernels into their cache, which takes far more memory than pruning does.
+    footprint = min(
+        _peak_rss_bytes(
+            "prune",
+            "--base",
+            str(tiny_base),
+            "--finetuned",
+            str(tiny_ft),
+            "--out",
+            str(tmp_path / f"tiny_out_{attempt}"),
+        )
+        for attempt in (1, 2)
     )
 
     pair_bytes = _write_model(tmp_path / "base", 1, 0.0) + _write_model(tmp_path / "ft", 2, 0.002)
