@@ -1,13 +1,12 @@
 """The streaming bound, measured: a pair far larger than a memory budget is pruned within it.
 
 The CLI runs as a subprocess and its peak RSS is read from the kernel (`os.wait4`'s rusage of that
-child only). The budget is the process's own footprint on a tiny pair plus a few tensors' worth,
+process only, launched from a small process so it does not inherit pytest's own peak). The budget is the process's own footprint on a tiny pair plus a few tensors' worth,
 and the pair is made larger than the whole budget, so holding either model in memory would fail.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,17 +18,30 @@ REPO = Path(__file__).resolve().parents[2]
 TENSOR_ROWS, TENSOR_COLS, TENSORS_PER_SHARD, SHARDS = 4096, 4096, 5, 4  # 32 MiB bf16 tensors
 
 
+# A fork inherits its parent's peak RSS (and exec keeps it), so a child of this large pytest
+# process would report at least pytest's own RSS. A small launcher (python -S, nothing imported)
+# forks the CLI instead and reports that grandchild's peak from wait4.
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable, "-m", "worker.cli", *sys.argv[1:]])
+_, status, usage = os.wait4(pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024)
+"""
+
+
 def _peak_rss_bytes(*args: str) -> int:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", *args],
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", _LAUNCHER, *args],
         cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
-    _, status, usage = os.wait4(proc.pid, 0)
-    stderr = proc.stderr.read().decode() if proc.stderr else ""
-    assert os.waitstatus_to_exitcode(status) == 0, stderr
-    return usage.ru_maxrss * 1024  # Linux reports KiB
+    code, peak = result.stdout.split()[-2:]
+    assert code == "0", result.stderr
+    return int(peak)
 
 
 def _write_model(directory: Path, seed: int, shift: float) -> int:
