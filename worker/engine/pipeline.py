@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -67,8 +67,7 @@ ProgressCallback = Callable[[Progress], None]
 @dataclass
 class PruneResult:
     output: Path
-    report: dict
-    stage_seconds: dict[str, float] = field(default_factory=dict)
+    report: dict  # what pruning_report.json holds (timings under "seconds")
 
 
 def _tie_word_embeddings(config: dict) -> bool:
@@ -165,7 +164,7 @@ def run_prune(
         for source in sources:
             source.close()
     report_progress(Progress("done", len(tasks), len(tasks)))
-    return PruneResult(output_uri.local_path, report, timings)
+    return PruneResult(output_uri.local_path, report)
 
 
 def _load_pair(base, finetuned):

@@ -72,12 +72,21 @@ class TensorPruner:
         scores = self.method.scores(w32.reshape(1, -1), d32.reshape(1, -1), self._params(name))
         return order_keys(scores)
 
+    def _float32_on_device(
+        self, w: torch.Tensor, f: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W, F) moved to the compute device, and W and D = F - W in float32 there."""
+        w_dev = w.to(self.device, non_blocking=True)
+        f_dev = f.to(self.device, non_blocking=True)
+        w32 = w_dev.to(torch.float32)
+        return w_dev, f_dev, w32, f_dev.to(torch.float32) - w32
+
     def order_keys(self, task: TensorTask, w: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         """The int32 order keys of a pruned tensor's entries (its shared rows for prune_rows)."""
         if task.action == "prune_rows":
             f = f[: task.shared_rows]
-        w32 = w.to(self.device).to(torch.float32)
-        return self._keys(task.name, w32, f.to(self.device).to(torch.float32) - w32)
+        _, _, w32, d32 = self._float32_on_device(w, f)
+        return self._keys(task.name, w32, d32)
 
     def run(
         self, task: TensorTask, w: torch.Tensor | None, f: torch.Tensor
@@ -103,10 +112,7 @@ class TensorPruner:
             stats = self.fused.fused_prune(self.spec.method, w, f, k, self.spec.alpha, out)
             return out, stats
 
-        w_dev = w.to(self.device, non_blocking=True)
-        f_dev = f.to(self.device, non_blocking=True)
-        w32 = w_dev.to(torch.float32)
-        d32 = f_dev.to(torch.float32) - w32
+        w_dev, f_dev, w32, d32 = self._float32_on_device(w, f)
         if self.spec.scope == "model":
             assert self.global_threshold is not None, "model scope needs its counting passes"
             keep = self.global_threshold.mask(self._keys(name, w32, d32))
