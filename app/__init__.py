@@ -1,1 +1,1 @@
-"""The REST API of fapm-service (FastAPI). Imports no torch."""
+"""fapm-service API: FastAPI over Redis job state. Imports no torch (`import app.main` stays light)."""

@@ -1,0 +1,1 @@
+"""Settings, auth and request checks shared by the API routes (and, where noted, the workers)."""

@@ -1,0 +1,112 @@
+"""Settings shared by the API and the workers, read from `FAPM_*` environment variables.
+
+One place for every knob, so the API and the workers cannot disagree about, say, the Redis URL or
+the visibility timeout. Secrets (API keys, the Hub webhook secret) live here and nowhere else; the
+`repr` of these fields is hidden so they never reach a log line.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split_list(value: object) -> object:
+    """`a,b,c` (or `a:b:c` for paths, as $PATH) from the environment; lists pass through."""
+    if isinstance(value, str):
+        separators = "," if "," in value else ":"
+        return [item.strip() for item in value.split(separators) if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FAPM_", env_file=None, extra="ignore")
+
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        description="Redis holding job state, events and the Celery broker.",
+    )
+    api_keys: SecretStr | None = Field(
+        default=None,
+        description="`tenant:key,tenant:key` for small deployments. Prefer api_keys_file.",
+    )
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="File of `tenant:sha256-hex-of-key` lines (only hashes, no keys).",
+    )
+    local_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Directories that file:// URIs and bare paths may name (none by default).",
+    )
+    webhook_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Webhook hosts allowed over plain http or on private addresses (tests, "
+        "in-cluster registries). Everyone else: https to a public address.",
+    )
+    max_active_jobs_per_tenant: int = Field(
+        default=20, ge=1, description="Queued plus running jobs a tenant may have at once."
+    )
+    retry_after_seconds: int = Field(default=30, ge=1, description="Retry-After on a 429.")
+    idempotency_ttl_seconds: int = Field(
+        default=24 * 3600, ge=60, description="How long an Idempotency-Key is remembered."
+    )
+    job_ttl_seconds: int = Field(
+        default=30 * 24 * 3600, ge=60, description="How long finished job records are kept."
+    )
+    visibility_timeout_seconds: int = Field(
+        default=48 * 3600,
+        ge=1,
+        description="Celery/Redis visibility timeout: an unacknowledged job is re-delivered "
+        "after this long. Must exceed the longest job.",
+    )
+    lease_seconds: int = Field(
+        default=60,
+        ge=1,
+        description="A running job's lease; renewed every lease_seconds/3, so a killed worker's "
+        "job can be taken over this long after the worker died.",
+    )
+    heartbeat_seconds: float = Field(
+        default=10.0, gt=0, description="How often a worker writes its heartbeat."
+    )
+    heartbeat_fresh_seconds: float = Field(
+        default=60.0, gt=0, description="A heartbeat older than this means the worker is gone."
+    )
+    progress_interval_seconds: float = Field(
+        default=0.5, gt=0, description="Least time between two progress writes of one job."
+    )
+    webhook_timeout_seconds: float = Field(default=15.0, gt=0)
+    webhook_retry_seconds: float = Field(
+        default=24 * 3600,
+        gt=0,
+        description="How long a failing webhook keeps being retried (exponential backoff).",
+    )
+    webhook_first_retry_seconds: float = Field(
+        default=5.0, gt=0, description="Backoff before the first retry; doubles each time."
+    )
+    hf_webhook_secret: SecretStr | None = Field(
+        default=None, description="Shared secret the Hub sends in X-Webhook-Secret."
+    )
+    hf_webhook_rules_file: Path | None = Field(
+        default=None, description="YAML or JSON rules mapping Hub repos to jobs."
+    )
+
+    @field_validator("local_roots", "webhook_allow", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        return _split_list(value)
+
+    @field_validator("local_roots")
+    @classmethod
+    def _resolve_roots(cls, roots: list[Path]) -> list[Path]:
+        # Compare against real paths: a root given through a symlink still matches.
+        return [Path(root).resolve() for root in roots]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return Settings()

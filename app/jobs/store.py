@@ -1,0 +1,577 @@
+"""Job state in Redis: records, per-job event streams, quotas, idempotency keys, leases, heartbeats.
+
+Every state change is one Lua script, so the API and any number of workers can race without
+losing an update: a job is created together with its quota slot, its tenant index entry and its
+first event; a transition checks the current status and moves the gauges in the same step.
+
+Keys (prefix `fapm:`):
+  job:{id}              hash: tenant, status, queue, spec, labels, progress, result, error, ...
+  job:{id}:events       stream of `state` and `progress` events (SSE replays it)
+  job:{id}:report       the full pruning report (JSON)
+  job:{id}:webhook      the webhook's signing secret: never part of the record
+  lease:{id}            the worker token that may run the job now (expires if the worker dies)
+  tenant:{t}:jobs       zset of job ids by creation time (listing, newest first)
+  tenant:{t}:active     set of queued and running job ids (quota)
+  idem:{t}:{key}        {fingerprint, job_id} for Idempotency-Key
+  pending-enqueue       zset of jobs written but not yet handed to Celery (swept by workers)
+  workers               zset of worker hostnames by last heartbeat; worker:{host} its details
+  stats                 hash of gauges and counters for /metrics
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import redis
+
+from app.jobs.records import ACTIVE_STATUSES, TERMINAL_STATUSES, JobRecord
+
+PREFIX = "fapm:"
+EVENTS_MAXLEN = 10_000
+# Prometheus histogram buckets for job duration, in seconds.
+DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def new_job_id() -> str:
+    """Sortable by creation time (hex milliseconds) and unguessable (80 random bits)."""
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
+
+
+def _key(*parts: str) -> str:
+    return PREFIX + ":".join(parts)
+
+
+def job_key(job_id: str) -> str:
+    return _key("job", job_id)
+
+
+def events_key(job_id: str) -> str:
+    return _key("job", job_id, "events")
+
+
+# KEYS: job, active, tenant_jobs, events, stats, pending, idem ('' for none)
+# ARGV: id, cap, created_ms, idem_value, idem_ttl, state_event_json, field, value, field, value...
+_CREATE = """
+if KEYS[7] ~= '' then
+  local existing = redis.call('GET', KEYS[7])
+  if existing then return {'idempotent', existing} end
+end
+if redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[2]) then return {'quota'} end
+local fields = {}
+for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[6], ARGV[3], ARGV[1])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', '10000', '*', 'event', 'state', 'data', ARGV[6])
+redis.call('HINCRBY', KEYS[5], 'state:queued', 1)
+if KEYS[7] ~= '' then redis.call('SET', KEYS[7], ARGV[4], 'EX', ARGV[5]) end
+return {'created'}
+"""
+
+# Move a job between statuses. KEYS: job, active, events, stats, lease
+# ARGV: allowed-from (comma list), to, id, lease token ('' = no lease check), event data json,
+#       field, value, ...
+# Returns {'ok', old} or {'refused', current} or {'lost'} (the lease belongs to someone else).
+_TRANSITION = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return {'missing'} end
+if ARGV[4] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[4] then return {'lost'} end
+local allowed = false
+for s in string.gmatch(ARGV[1], '[^,]+') do if s == current then allowed = true end end
+if not allowed then return {'refused', current} end
+local fields = {'status', ARGV[2]}
+for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+if current ~= ARGV[2] then
+  redis.call('HINCRBY', KEYS[4], 'state:' .. current, -1)
+  redis.call('HINCRBY', KEYS[4], 'state:' .. ARGV[2], 1)
+end
+if ARGV[2] == 'succeeded' or ARGV[2] == 'failed' or ARGV[2] == 'cancelled' then
+  redis.call('SREM', KEYS[2], ARGV[3])
+  redis.call('HINCRBY', KEYS[4], 'finished:' .. ARGV[2], 1)
+  if ARGV[4] ~= '' then redis.call('DEL', KEYS[5]) end
+end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', '10000', '*', 'event', 'state', 'data', ARGV[5])
+return {'ok', current}
+"""
+
+# A worker takes a job. KEYS: job, events, stats, lease. ARGV: token, lease_ms, now_iso, event json
+# Returns {'run', attempts}, {'skip', status} for a finished job, {'busy'} if another lease holds it.
+_START = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return {'missing'} end
+if current ~= 'queued' and current ~= 'running' then return {'skip', current} end
+local holder = redis.call('GET', KEYS[4])
+if holder and holder ~= ARGV[1] then return {'busy'} end
+redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[2])
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+if current == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[3])
+  redis.call('HINCRBY', KEYS[3], 'state:queued', -1)
+  redis.call('HINCRBY', KEYS[3], 'state:running', 1)
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', '10000', '*', 'event', 'state', 'data', ARGV[4])
+return {'run', attempts}
+"""
+
+# KEYS: lease. ARGV: token, lease_ms. 1 if renewed, 0 if the lease is no longer ours.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# Progress from the lease holder. KEYS: job, events, lease. ARGV: token, progress json.
+# The fraction never goes down, also across a re-delivered run. Returns the stored fraction.
+_PROGRESS = """
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return -1 end
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return -1 end
+local p = cjson.decode(ARGV[2])
+local old = tonumber(redis.call('HGET', KEYS[1], 'fraction') or '0')
+if p.fraction < old then p.fraction = old end
+local encoded = cjson.encode(p)
+redis.call('HSET', KEYS[1], 'progress', encoded, 'fraction', tostring(p.fraction))
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', '10000', '*', 'event', 'progress', 'data', encoded)
+return tostring(p.fraction)
+"""
+
+# Cancel. KEYS: job, active, events, stats. ARGV: id, now_iso, event json for a queued job,
+# event json for a running one. Returns {'cancelled'|'requested'|'finished', status}.
+_CANCEL = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return {'missing'} end
+if current == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[2],
+    'error', cjson.encode({code='cancelled', message='cancelled before it started'}))
+  redis.call('SREM', KEYS[2], ARGV[1])
+  redis.call('HINCRBY', KEYS[4], 'state:queued', -1)
+  redis.call('HINCRBY', KEYS[4], 'state:cancelled', 1)
+  redis.call('HINCRBY', KEYS[4], 'finished:cancelled', 1)
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', '10000', '*', 'event', 'state', 'data', ARGV[3])
+  return {'cancelled', 'cancelled'}
+end
+if current == 'running' then
+  if redis.call('HGET', KEYS[1], 'cancel_requested') ~= '1' then
+    redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', '10000', '*', 'event', 'state', 'data', ARGV[4])
+  end
+  return {'requested', current}
+end
+return {'finished', current}
+"""
+
+
+@dataclass(frozen=True)
+class CreateOutcome:
+    """`created` (job_id is new), `idempotent` (an earlier job with the same key: job_id,
+    fingerprint), or `quota` (the tenant has too many active jobs)."""
+
+    kind: str
+    job_id: str | None = None
+    fingerprint: str | None = None
+
+
+@dataclass(frozen=True)
+class Lease:
+    job_id: str
+    token: str
+    attempt: int
+
+
+def _dump(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
+
+
+class JobStore:
+    """Typed access to the Redis keys above; one instance per process is enough (thread-safe)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._create = client.register_script(_CREATE)
+        self._transition = client.register_script(_TRANSITION)
+        self._start = client.register_script(_START)
+        self._renew = client.register_script(_RENEW)
+        self._progress = client.register_script(_PROGRESS)
+        self._cancel = client.register_script(_CANCEL)
+
+    @classmethod
+    def from_url(cls, url: str) -> JobStore:
+        return cls(redis.Redis.from_url(url, decode_responses=True, health_check_interval=30))
+
+    # -- creation -------------------------------------------------------------------------------
+
+    def create(
+        self,
+        *,
+        job_id: str,
+        tenant: str,
+        queue: str,
+        spec_json: dict,
+        labels: dict[str, str],
+        webhook_url: str | None,
+        webhook_secret: str | None,
+        max_active: int,
+        idempotency_key: str | None = None,
+        fingerprint: str | None = None,
+        idempotency_ttl: int = 86400,
+    ) -> CreateOutcome:
+        """Write a new queued job (before it is enqueued), unless the tenant is over quota or
+        the idempotency key already names a job."""
+        created = now_iso()
+        created_ms = int(time.time() * 1000)
+        fields = {
+            "id": job_id,
+            "tenant": tenant,
+            "status": "queued",
+            "queue": queue,
+            "spec": _dump(spec_json),
+            "labels": _dump(labels),
+            "created_at": created,
+            "created_ms": str(created_ms),
+            "attempts": "0",
+            "cancel_requested": "0",
+            "fraction": "0",
+        }
+        if webhook_url:
+            fields["webhook_url"] = webhook_url
+            fields["webhook_signed"] = "1" if webhook_secret else "0"
+            fields["webhook_deliveries"] = "[]"
+        idem_key = _key("idem", tenant, idempotency_key) if idempotency_key else ""
+        idem_value = _dump({"fingerprint": fingerprint, "job_id": job_id})
+        event = _dump({"status": "queued", "at": created})
+        flat = [item for pair in fields.items() for item in pair]
+        if webhook_secret:
+            # Written first so a worker never sees a signed webhook without its secret.
+            self.redis.set(_key("job", job_id, "webhook"), webhook_secret)
+        reply = self._create(
+            keys=[
+                job_key(job_id),
+                _key("tenant", tenant, "active"),
+                _key("tenant", tenant, "jobs"),
+                events_key(job_id),
+                _key("stats"),
+                _key("pending-enqueue"),
+                idem_key,
+            ],
+            args=[
+                job_id,
+                max_active,
+                created_ms,
+                idem_value,
+                idempotency_ttl,
+                event,
+                *flat,
+            ],
+        )
+        if reply[0] == "idempotent":
+            if webhook_secret:
+                self.redis.delete(_key("job", job_id, "webhook"))
+            earlier = json.loads(reply[1])
+            return CreateOutcome("idempotent", earlier["job_id"], earlier["fingerprint"])
+        if reply[0] == "quota":
+            if webhook_secret:
+                self.redis.delete(_key("job", job_id, "webhook"))
+            return CreateOutcome("quota")
+        return CreateOutcome("created", job_id)
+
+    def mark_enqueued(self, job_id: str) -> None:
+        """The task is with Celery now; the sweeper need not re-send it."""
+        self.redis.zrem(_key("pending-enqueue"), job_id)
+
+    def is_enqueued(self, job_id: str) -> bool:
+        return self.redis.zscore(_key("pending-enqueue"), job_id) is None
+
+    def unenqueued_before(self, cutoff_ms: int) -> list[tuple[str, str]]:
+        """(job id, queue) of jobs written before `cutoff_ms` whose enqueue never happened."""
+        ids = self.redis.zrangebyscore(_key("pending-enqueue"), "-inf", cutoff_ms)
+        out = []
+        for job_id in ids:
+            status, queue = self.redis.hmget(job_key(job_id), "status", "queue")
+            if status == "queued":
+                out.append((job_id, queue))
+            else:
+                self.mark_enqueued(job_id)
+        return out
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def get(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
+        """The job's record; None if it does not exist or belongs to another tenant."""
+        fields = self.redis.hgetall(job_key(job_id))
+        if not fields or (tenant is not None and fields.get("tenant") != tenant):
+            return None
+        return record_from_fields(fields)
+
+    def tenant_of(self, job_id: str) -> str | None:
+        return self.redis.hget(job_key(job_id), "tenant")
+
+    def list(
+        self,
+        tenant: str,
+        *,
+        status: str | None = None,
+        label: tuple[str, str] | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[JobRecord], str | None]:
+        """The tenant's jobs, newest first, filtered; returns (page, next cursor or None).
+
+        The cursor is the last returned job id (ids sort by creation time), so pages stay stable
+        while new jobs arrive.
+        """
+        index = _key("tenant", tenant, "jobs")
+        max_score: str = "+inf"
+        if cursor:
+            score = self.redis.zscore(index, cursor)
+            if score is None:
+                raise ValueError("cursor: unknown or expired cursor")
+            max_score = str(int(score))
+        page: list[JobRecord] = []
+        offset = 0
+        batch = max(limit * 2, 100)
+        passed_cursor = cursor is None
+        while len(page) < limit:
+            ids = self.redis.zrevrangebyscore(index, max_score, "-inf", start=offset, num=batch)
+            if not ids:
+                return page, None
+            offset += len(ids)
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hgetall(job_key(job_id))
+                rows = pipe.execute()
+            for job_id, fields in zip(ids, rows, strict=True):
+                if not passed_cursor:
+                    passed_cursor = job_id == cursor
+                    continue
+                if not fields:
+                    continue  # expired record; its index entry goes with the next cleanup
+                if status and fields.get("status") != status:
+                    continue
+                if label and json.loads(fields.get("labels", "{}")).get(label[0]) != label[1]:
+                    continue
+                page.append(record_from_fields(fields))
+                if len(page) == limit:
+                    return page, job_id
+        return page, None
+
+    def report(self, job_id: str) -> dict | None:
+        raw = self.redis.get(_key("job", job_id, "report"))
+        return json.loads(raw) if raw else None
+
+    def webhook_secret(self, job_id: str) -> str | None:
+        return self.redis.get(_key("job", job_id, "webhook"))
+
+    def events(
+        self, job_id: str, after: str = "0-0", count: int = 500
+    ) -> list[tuple[str, str, str]]:
+        """(event id, event type, data json) after `after`, oldest first."""
+        entries = self.redis.xrange(events_key(job_id), min=f"({after}", count=count)
+        return [(entry_id, f["event"], f["data"]) for entry_id, f in entries]
+
+    def active_count(self, tenant: str) -> int:
+        return self.redis.scard(_key("tenant", tenant, "active"))
+
+    # -- changes from the API -------------------------------------------------------------------
+
+    def fail(self, job_id: str, code: str, message: str) -> bool:
+        """Fail a queued or running job outright (e.g. it could not be enqueued)."""
+        return self.finish(job_id, "failed", error={"code": code, "message": message})
+
+    def request_cancel(self, job_id: str) -> str:
+        """'cancelled' (it was queued: it never starts), 'requested' (running: it stops at the
+        next tensor), 'finished' (too late) or 'missing'."""
+        at = now_iso()
+        reply = self._cancel(
+            keys=[
+                job_key(job_id),
+                _key("tenant", self.tenant_of(job_id) or "", "active"),
+                events_key(job_id),
+                _key("stats"),
+            ],
+            args=[
+                job_id,
+                at,
+                _dump(
+                    {
+                        "status": "cancelled",
+                        "at": at,
+                        "error": {"code": "cancelled", "message": "cancelled before it started"},
+                    }
+                ),
+                _dump({"status": "running", "at": at, "cancel_requested": True}),
+            ],
+        )
+        return reply[0]
+
+    # -- changes from the worker ----------------------------------------------------------------
+
+    def start(self, job_id: str, lease_seconds: float) -> Lease | str:
+        """Take the job's lease and mark it running. Returns a Lease, or why not: 'busy'
+        (another worker holds it), 'missing', or the terminal status of a finished job."""
+        token = secrets.token_hex(16)
+        at = now_iso()
+        reply = self._start(
+            keys=[job_key(job_id), events_key(job_id), _key("stats"), _key("lease", job_id)],
+            args=[token, int(lease_seconds * 1000), at, _dump({"status": "running", "at": at})],
+        )
+        if reply[0] == "run":
+            return Lease(job_id, token, int(reply[1]))
+        return reply[1] if reply[0] == "skip" else reply[0]
+
+    def renew(self, lease: Lease, lease_seconds: float) -> bool:
+        """Extend the lease; False if it was lost (expired and taken by another worker)."""
+        return bool(
+            self._renew(
+                keys=[_key("lease", lease.job_id)], args=[lease.token, int(lease_seconds * 1000)]
+            )
+        )
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.redis.hget(job_key(job_id), "cancel_requested") == "1"
+
+    def progress(self, lease: Lease, progress: dict) -> float | None:
+        """Record progress (a JobProgress dict); returns the stored, monotone fraction."""
+        reply = self._progress(
+            keys=[job_key(lease.job_id), events_key(lease.job_id), _key("lease", lease.job_id)],
+            args=[lease.token, _dump(progress)],
+        )
+        value = float(reply)
+        return None if value < 0 else value
+
+    def finish(
+        self,
+        job_id: str,
+        status: str,
+        *,
+        lease: Lease | None = None,
+        result: dict | None = None,
+        error: dict | None = None,
+        report: dict | None = None,
+        progress: dict | None = None,
+    ) -> bool:
+        """Move the job to a terminal status. With a lease, only while the lease is ours.
+        Returns False if the job had already finished (or the lease was lost)."""
+        assert status in TERMINAL_STATUSES
+        at = now_iso()
+        fields: dict[str, str] = {"finished_at": at}
+        event: dict = {"status": status, "at": at}
+        if result is not None:
+            fields["result"] = _dump(result)
+            event["result"] = result
+        if error is not None:
+            fields["error"] = _dump(error)
+            event["error"] = error
+        if progress is not None:
+            fields["progress"] = _dump(progress)
+            fields["fraction"] = str(progress.get("fraction", 0))
+        if report is not None:
+            self.redis.set(_key("job", job_id, "report"), _dump(report))
+        reply = self._transition(
+            keys=[
+                job_key(job_id),
+                _key("tenant", self.tenant_of(job_id) or "", "active"),
+                events_key(job_id),
+                _key("stats"),
+                _key("lease", job_id),
+            ],
+            args=[
+                ",".join(ACTIVE_STATUSES),
+                status,
+                job_id,
+                lease.token if lease else "",
+                _dump(event),
+                *[item for pair in fields.items() for item in pair],
+            ],
+        )
+        return reply[0] == "ok"
+
+    def observe_duration(self, seconds: float, bytes_processed: int) -> None:
+        """Feed the /metrics job-duration histogram and bytes counter."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            stats = _key("stats")
+            for bound in DURATION_BUCKETS:
+                if seconds <= bound:
+                    pipe.hincrby(stats, f"duration_le:{bound}", 1)
+            pipe.hincrby(stats, "duration_count", 1)
+            pipe.hincrbyfloat(stats, "duration_sum", seconds)
+            pipe.hincrby(stats, "bytes_processed", bytes_processed)
+            pipe.execute()
+
+    def record_webhook_delivery(self, job_id: str, delivery: dict) -> None:
+        """Append one delivery attempt (WebhookDelivery dict) to the job record."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(job_key(job_id))
+                    deliveries = json.loads(
+                        pipe.hget(job_key(job_id), "webhook_deliveries") or "[]"
+                    )
+                    deliveries.append(delivery)
+                    pipe.multi()
+                    pipe.hset(job_key(job_id), "webhook_deliveries", _dump(deliveries))
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
+
+    # -- workers --------------------------------------------------------------------------------
+
+    def heartbeat(self, hostname: str, queues: list[str], gpu: bool, ttl: float) -> None:
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(_key("workers"), {hostname: time.time()})
+            pipe.set(
+                _key("worker", hostname),
+                _dump({"queues": queues, "gpu": gpu, "at": now_iso()}),
+                px=int(ttl * 1000),
+            )
+            pipe.execute()
+
+    def fresh_workers(self, max_age: float) -> dict[str, dict]:
+        """hostname -> {queues, gpu, at} of workers seen within `max_age` seconds."""
+        hosts = self.redis.zrangebyscore(_key("workers"), time.time() - max_age, "+inf")
+        if not hosts:
+            return {}
+        infos = self.redis.mget([_key("worker", h) for h in hosts])
+        return {h: json.loads(i) for h, i in zip(hosts, infos, strict=True) if i}
+
+    def stats(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.redis.hgetall(_key("stats")).items()}
+
+
+def record_from_fields(fields: dict[str, str]) -> JobRecord:
+    """Build the public record from a job hash (the webhook secret is never in the hash)."""
+    webhook = None
+    if fields.get("webhook_url"):
+        webhook = {
+            "url": fields["webhook_url"],
+            "signed": fields.get("webhook_signed") == "1",
+            "deliveries": json.loads(fields.get("webhook_deliveries") or "[]"),
+        }
+    return JobRecord.model_validate(
+        {
+            "id": fields["id"],
+            "status": fields["status"],
+            "queue": fields["queue"],
+            "spec": json.loads(fields["spec"]),
+            "labels": json.loads(fields.get("labels") or "{}"),
+            "progress": json.loads(fields["progress"]) if fields.get("progress") else {},
+            "result": json.loads(fields["result"]) if fields.get("result") else None,
+            "error": json.loads(fields["error"]) if fields.get("error") else None,
+            "webhook": webhook,
+            "cancel_requested": fields.get("cancel_requested") == "1",
+            "attempts": int(fields.get("attempts") or 0),
+            "created_at": fields["created_at"],
+            "started_at": fields.get("started_at") or None,
+            "finished_at": fields.get("finished_at") or None,
+        }
+    )
