@@ -95,3 +95,15 @@ class JobRecord(BaseModel):
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
+
+
+WebhookEventType = Literal["job.succeeded", "job.failed", "job.cancelled"]
+
+
+class WebhookEvent(BaseModel):
+    """The body POSTed to a job's webhook when it ends (Standard Webhooks: type, timestamp,
+    data), signed with `webhook-id`, `webhook-timestamp` and `webhook-signature` headers."""
+
+    type: WebhookEventType
+    timestamp: datetime
+    data: JobRecord
