@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -40,8 +41,6 @@ def build_tiny_pair(workdir: Path, seed: int = 0) -> tuple[Path, Path]:
 
 
 def run_demo(workdir: str) -> int:
-    from transformers import AutoModelForCausalLM
-
     root = Path(workdir)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
@@ -65,6 +64,14 @@ def run_demo(workdir: str) -> int:
     )
     if code != 0:
         return code
+    check_output(out_dir)
+    return 0
+
+
+def check_output(out_dir: Path) -> None:
+    """Load a pruned directory with transformers, run one forward pass and say what is there."""
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(out_dir)
     logits = model(torch.tensor([[1, 2, 3, 4]])).logits
     report = json.loads((out_dir / "pruning_report.json").read_text())
@@ -73,4 +80,21 @@ def run_demo(workdir: str) -> int:
         f"density {report['totals']['density']:.4f}, files: "
         + ", ".join(sorted(p.name for p in out_dir.iterdir()))
     )
-    return 0
+
+
+def _main(argv: list[str]) -> int:
+    """`python -m worker.demo make-pair DIR` | `check DIR`: the steps scripts/demo runs around
+    its curl calls."""
+    if len(argv) == 2 and argv[0] == "make-pair":
+        base_dir, ft_dir = build_tiny_pair(Path(argv[1]))
+        print(f"built a tiny base ({base_dir}) and fine-tune ({ft_dir})")
+        return 0
+    if len(argv) == 2 and argv[0] == "check":
+        check_output(Path(argv[1]))
+        return 0
+    print("usage: python -m worker.demo make-pair DIR | check DIR", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
