@@ -42,3 +42,15 @@ class OutputExists(FapmError):
 
 class JobCancelled(FapmError):
     code = "cancelled"
+
+
+class SourceUnavailable(FapmError):
+    """A remote store did not answer (network errors, throttling) after bounded retries."""
+
+    code = "source_unavailable"
+
+
+class AccessDenied(FapmError):
+    """The remote store refused the credentials it was given."""
+
+    code = "access_denied"
