@@ -1,6 +1,14 @@
 """`fapm`: the command line. Its flags are generated from JobSpec, so the CLI and the API cannot drift.
 
-Exit codes: 0 success; 2 usage error (bad flags or values); 1 a failed job, with a one-line message.
+`fapm prune` runs a job in this process; `fapm submit/status/wait/cancel/jobs/report` are a client
+of the service's REST API (`--api-url` or FAPM_API_URL; the key only from FAPM_API_KEY, so it never
+lands in shell history or `ps`). The client commands import no torch: engine imports stay inside
+`_prune` and `_demo`.
+
+Exit codes: 0 success; 2 usage error (bad flags or values, a missing or refused API key, a request
+the API rejects as invalid, an unknown job); 1 a failed or cancelled job, an API that cannot be
+reached or cannot do it now (409, 429, 5xx); each with a one-line message
+`fapm: error [code]: message`.
 """
 
 from __future__ import annotations
@@ -9,7 +17,8 @@ import argparse
 import os
 import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 
 from pydantic import ValidationError
 
@@ -34,7 +43,8 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
         if typing.get_origin(annotation) is typing.Literal:
             choices = list(args)
         if annotation is bool:
-            parser.add_argument(flag, dest=name, action="store_true", help=field.description)
+            help_text = (field.description or "").replace("%", "%%")
+            parser.add_argument(flag, dest=name, action="store_true", help=help_text)
             continue
         required = field.is_required()
         default_text = "" if required else f" (default: {field.default})"
@@ -45,7 +55,8 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
             default=None,
             choices=choices,
             metavar=None if choices else name.upper(),
-            help=(field.description or "") + default_text,
+            # argparse %-formats help: a literal % (as in "keeps 10%") must be doubled.
+            help=((field.description or "") + default_text).replace("%", "%%"),
         )
 
 
@@ -122,9 +133,359 @@ def _prune(namespace: argparse.Namespace) -> int:
     return 0
 
 
+# -- the service client ---------------------------------------------------------------------------
+
+API_URL_ENV = "FAPM_API_URL"
+API_KEY_ENV = "FAPM_API_KEY"
+DEFAULT_API_URL = "http://127.0.0.1:8000"
+# Answers that mean "what you asked for is wrong" (fix the command), not "it failed".
+_USAGE_STATUSES = frozenset({400, 401, 403, 404, 405, 413, 415, 422})
+
+
+class _UsageError(Exception):
+    """A client command's bad flag value, found before anything is sent."""
+
+
+def _error(message: str, code: str | None = None) -> None:
+    tag = f" [{code}]" if code else ""
+    print(f"fapm: error{tag}: {message}", file=sys.stderr)
+
+
+def _client_command(handler: Callable) -> Callable[[argparse.Namespace], int]:
+    """Run `handler(client, namespace)` with a client for the configured API, and turn the
+    client's errors into the CLI's one-line messages and exit codes."""
+
+    def run(namespace: argparse.Namespace) -> int:
+        from worker.client import ApiError, ClientError, FapmClient
+
+        api_key = os.environ.get(API_KEY_ENV, "").strip()
+        if not api_key:
+            _error(
+                f"{API_KEY_ENV} is not set: put the service's API key in that environment "
+                "variable (it is never read from the command line)"
+            )
+            return EXIT_USAGE
+        api_url = namespace.api_url or os.environ.get(API_URL_ENV) or DEFAULT_API_URL
+        try:
+            with FapmClient(api_url, api_key) as client:
+                return handler(client, namespace)
+        except _UsageError as exc:
+            _error(str(exc))
+            return EXIT_USAGE
+        except ApiError as exc:
+            _error(exc.one_line(), exc.code)
+            return EXIT_USAGE if exc.status in _USAGE_STATUSES else EXIT_FAILED
+        except ClientError as exc:
+            _error(str(exc), "unreachable")
+            return EXIT_FAILED
+        except KeyboardInterrupt:
+            print(
+                "fapm: interrupted; the job goes on in the service (fapm cancel stops it)",
+                file=sys.stderr,
+            )
+            return 130
+
+    return run
+
+
+def _print_json(value: object) -> None:
+    import json
+
+    print(json.dumps(value, indent=2, sort_keys=False))
+
+
+def _labels(pairs: list[str] | None) -> dict[str, str]:
+    labels = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise _UsageError(f"--label {pair!r}: use KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
+def _submit(client, namespace: argparse.Namespace) -> int:
+    secret = None
+    if namespace.webhook_secret_env:
+        if not namespace.webhook_url:
+            raise _UsageError("--webhook-secret-env needs --webhook-url")
+        secret = os.environ.get(namespace.webhook_secret_env)
+        if not secret:
+            raise _UsageError(f"--webhook-secret-env: ${namespace.webhook_secret_env} is not set")
+    # Only the flags given: the service fills in its own defaults, as for a curl client.
+    body = spec_from_args(namespace).model_dump(mode="json", exclude_unset=True)
+    record = client.submit(
+        body,
+        labels=_labels(namespace.label),
+        webhook_url=namespace.webhook_url,
+        webhook_secret=secret,
+        idempotency_key=namespace.idempotency_key,
+    )
+    if namespace.json and not namespace.wait:
+        _print_json(record)
+    else:
+        # The id alone on stdout, so `job=$(fapm submit ...)` works; the rest goes to stderr.
+        print(record["id"], flush=True)
+        print(
+            f"fapm: job {record['id']} {record['status']} on queue {record.get('queue')}",
+            file=sys.stderr,
+        )
+    if namespace.wait:
+        return _follow(client, record["id"], namespace.json)
+    return 0
+
+
+def _submit_handler(namespace: argparse.Namespace) -> int:
+    # The spec is checked here first, so a typo costs no round trip and reads as `fapm prune`'s.
+    try:
+        spec_from_args(namespace)
+    except ValidationError as exc:
+        print(f"fapm: error: {_one_line_validation_error(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    return _client_command(_submit)(namespace)
+
+
+def _progress_namespace(data: object) -> SimpleNamespace:
+    """A progress event's JSON as the attributes `_progress_bar`'s callback reads."""
+    fields = {"stage": "", "tensors_done": 0, "tensors_total": 0, "bytes_done": 0, "bytes_total": 0}
+    if isinstance(data, dict):
+        fields.update(data)
+    return SimpleNamespace(**fields)
+
+
+def _follow(client, job_id: str, as_json: bool = False) -> int:
+    """Follow the job's events to its end: a bar on a TTY, state changes as lines on stderr.
+    0 if it succeeded, 1 (with the job's error code) if it failed or was cancelled."""
+    update = _progress_bar()
+
+    def say(line: str) -> None:
+        if update is not None:
+            from tqdm import tqdm
+
+            tqdm.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    final: dict = {}
+    for event in client.events(job_id):
+        if event.event == "progress":
+            if update is not None:
+                update(_progress_namespace(event.data))
+        elif event.event == "state" and isinstance(event.data, dict):
+            status = event.data.get("status")
+            if event.terminal:
+                if update is not None:
+                    update(SimpleNamespace(stage="done"))
+                final = event.data
+            elif status == "running" and event.data.get("cancel_requested"):
+                say(f"fapm: job {job_id} cancel requested")
+            else:
+                say(f"fapm: job {job_id} {status}")
+    # The record has the full result (the report summary) and error; the event is the fallback.
+    try:
+        record = client.get(job_id)
+    except Exception:  # the event said how it ended; a failed GET must not hide that
+        record = {"id": job_id, **final}
+    if record.get("status") not in ("succeeded", "failed", "cancelled"):
+        record = {**record, **final}
+    if as_json:
+        _print_json(record)
+    return _print_outcome(record, quiet=as_json)
+
+
+def _print_outcome(record: dict, quiet: bool = False) -> int:
+    status = record.get("status")
+    if status == "succeeded":
+        if not quiet:
+            print(_success_line(record))
+        return 0
+    error = record.get("error") or {}
+    code = error.get("code") or status
+    message = error.get("message") or f"job {record.get('id')} ended {status}"
+    _error(f"job {record.get('id')}: {message}", code)
+    return EXIT_FAILED
+
+
+def _success_line(record: dict) -> str:
+    result = record.get("result") or {}
+    spec = record.get("spec") or {}
+    report = result.get("report") or {}
+    totals = report.get("totals") or {}
+    seconds = (report.get("seconds") or {}).get("total")
+    # The same words as `fapm prune`'s last line.
+    text = f"{spec.get('method', '?')}, sparsity {spec.get('sparsity', 0):g}"
+    if "kept" in totals and "n" in totals:
+        text += f": kept {totals['kept']} of {totals['n']} update entries"
+    if isinstance(seconds, int | float):
+        text += f", {seconds:.1f}s"
+    return f"job {record.get('id')} wrote {result.get('output')} ({text})"
+
+
+def _wait(client, namespace: argparse.Namespace) -> int:
+    return _follow(client, namespace.job_id, namespace.json)
+
+
+def _percent(record: dict) -> str:
+    fraction = (record.get("progress") or {}).get("fraction")
+    return f"{fraction * 100:.0f}%" if isinstance(fraction, int | float) else "-"
+
+
+def _status(client, namespace: argparse.Namespace) -> int:
+    record = client.get(namespace.job_id)
+    if namespace.json:
+        _print_json(record)
+        return 0
+    spec = record.get("spec") or {}
+    progress = record.get("progress") or {}
+    rows = [
+        (
+            "status",
+            f"{record.get('status')} (queue {record.get('queue')}, "
+            f"attempts {record.get('attempts', 0)})",
+        ),
+        (
+            "job",
+            f"{spec.get('method')} sparsity {spec.get('sparsity')}: {spec.get('base')} + "
+            f"{spec.get('finetuned') or spec.get('adapter')} -> {spec.get('output')}",
+        ),
+    ]
+    if record.get("labels"):
+        rows.append(("labels", ", ".join(f"{k}={v}" for k, v in record["labels"].items())))
+    line = f"{progress.get('stage', '-')}, {_percent(record)}"
+    if progress.get("tensors_total"):
+        line += f", {progress.get('tensors_done', 0)}/{progress['tensors_total']} tensors"
+    if progress.get("eta_seconds") is not None and record.get("status") == "running":
+        line += f", eta {progress['eta_seconds']:.0f} s"
+    rows.append(("progress", line))
+    if record.get("cancel_requested") and record.get("status") == "running":
+        rows.append(("cancel", "requested; it stops at the next tensor"))
+    for name in ("created_at", "started_at", "finished_at"):
+        if record.get(name):
+            rows.append((name.removesuffix("_at"), record[name]))
+    if record.get("result"):
+        rows.append(("output", record["result"].get("output")))
+    if record.get("error"):
+        rows.append(("error", f"[{record['error'].get('code')}] {record['error'].get('message')}"))
+    print(f"job {record.get('id')}")
+    for name, value in rows:
+        print(f"  {name + ':':<10} {value}")
+    return 0
+
+
+def _cancel(client, namespace: argparse.Namespace) -> int:
+    record = client.cancel(namespace.job_id)
+    if namespace.json:
+        _print_json(record)
+    elif record.get("status") == "cancelled":
+        print(f"job {record.get('id')} cancelled")
+    else:
+        print(
+            f"job {record.get('id')} {record.get('status')}: cancel requested, it stops at the "
+            "next tensor (fapm wait follows it)"
+        )
+    return 0
+
+
+def _jobs(client, namespace: argparse.Namespace) -> int:
+    page = client.list(
+        status=namespace.status,
+        label=namespace.label,
+        limit=namespace.limit,
+        cursor=namespace.cursor,
+    )
+    if namespace.json:
+        _print_json(page)
+        return 0
+    jobs = page.get("jobs") or []
+    print(f"{'ID':<34} {'STATUS':<10} {'DONE':>5}  {'CREATED':<25} OUTPUT")
+    for record in jobs:
+        output = (record.get("spec") or {}).get("output", "")
+        print(
+            f"{record.get('id', ''):<34} {record.get('status', ''):<10} "
+            f"{_percent(record):>5}  {record.get('created_at', ''):<25} {output}"
+        )
+    if page.get("next_cursor"):
+        print(f"fapm: more jobs: fapm jobs --cursor {page['next_cursor']}", file=sys.stderr)
+    return 0
+
+
+def _report(client, namespace: argparse.Namespace) -> int:
+    _print_json(client.report(namespace.job_id))
+    return 0
+
+
+def _add_client_commands(commands, api_url: argparse.ArgumentParser) -> None:
+    """The service client's subcommands; `api_url` is a parent parser with --api-url."""
+
+    def command(name: str, handler: Callable, help: str, job_id: bool = True):
+        sub = commands.add_parser(
+            name, help=help, description=help[0].upper() + help[1:] + ".", parents=[api_url]
+        )
+        if job_id:
+            sub.add_argument("job_id", metavar="JOB_ID", help="the job's id (from fapm submit)")
+        sub.add_argument("--json", action="store_true", help="print the JSON the API answered")
+        sub.set_defaults(handler=_client_command(handler))
+        return sub
+
+    submit = commands.add_parser(
+        "submit",
+        parents=[api_url],
+        help="submit a pruning job to the service (prints its id)",
+        description="Submit a job to the fapm service: the same flags as `fapm prune`; paths and "
+        "URIs are read by the service, so they name places the service can reach.",
+    )
+    add_spec_arguments(submit)
+    submit.add_argument(
+        "--label",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a label for finding the job again (repeatable)",
+    )
+    submit.add_argument("--webhook-url", help="POSTed the job record when the job ends")
+    submit.add_argument(
+        "--webhook-secret-env",
+        metavar="NAME",
+        help="name of the environment variable holding the webhook's signing "
+        "secret (a secret on the command line would show in ps and history)",
+    )
+    submit.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="resubmitting with the same key (and body) returns the same job",
+    )
+    submit.add_argument(
+        "--wait", action="store_true", help="follow the job to its end, as fapm wait does"
+    )
+    submit.add_argument("--json", action="store_true", help="print the job record as JSON")
+    submit.set_defaults(handler=_submit_handler)
+
+    command("status", _status, "show a job's record")
+    command("wait", _wait, "follow a job's progress to its end (exit 0 if it succeeded)")
+    command("cancel", _cancel, "cancel a queued or running job")
+    command("report", _report, "print a finished job's full pruning report (JSON)")
+    jobs = command("jobs", _jobs, "list your jobs, newest first", job_id=False)
+    jobs.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    jobs.add_argument("--label", metavar="KEY=VALUE", help="only jobs with this label")
+    jobs.add_argument("--limit", type=int, default=20, help="jobs per page (default: 20)")
+    jobs.add_argument("--cursor", help="the next page (printed after a full page)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fapm", description="Prune a fine-tuned model's task vector (FAPM and baselines)."
+    )
+    # --api-url works before or after the subcommand: the subcommands' copy defaults to SUPPRESS
+    # so it does not overwrite a value given before the subcommand.
+    parser.add_argument(
+        "--api-url",
+        default=None,
+        help=f"the service (default: ${API_URL_ENV} or {DEFAULT_API_URL})",
+    )
+    api_url = argparse.ArgumentParser(add_help=False)
+    api_url.add_argument(
+        "--api-url",
+        default=argparse.SUPPRESS,
+        help=f"the service (default: ${API_URL_ENV} or {DEFAULT_API_URL})",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     prune = commands.add_parser(
@@ -139,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--workdir", default="fapm-demo", help="directory for the demo models")
     demo.set_defaults(handler=_demo)
+    _add_client_commands(commands, api_url)
     return parser
 
 
