@@ -47,8 +47,10 @@ class ApiError(ClientError):
 
     @property
     def code(self) -> str:
-        """A stable, machine-readable name: the last segment of the problem type URI (e.g.
-        `validation-error`), else `http_<status>` for `about:blank` or a missing type."""
+        """A stable, machine-readable name: the problem's `code` (e.g. `validation_error`), else
+        the last segment of its type URI, else `http_<status>`."""
+        if self.problem.get("code"):
+            return str(self.problem["code"])
         kind = str(self.problem.get("type") or "")
         if kind and kind != "about:blank":
             return kind.rstrip("/").rsplit("/", 1)[-1].rsplit("#", 1)[-1] or f"http_{self.status}"

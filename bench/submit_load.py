@@ -1,0 +1,474 @@
+"""Submission load on the job API: POST /v1/jobs over HTTP on loopback, then an audit of Redis.
+
+Starts a LocalStack with redis-server and the API only (no worker, so every job stays queued and
+the numbers are the API's and Redis's alone), then runs:
+
+  1. open loop: `--total` submissions at a fixed offered rate per `--rate` (several rates: a sweep),
+     from up to `--concurrency` connections. A request's latency runs from the moment it was due,
+     not from when it got a connection, so a slow server cannot hide its queue behind a slow
+     client (no coordinated omission);
+  2. closed loop: `--closed-total` submissions from `--closed-concurrency` clients sending back to
+     back, for the most the API can take.
+
+Afterwards every returned job id is checked against Redis: exactly one job hash, one entry in its
+tenant's index and active set, one `queued` event, one Celery message, none missing, no extras.
+
+The client is one asyncio loop (uvloop when installed) with an httpx connection pool, in this
+process; its CPU time and the API's and Redis's are measured and printed, because on a 2-core
+machine the client competes with the server for the same cores.
+
+    .venv/bin/python bench/submit_load.py --rate 200 --total 2000 --markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+import redis
+
+from worker.localstack import LocalStack
+
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+
+
+@dataclass
+class Sample:
+    due: float  # when the request should have been sent (open loop) or was sent (closed loop)
+    sent: float = 0.0  # when the client started it (after any wait for the event loop)
+    done: float = 0.0
+    status: int = 0  # HTTP status, 0 for a transport error
+    error: str = ""
+    job_id: str = ""
+    tenant: str = ""
+
+
+@dataclass
+class Phase:
+    name: str
+    samples: list[Sample]
+    wall: float
+    cpu: dict[str, float] = field(default_factory=dict)  # process -> CPU seconds in the phase
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile of sorted `values` (q in 0..100)."""
+    if not values:
+        return float("nan")
+    rank = max(1, min(len(values), int(-(-q * len(values) // 100))))
+    return values[rank - 1]
+
+
+class Load:
+    """Submits job bodies for a set of tenants over one pooled async HTTP client."""
+
+    def __init__(self, api_url: str, keys: dict[str, str], root: Path, concurrency: int) -> None:
+        self.keys = keys
+        self.tenants = sorted(keys)
+        self.root = root
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        # pool=None: a request waiting for a free connection waits (and its latency shows it).
+        timeout = httpx.Timeout(30.0, pool=None)
+        self.client = httpx.AsyncClient(base_url=api_url, limits=limits, timeout=timeout)
+        self.idempotency = False
+
+    def body(self, phase: str, i: int) -> dict:
+        return {
+            "base": f"file://{self.root}/base",
+            "finetuned": f"file://{self.root}/finetuned",
+            "output": f"file://{self.root}/out/{phase}-{i}",
+            "method": "fapm",
+            "sparsity": 0.9,
+            "labels": {"bench": phase},
+        }
+
+    async def submit(self, phase: str, i: int, sample: Sample) -> None:
+        tenant = self.tenants[i % len(self.tenants)]
+        headers = {"Authorization": f"Bearer {self.keys[tenant]}"}
+        if self.idempotency:
+            headers["Idempotency-Key"] = f"{phase}-{i}"
+        sample.tenant = tenant
+        sample.sent = time.perf_counter()
+        try:
+            response = await self.client.post("/v1/jobs", json=self.body(phase, i), headers=headers)
+            sample.status = response.status_code
+            if response.status_code == 202:
+                sample.job_id = response.json()["id"]
+            else:
+                sample.error = response.text[:200]
+        except httpx.HTTPError as exc:
+            sample.error = f"{type(exc).__name__}: {exc}"
+        sample.done = time.perf_counter()
+
+    async def open_loop(self, phase: str, total: int, rate: float) -> list[Sample]:
+        """`total` requests, request i due at start + i/rate, each sent when due whatever the
+        others are doing (they queue for a connection beyond the pool size)."""
+        start = time.perf_counter() + 0.05
+        samples = [Sample(due=start + i / rate) for i in range(total)]
+        tasks = []
+        i = 0
+        while i < total:
+            now = time.perf_counter()
+            while i < total and samples[i].due <= now:
+                tasks.append(asyncio.create_task(self.submit(phase, i, samples[i])))
+                i += 1
+            if i < total:
+                await asyncio.sleep(max(0.0, samples[i].due - time.perf_counter()))
+        await asyncio.gather(*tasks)
+        return samples
+
+    async def closed_loop(self, phase: str, total: int, concurrency: int) -> list[Sample]:
+        """`concurrency` clients, each sending its next request as soon as the last answered."""
+        samples: list[Sample] = []
+        counter = iter(range(total))
+
+        async def client_loop() -> None:
+            for i in counter:
+                sample = Sample(due=time.perf_counter())
+                samples.append(sample)
+                await self.submit(phase, i, sample)
+
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        return samples
+
+
+class CpuMeter:
+    """CPU seconds of this process (the client), the API (with its workers) and redis-server."""
+
+    def __init__(self, stack: LocalStack) -> None:
+        self.processes = {p.name: psutil.Process(p.popen.pid) for p in stack.processes}
+
+    def read(self) -> dict[str, float]:
+        out = {"client": time.process_time()}
+        for name, process in self.processes.items():
+            total = 0.0
+            for proc in [process, *process.children(recursive=True)]:
+                try:
+                    times = proc.cpu_times()
+                    total += times.user + times.system
+                except psutil.NoSuchProcess:
+                    pass
+            out[name] = total
+        return out
+
+
+async def run_phase(load: Load, meter: CpuMeter, name: str, coro_factory) -> Phase:
+    before = meter.read()
+    started = time.perf_counter()
+    samples = await coro_factory()
+    wall = time.perf_counter() - started
+    after = meter.read()
+    cpu = {k: after[k] - before[k] for k in after}
+    first = min(s.due for s in samples)
+    last = max(s.done for s in samples)
+    return Phase(name, samples, wall=last - first if samples else wall, cpu=cpu)
+
+
+def summarize(phase: Phase) -> dict:
+    ok = [s for s in phase.samples if s.status == 202]
+    latencies = sorted((s.done - s.due) * 1000 for s in phase.samples)
+    service = sorted((s.done - s.sent) * 1000 for s in phase.samples)
+    errors = Counter(
+        str(s.status) if s.status else s.error.split(":")[0]
+        for s in phase.samples
+        if s.status != 202
+    )
+    n = len(phase.samples)
+    return {
+        "phase": phase.name,
+        "requests": n,
+        "ok": len(ok),
+        "errors": dict(errors),
+        "throughput": len(ok) / phase.wall if phase.wall else 0.0,
+        "p50": percentile(latencies, 50),
+        "p90": percentile(latencies, 90),
+        "p99": percentile(latencies, 99),
+        "max": latencies[-1] if latencies else float("nan"),
+        "service_p99": percentile(service, 99),
+        "cpu_ms_per_request": {k: v * 1000 / n for k, v in phase.cpu.items()} if n else {},
+        "cpu_cores": {k: v / phase.wall for k, v in phase.cpu.items()} if phase.wall else {},
+    }
+
+
+def _celery_job_ids(client: redis.Redis, job_ids: set[str]) -> tuple[int, Counter] | None:
+    """(messages, job id -> how many messages name it) over the broker's queue lists, or None
+    if no Celery messages are found (an API that enqueues some other way)."""
+    counts: Counter = Counter()
+    messages = 0
+    for key in client.scan_iter(count=1000):
+        name = key.decode(errors="replace")
+        if name.startswith(("fapm:", "_kombu", "unacked")) or client.type(key) != b"list":
+            continue
+        for raw in client.lrange(key, 0, -1):
+            messages += 1
+            try:
+                message = json.loads(raw)
+                headers = message.get("headers") or {}
+                text = json.dumps(headers) + base64.b64decode(message.get("body", "")).decode(
+                    errors="replace"
+                )
+            except (ValueError, TypeError):
+                text = raw.decode(errors="replace")
+            # A message names its job once or more (task id, args): count each job once a message.
+            for job_id in _ids_in(text, job_ids):
+                counts[job_id] += 1
+    return (messages, counts) if messages else None
+
+
+def _ids_in(text: str, job_ids: set[str]) -> set[str]:
+    """Our job ids in `text`: job ids are 32 hex digits, so test each such run, not every id."""
+    return {m for m in _HEX32.findall(text) if m in job_ids}
+
+
+def verify(redis_url: str, submitted: list[Sample]) -> dict:
+    """Every 202's job id in Redis exactly once; nothing else there."""
+    client = redis.Redis.from_url(redis_url)
+    ids = [s.job_id for s in submitted if s.job_id]
+    id_set = set(ids)
+    duplicates_returned = len(ids) - len(id_set)
+    hashes = set()
+    for key in client.scan_iter(match="fapm:job:*", count=5000):
+        name = key.decode()
+        rest = name.removeprefix("fapm:job:")
+        if ":" not in rest:
+            hashes.add(rest)
+    per_tenant: dict[str, list[str]] = {}
+    for s in submitted:
+        if s.job_id:
+            per_tenant.setdefault(s.tenant, []).append(s.job_id)
+    index_problems = 0
+    index_entries = 0
+    for tenant, tenant_ids in per_tenant.items():
+        indexed = [m.decode() for m in client.zrange(f"fapm:tenant:{tenant}:jobs", 0, -1)]
+        active = {m.decode() for m in client.smembers(f"fapm:tenant:{tenant}:active")}
+        index_entries += len(indexed)
+        if sorted(indexed) != sorted(tenant_ids) or active != set(tenant_ids):
+            index_problems += 1
+    # Each job: queued, of the right tenant, with exactly one event (its creation).
+    bad_records = 0
+    event_counts: Counter = Counter()
+    with client.pipeline(transaction=False) as pipe:
+        for s in submitted:
+            if s.job_id:
+                pipe.hmget(f"fapm:job:{s.job_id}", "status", "tenant")
+                pipe.xlen(f"fapm:job:{s.job_id}:events")
+        replies = pipe.execute()
+    for s, (fields, events) in zip(
+        [s for s in submitted if s.job_id],
+        zip(replies[::2], replies[1::2], strict=True),
+        strict=True,
+    ):
+        status, tenant = (v.decode() if v else None for v in fields)
+        if status != "queued" or tenant != s.tenant:
+            bad_records += 1
+        event_counts[events] += 1
+    celery = _celery_job_ids(client, id_set)
+    pending = client.zcard("fapm:pending-enqueue")
+    result = {
+        "returned_ids": len(ids),
+        "duplicate_ids_returned": duplicates_returned,
+        "job_hashes": len(hashes),
+        "missing_in_redis": len(id_set - hashes),
+        "extra_in_redis": len(hashes - id_set),
+        "tenant_index_entries": index_entries,
+        "tenant_index_mismatches": index_problems,
+        "records_not_queued_or_wrong_tenant": bad_records,
+        "jobs_with_events_other_than_1": sum(v for k, v in event_counts.items() if k != 1),
+        "pending_enqueue_left": pending,
+    }
+    if celery is not None:
+        messages, counts = celery
+        result["celery_messages"] = messages
+        result["jobs_without_message"] = len(id_set - set(counts))
+        result["jobs_with_several_messages"] = sum(1 for c in counts.values() if c > 1)
+    ok = (
+        duplicates_returned == 0
+        and result["missing_in_redis"] == 0
+        and result["extra_in_redis"] == 0
+        and index_problems == 0
+        and bad_records == 0
+        and result["jobs_with_events_other_than_1"] == 0
+        and (
+            celery is None
+            or (
+                result["jobs_without_message"] == 0
+                and result["jobs_with_several_messages"] == 0
+                and result["celery_messages"] == len(id_set)
+            )
+        )
+    )
+    result["exactly_once"] = ok
+    client.close()
+    return result
+
+
+def _fmt_errors(errors: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(errors.items())) or "0"
+
+
+def markdown(summaries: list[dict], audit: dict, meta: dict) -> str:
+    lines = [
+        "| phase | requests | ok | errors | throughput /s | p50 ms | p90 ms | p99 ms | max ms "
+        "| client CPU ms/req | API CPU ms/req | redis CPU ms/req | API cores |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for s in summaries:
+        cpu = s["cpu_ms_per_request"]
+        lines.append(
+            f"| {s['phase']} | {s['requests']} | {s['ok']} | {_fmt_errors(s['errors'])} "
+            f"| {s['throughput']:.0f} | {s['p50']:.1f} | {s['p90']:.1f} | {s['p99']:.1f} "
+            f"| {s['max']:.1f} | {cpu.get('client', 0):.2f} | {cpu.get('api', 0):.2f} "
+            f"| {cpu.get('redis', 0):.2f} | {s['cpu_cores'].get('api', 0):.2f} |"
+        )
+    lines.append("")
+    lines.append(
+        f"Redis audit after {audit['returned_ids']} accepted submissions: "
+        + ", ".join(f"{k} {v}" for k, v in audit.items())
+    )
+    lines.append("")
+    lines.append(", ".join(f"{k}: {v}" for k, v in meta.items()))
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--rate", default="200", help="offered rate(s), submissions/s: 200 or 100,200,400"
+    )
+    parser.add_argument("--total", type=int, default=2000, help="submissions per open-loop rate")
+    parser.add_argument("--concurrency", type=int, default=64, help="open-loop connections")
+    parser.add_argument(
+        "--closed-total", type=int, default=2000, help="closed-loop submissions (0: skip)"
+    )
+    parser.add_argument("--closed-concurrency", type=int, default=8, help="closed-loop clients")
+    parser.add_argument("--warmup", type=int, default=200, help="unreported submissions first")
+    parser.add_argument("--tenants", type=int, default=4)
+    parser.add_argument("--api-workers", type=int, default=1, help="uvicorn worker processes")
+    parser.add_argument(
+        "--idempotency-keys",
+        action="store_true",
+        help="send an Idempotency-Key with each submission",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="leave the stack's files (logs) in place"
+    )
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    parser.add_argument("--json", metavar="PATH", help="also write the raw summaries as JSON")
+    return parser.parse_args(argv)
+
+
+async def run(
+    args: argparse.Namespace, stack: LocalStack, keys: dict[str, str], root: Path
+) -> tuple[list[dict], dict]:
+    load = Load(stack.api_url, keys, root, max(args.concurrency, args.closed_concurrency))
+    load.idempotency = args.idempotency_keys
+    meter = CpuMeter(stack)
+    everything: list[Sample] = []
+    summaries = []
+    async with load.client:
+        # The API answers /healthz before its first request has warmed imports and pools.
+        for _ in range(100):
+            try:
+                if (await load.client.get("/healthz")).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.1)
+        if args.warmup:
+            warm = await load.closed_loop("warmup", args.warmup, 4)
+            everything += warm
+        for rate in [float(r) for r in args.rate.split(",")]:
+            name = f"open loop {rate:g}/s"
+            phase = await run_phase(
+                load,
+                meter,
+                name,
+                lambda r=rate, n=name: load.open_loop(
+                    n.replace(" ", "-").replace("/", ""), args.total, r
+                ),
+            )
+            everything += phase.samples
+            summaries.append(summarize(phase))
+        if args.closed_total:
+            name = f"closed loop x{args.closed_concurrency}"
+            phase = await run_phase(
+                load,
+                meter,
+                name,
+                lambda: load.closed_loop("closed", args.closed_total, args.closed_concurrency),
+            )
+            everything += phase.samples
+            summaries.append(summarize(phase))
+    audit = verify(stack.redis_url, everything)
+    return summaries, audit
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        import uvloop
+
+        uvloop.install()
+        loop_name = "uvloop"
+    except ImportError:
+        loop_name = "asyncio"
+    workdir = Path(tempfile.mkdtemp(prefix="fapm-submit-load-"))
+    root = (workdir / "root").resolve()
+    for name in ("base", "finetuned", "out"):
+        (root / name).mkdir(parents=True)
+    keys = {f"tenant{i}": f"bench-key-{i}-{os.urandom(8).hex()}" for i in range(args.tenants)}
+    env = {
+        "FAPM_API_KEYS": ",".join(f"{t}:{k}" for t, k in keys.items()),
+        "FAPM_MAX_ACTIVE_JOBS_PER_TENANT": str(10**9),
+        "FAPM_LOCAL_ROOTS": str(root),
+    }
+    stack = LocalStack(workdir / "stack", env=env)
+    stack.workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        stack.start_redis()
+        stack.start_api(
+            {"UVICORN_WORKERS": str(args.api_workers)} if args.api_workers > 1 else None
+        )
+        summaries, audit = asyncio.run(run(args, stack, keys, root))
+    finally:
+        stack.stop()
+        if not args.keep:
+            import shutil
+
+            shutil.rmtree(workdir, ignore_errors=True)
+    meta = {
+        "client": f"one {loop_name} loop, httpx {httpx.__version__} AsyncClient pool",
+        "api workers": args.api_workers,
+        "tenants": args.tenants,
+        "open-loop connections": args.concurrency,
+        "idempotency keys": args.idempotency_keys,
+        "cores": os.cpu_count(),
+    }
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"summaries": summaries, "audit": audit, "meta": meta}, indent=2)
+        )
+    if args.markdown:
+        print(markdown(summaries, audit, meta))
+    else:
+        for s in summaries:
+            print(json.dumps(s))
+        print(json.dumps(audit))
+        print(json.dumps(meta))
+    return 0 if audit["exactly_once"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
