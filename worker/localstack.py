@@ -39,6 +39,16 @@ def wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = 
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
 
 
+def s3_env(endpoint: str) -> dict[str, str]:
+    """The standard AWS settings that point boto3 at a local S3 endpoint with dummy keys."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
 @dataclass
 class Process:
     """A child process in its own process group (so a kill reaches its children too)."""
@@ -92,6 +102,7 @@ class LocalStack:
     worker_args: list[str] = field(default_factory=list)
     redis_port: int = 0
     api_port: int = 0
+    s3_port: int = 0  # set by start_s3(): a moto S3 server that every child process is pointed at
     processes: list[Process] = field(default_factory=list)
 
     @property
@@ -104,6 +115,8 @@ class LocalStack:
 
     def child_env(self) -> dict[str, str]:
         env = {**os.environ, **self.env, "FAPM_REDIS_URL": self.redis_url}
+        if self.s3_port:
+            env.update(s3_env(self.s3_url))
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
@@ -118,6 +131,20 @@ class LocalStack:
         argv += ["--save", "", "--appendonly", "no", "--protected-mode", "yes"]
         process = _spawn("redis", argv, os.environ, self.workdir)
         wait_for_port(self.redis_port, 15, process.popen)
+        self.processes.append(process)
+        return process
+
+    @property
+    def s3_url(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    def start_s3(self) -> Process:
+        """moto's standalone S3 server (the real S3 protocol on loopback), for tests and demos."""
+        self.s3_port = self.s3_port or free_port()
+        binary = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+        argv = [binary, "-H", "127.0.0.1", "-p", str(self.s3_port)]
+        process = _spawn("s3", argv, os.environ, self.workdir)
+        wait_for_port(self.s3_port, 30, process.popen)
         self.processes.append(process)
         return process
 

@@ -156,11 +156,17 @@ class SafetensorsCheckpoint:
             self._digests[location.file].feed(entry.begin, buffer)
 
     def shard_digests(self) -> dict[str, str]:
-        """sha256 of every weight file; reads only what the engine's reads did not cover."""
+        """sha256 of every weight file; reads only what the engine's reads did not cover (for a
+        remote source whose reads skipped bytes, the store's own digest, e.g. `etag:...`)."""
         result = {}
         for file in self.files:
             digest = self._digests[file]
             size = self.source.size(file)
+            if digest.next_offset < size and self.source.remote:
+                # Hashing the unread gaps would download them; a remote store's own digest
+                # (S3 ETag, the Hub's LFS sha256) identifies the file instead.
+                result[file] = self.source.stored_digest(file)
+                continue
             while digest.next_offset < size:
                 length = min(_HASH_CHUNK, size - digest.next_offset)
                 chunk = self.source.read_range(file, digest.next_offset, length)

@@ -18,6 +18,8 @@ class ModelSource(ABC):
     """A model directory: flat file names, their sizes, and byte-range reads."""
 
     uri: str
+    # Remote sources pay for every byte read: the engine then never reads bytes only to hash them.
+    remote = False
 
     @abstractmethod
     def files(self) -> list[str]:
@@ -43,9 +45,13 @@ class ModelSource(ABC):
     def exists(self, name: str) -> bool:
         return name in self.files()
 
-    def identity(self) -> dict[str, str | None]:
+    def identity(self) -> dict[str, object]:
         """What identifies this input in a report: its URI and, where there is one, revision."""
         return {"uri": self.uri, "revision": None}
+
+    def stored_digest(self, name: str) -> str:
+        """A digest the store keeps for a file (`etag:...`, `sha256:...`), for remote sources."""
+        raise NotImplementedError
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release handles; the default holds none."""

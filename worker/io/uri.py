@@ -53,6 +53,11 @@ def open_source(raw: str) -> ModelSource:
     uri = parse_uri(raw)
     if uri.scheme == "file":
         return LocalDirSource(uri.local_path, uri=raw if "://" in raw else None)
+    if uri.scheme == "s3":
+        from worker.io.s3 import S3Source, split_s3_uri
+
+        bucket, prefix = split_s3_uri(uri.path)
+        return S3Source(raw, bucket, prefix)
     raise UnsupportedFormat(
         f"{raw}: {uri.scheme}:// sources are not available in this version yet; "
         "download the model to a local directory and pass its path"

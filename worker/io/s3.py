@@ -1,0 +1,155 @@
+"""S3 model directories: `s3://bucket/prefix/` read by ranged GETs, never downloaded whole.
+
+A checkpoint's headers come from two small ranged GETs per shard (`bytes=0-7`, then the JSON);
+each tensor from a ranged GET of exactly its bytes, split into parallel part GETs when it is large
+so one tensor can use more than one connection's bandwidth. Credentials and the endpoint come from
+the standard AWS configuration (environment, `AWS_ENDPOINT_URL`, profiles, instance roles), never
+from a job spec.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from worker.errors import AccessDenied, FapmError, SourceNotFound, SourceUnavailable
+from worker.io.source import ModelSource
+
+# A tensor larger than this is fetched as parallel part GETs of this size.
+PART_BYTES = 16 * 2**20
+PART_WORKERS = 8
+_NOT_FOUND = {"NoSuchBucket", "NoSuchKey", "404", "NotFound"}
+_DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+
+
+def s3_client():
+    """A boto3 S3 client from the standard AWS configuration, with bounded adaptive retries
+    (network errors and throttling are retried with backoff before a job fails)."""
+    config = Config(
+        retries={"max_attempts": 6, "mode": "adaptive"},
+        max_pool_connections=PART_WORKERS * 2 + 4,
+        connect_timeout=10,
+        read_timeout=60,
+    )
+    return boto3.session.Session().client("s3", config=config)
+
+
+def s3_error(exc: Exception, where: str) -> FapmError:
+    """Map a boto3 failure to a job error with a stable code and an actionable message."""
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in _NOT_FOUND:
+            return SourceNotFound(f"{where}: not found in S3 ({code})")
+        if code in _DENIED:
+            return AccessDenied(f"{where}: access denied by S3 ({code}); check the credentials")
+        return SourceUnavailable(f"{where}: S3 answered {code or 'an error'}: {exc}")
+    return SourceUnavailable(f"{where}: S3 unreachable after retries: {exc}")
+
+
+def split_s3_uri(path: str) -> tuple[str, str]:
+    """`bucket/prefix` (as parse_uri gives it) -> (bucket, 'prefix/' or '')."""
+    bucket, _, prefix = path.partition("/")
+    prefix = prefix.strip("/")
+    return bucket, f"{prefix}/" if prefix else ""
+
+
+class S3Source(ModelSource):
+    """The objects directly under `s3://bucket/prefix/`, read by byte ranges."""
+
+    remote = True
+
+    def __init__(self, uri: str, bucket: str, prefix: str, client=None) -> None:
+        self.uri = uri
+        self.bucket = bucket
+        self.prefix = prefix
+        self.client = client or s3_client()
+        self.bytes_fetched = 0  # what the GETs transferred: reads are ranged, not whole files
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._sizes: dict[str, int] = {}
+        self._etags: dict[str, str] = {}
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix, Delimiter="/"
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    name = obj["Key"][len(prefix) :]
+                    if name:
+                        self._sizes[name] = obj["Size"]
+                        self._etags[name] = obj.get("ETag", "").strip('"')
+        except (ClientError, BotoCoreError) as exc:
+            raise s3_error(exc, uri) from exc
+        if not self._sizes:
+            raise SourceNotFound(f"{uri}: no objects under this prefix")
+
+    def files(self) -> list[str]:
+        return sorted(self._sizes)
+
+    def size(self, name: str) -> int:
+        try:
+            return self._sizes[name]
+        except KeyError:
+            raise SourceNotFound(f"{self.uri.rstrip('/')}/{name}: no such object") from None
+
+    def stored_digest(self, name: str) -> str:
+        return f"etag:{self._etags.get(name, '')}"
+
+    def identity(self) -> dict[str, object]:
+        # bytes_fetched shows in the report that reads were ranged (excluded tensors cost nothing).
+        return {"uri": self.uri, "revision": None, "bytes_fetched": self.bytes_fetched}
+
+    def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
+        view = buffer.cast("B") if buffer.format != "B" else buffer
+        if offset + len(view) > self.size(name):
+            raise SourceNotFound(
+                f"{self.uri.rstrip('/')}/{name}: object ends at byte {self.size(name)}, "
+                f"expected {offset + len(view)} (truncated?)"
+            )
+        if len(view) <= PART_BYTES:
+            self._get_range(name, offset, view)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(PART_WORKERS, thread_name_prefix="fapm-s3-get")
+        parts = [
+            self._pool.submit(
+                self._get_range, name, offset + start, view[start : start + PART_BYTES]
+            )
+            for start in range(0, len(view), PART_BYTES)
+        ]
+        for part in parts:
+            part.result()
+
+    def _get_range(self, name: str, offset: int, view: memoryview) -> None:
+        if not len(view):
+            return
+        key = self.prefix + name
+        try:
+            response = self.client.get_object(
+                Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + len(view) - 1}"
+            )
+            body = response["Body"]
+            done = 0
+            while done < len(view):
+                got = body.readinto(view[done:])
+                if not got:
+                    break
+                done += got
+            body.close()
+        except (ClientError, BotoCoreError) as exc:
+            raise s3_error(exc, f"s3://{self.bucket}/{key}") from exc
+        if done != len(view):
+            raise SourceUnavailable(
+                f"s3://{self.bucket}/{key}: got {done} of {len(view)} bytes at offset {offset}"
+            )
+        with self._lock:
+            self.bytes_fetched += done
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
