@@ -71,17 +71,86 @@ def percentile(values: list[float], q: float) -> float:
     return values[rank - 1]
 
 
+class RawHttp:
+    """A minimal HTTP/1.1 keep-alive client over asyncio streams: POST with a JSON body, read a
+    Content-Length (or chunked) answer. About a tenth of httpx's CPU per request (measured: see
+    bench/RESULTS.md), which matters when the client shares 2 cores with the server it measures.
+    """
+
+    def __init__(self, api_url: str, connections: int) -> None:
+        url = httpx.URL(api_url)
+        self.host, self.port = url.host, url.port or 80
+        self.pool: asyncio.LifoQueue = asyncio.LifoQueue()
+        for _ in range(connections):
+            self.pool.put_nowait(None)  # a slot; connected on first use
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        conn = await self.pool.get()
+        try:
+            if conn is None:
+                conn = await asyncio.open_connection(self.host, self.port)
+            reader, writer = conn
+            head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            writer.write(
+                f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n{head}"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            status, response, keep = await self._read(reader)
+            if not keep:
+                writer.close()
+                conn = None
+            return status, response
+        except BaseException:
+            if conn is not None:
+                conn[1].close()
+            conn = None
+            raise
+        finally:
+            self.pool.put_nowait(conn)
+
+    @staticmethod
+    async def _read(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        status = int(head[0].split(" ", 2)[1])
+        fields = {}
+        for line in head[1:]:
+            name, _, value = line.partition(":")
+            fields[name.strip().lower()] = value.strip()
+        keep = fields.get("connection", "").lower() != "close"
+        if "content-length" in fields:
+            return status, await reader.readexactly(int(fields["content-length"])), keep
+        if fields.get("transfer-encoding", "").lower() == "chunked":
+            chunks = []
+            while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                chunks.append(await reader.readexactly(size))
+                await reader.readexactly(2)
+            await reader.readuntil(b"\r\n")
+            return status, b"".join(chunks), keep
+        return status, await reader.read(), False
+
+    async def aclose(self) -> None:
+        while not self.pool.empty():
+            conn = self.pool.get_nowait()
+            if conn is not None:
+                conn[1].close()
+
+
 class Load:
     """Submits job bodies for a set of tenants over one pooled async HTTP client."""
 
-    def __init__(self, api_url: str, keys: dict[str, str], root: Path, concurrency: int) -> None:
+    def __init__(
+        self, api_url: str, keys: dict[str, str], root: Path, concurrency: int, kind: str
+    ) -> None:
         self.keys = keys
         self.tenants = sorted(keys)
         self.root = root
+        self.kind = kind
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         # pool=None: a request waiting for a free connection waits (and its latency shows it).
         timeout = httpx.Timeout(30.0, pool=None)
         self.client = httpx.AsyncClient(base_url=api_url, limits=limits, timeout=timeout)
+        self.raw = RawHttp(api_url, concurrency) if kind == "raw" else None
         self.idempotency = False
 
     def body(self, phase: str, i: int) -> dict:
@@ -102,13 +171,20 @@ class Load:
         sample.tenant = tenant
         sample.sent = time.perf_counter()
         try:
-            response = await self.client.post("/v1/jobs", json=self.body(phase, i), headers=headers)
-            sample.status = response.status_code
-            if response.status_code == 202:
-                sample.job_id = response.json()["id"]
+            if self.raw is not None:
+                body = json.dumps(self.body(phase, i)).encode()
+                status, answer = await self.raw.post("/v1/jobs", body, headers)
             else:
-                sample.error = response.text[:200]
-        except httpx.HTTPError as exc:
+                response = await self.client.post(
+                    "/v1/jobs", json=self.body(phase, i), headers=headers
+                )
+                status, answer = response.status_code, response.content
+            sample.status = status
+            if status == 202:
+                sample.job_id = json.loads(answer)["id"]
+            else:
+                sample.error = answer[:200].decode(errors="replace")
+        except (httpx.HTTPError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
             sample.error = f"{type(exc).__name__}: {exc}"
         sample.done = time.perf_counter()
 
@@ -355,6 +431,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--closed-concurrency", type=int, default=8, help="closed-loop clients")
     parser.add_argument("--warmup", type=int, default=200, help="unreported submissions first")
     parser.add_argument("--tenants", type=int, default=4)
+    parser.add_argument(
+        "--client",
+        choices=["raw", "httpx"],
+        default="raw",
+        help="raw: a minimal keep-alive HTTP/1.1 client (least CPU); httpx: httpx.AsyncClient",
+    )
     parser.add_argument("--api-workers", type=int, default=1, help="uvicorn worker processes")
     parser.add_argument(
         "--idempotency-keys",
@@ -372,7 +454,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def run(
     args: argparse.Namespace, stack: LocalStack, keys: dict[str, str], root: Path
 ) -> tuple[list[dict], dict]:
-    load = Load(stack.api_url, keys, root, max(args.concurrency, args.closed_concurrency))
+    connections = max(args.concurrency, args.closed_concurrency)
+    load = Load(stack.api_url, keys, root, connections, args.client)
     load.idempotency = args.idempotency_keys
     meter = CpuMeter(stack)
     everything: list[Sample] = []
@@ -411,6 +494,8 @@ async def run(
             )
             everything += phase.samples
             summaries.append(summarize(phase))
+        if load.raw is not None:
+            await load.raw.aclose()
     audit = verify(stack.redis_url, everything)
     return summaries, audit
 
@@ -449,7 +534,12 @@ def main(argv: list[str] | None = None) -> int:
 
             shutil.rmtree(workdir, ignore_errors=True)
     meta = {
-        "client": f"one {loop_name} loop, httpx {httpx.__version__} AsyncClient pool",
+        "client": f"one {loop_name} loop, "
+        + (
+            "minimal HTTP/1.1 keep-alive client"
+            if args.client == "raw"
+            else f"httpx {httpx.__version__} AsyncClient pool"
+        ),
         "api workers": args.api_workers,
         "tenants": args.tenants,
         "open-loop connections": args.concurrency,
