@@ -221,15 +221,16 @@ def _submit(client, namespace: argparse.Namespace) -> int:
         webhook_secret=secret,
         idempotency_key=namespace.idempotency_key,
     )
-    if namespace.json and not namespace.wait:
-        _print_json(record)
+    if namespace.json:
+        if not namespace.wait:  # with --wait, the one JSON document is the final record
+            _print_json(record)
     else:
         # The id alone on stdout, so `job=$(fapm submit ...)` works; the rest goes to stderr.
         print(record["id"], flush=True)
-        print(
-            f"fapm: job {record['id']} {record['status']} on queue {record.get('queue')}",
-            file=sys.stderr,
-        )
+    print(
+        f"fapm: job {record['id']} {record['status']} on queue {record.get('queue')}",
+        file=sys.stderr,
+    )
     if namespace.wait:
         return _follow(client, record["id"], namespace.json)
     return 0
