@@ -1,5 +1,4 @@
-"""Model URIs: `file://` and bare local paths today; `s3://` and `hf://` are parsed and named so
-a user gets a clear error until their sources land (the remote-storage issue)."""
+"""Model URIs: `file://` and bare local paths, `s3://bucket/prefix/` and `hf://org/name[@rev]`."""
 
 from __future__ import annotations
 
@@ -58,7 +57,8 @@ def open_source(raw: str) -> ModelSource:
 
         bucket, prefix = split_s3_uri(uri.path)
         return S3Source(raw, bucket, prefix)
-    raise UnsupportedFormat(
-        f"{raw}: {uri.scheme}:// sources are not available in this version yet; "
-        "download the model to a local directory and pass its path"
-    )
+    if uri.scheme == "hf":
+        from worker.io.hub import HubSource
+
+        return HubSource(raw, uri.path, uri.revision)
+    raise UnsupportedFormat(f"{raw}: no reader for {uri.scheme}:// sources")
