@@ -547,6 +547,49 @@ class JobStore:
     def stats(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.redis.hgetall(_key("stats")).items()}
 
+    # -- worker bookkeeping (added with the worker) ----------------------------------------------
+    # running              zset of jobs a worker took, by when it was last checked: a job whose
+    #                      worker died keeps status running with no lease, and the heartbeat
+    #                      thread re-enqueues it at once instead of after the visibility timeout.
+
+    def note_running(self, job_id: str) -> None:
+        """Index a job a worker is about to start (before `start`, so no window is missed)."""
+        self.redis.zadd(_key("running"), {job_id: time.time()})
+
+    def forget_running(self, job_id: str) -> None:
+        self.redis.zrem(_key("running"), job_id)
+
+    def orphaned_before(self, cutoff: float) -> list[tuple[str, str]]:
+        """(job id, queue) of active jobs indexed before `cutoff` (unix s) that nobody holds a
+        lease on: their worker died. A returned job is re-stamped, so it comes back once per
+        check period, not on every beat; finished jobs leave the index."""
+        ids = self.redis.zrangebyscore(_key("running"), "-inf", cutoff)
+        if not ids:
+            return []
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hmget(job_key(job_id), "status", "queue")
+                pipe.exists(_key("lease", job_id))
+            replies = pipe.execute()
+        orphans = []
+        now = time.time()
+        for i, job_id in enumerate(ids):
+            (status, queue), leased = replies[2 * i], replies[2 * i + 1]
+            if status not in ACTIVE_STATUSES:
+                self.forget_running(job_id)
+                continue
+            if not leased:
+                self.redis.zadd(_key("running"), {job_id: now}, xx=True)
+                orphans.append((job_id, queue))
+        return orphans
+
+    def webhook_dispatched(self, job_id: str) -> bool:
+        """Whether the end-of-job webhook was handed to the delivery queue."""
+        return self.redis.hget(job_key(job_id), "webhook_dispatched") == "1"
+
+    def mark_webhook_dispatched(self, job_id: str) -> None:
+        self.redis.hset(job_key(job_id), "webhook_dispatched", "1")
+
 
 def record_from_fields(fields: dict[str, str]) -> JobRecord:
     """Build the public record from a job hash (the webhook secret is never in the hash)."""

@@ -82,11 +82,17 @@ def run_prune(
     spec: JobSpec,
     progress: ProgressCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    job_id: str | None = None,
 ) -> PruneResult:
     """Run a pruning job to completion and publish its output directory.
 
     Raises FapmError (with a stable code) on bad input; on any failure or cancellation the output
     path is left untouched and the staging directory is removed.
+
+    `job_id` (service jobs) makes a re-run of the same job safe after its worker was killed: the
+    report records the id, the dead attempt's staging directory is removed first, and an output
+    that this job already published (killed after the rename, before the job was marked done) is
+    returned as the result instead of failing with output_exists.
     """
     report_progress = progress or (lambda _p: None)
     cancelled = should_cancel or (lambda: False)
@@ -99,7 +105,12 @@ def run_prune(
             f"{spec.output}: only local outputs are available in this version",
             code="unsupported_format",
         )
-    staging = StagingDir(output_uri.local_path, spec.overwrite)
+    if job_id is not None:
+        published = _published_by(output_uri.local_path, job_id)
+        if published is not None:
+            report_progress(Progress("done"))
+            return PruneResult(output_uri.local_path, published)
+    staging = StagingDir(output_uri.local_path, spec.overwrite, job_id)
     sources = []
     writer: WriterThread | None = None
     try:
@@ -138,6 +149,7 @@ def run_prune(
         summary = totals.summary()
         report = {
             "format": "fapm-pruning-report/1",
+            **({"job_id": job_id} if job_id is not None else {}),
             "spec": spec.model_dump(mode="json"),
             "implementation": pruner.implementation,
             "inputs": {
@@ -165,6 +177,15 @@ def run_prune(
             source.close()
     report_progress(Progress("done", len(tasks), len(tasks)))
     return PruneResult(output_uri.local_path, report)
+
+
+def _published_by(output: Path, job_id: str) -> dict | None:
+    """The report of an output directory that job `job_id` itself published, else None."""
+    try:
+        report = json.loads((output / REPORT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) and report.get("job_id") == job_id else None
 
 
 def _load_pair(base, finetuned):

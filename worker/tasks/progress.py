@@ -1,0 +1,120 @@
+"""The engine's Progress events as a job's progress record: one fraction over all stages, an ETA,
+and writes to Redis at a bounded rate.
+
+The engine reports progress per stage (bytes and tensors within it). A client wants one number
+that only grows, so each stage owns a span of [0, 1]. Scope `model` reads the pruned tensors
+three times (two counting passes, then the prune), so its three passes share the span that the
+prune alone has for the other scopes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from app.jobs.store import JobStore, Lease
+from worker.engine.pipeline import Progress
+
+PRUNE_START, PRUNE_END = 0.02, 0.97
+# (start, end) of each stage's share of the job, by scope.
+_SINGLE_PASS = {
+    "plan": (0.0, PRUNE_START),
+    "prune": (PRUNE_START, PRUNE_END),
+    "finalize": (PRUNE_END, 0.99),
+    "done": (1.0, 1.0),
+}
+_THIRD = (PRUNE_END - PRUNE_START) / 3
+_THREE_PASSES = {
+    **_SINGLE_PASS,
+    "scan1": (PRUNE_START, PRUNE_START + _THIRD),
+    "scan2": (PRUNE_START + _THIRD, PRUNE_START + 2 * _THIRD),
+    "prune": (PRUNE_START + 2 * _THIRD, PRUNE_END),
+}
+# Below this much progress in this attempt, an ETA would be noise.
+MIN_FRACTION_FOR_ETA = 0.02
+
+
+def stage_spans(scope: str) -> dict[str, tuple[float, float]]:
+    return _THREE_PASSES if scope == "model" else _SINGLE_PASS
+
+
+def fraction_of(event: Progress, spans: dict[str, tuple[float, float]]) -> float:
+    start, end = spans.get(event.stage, (0.0, 0.0))
+    if event.bytes_total:
+        within = event.bytes_done / event.bytes_total
+    elif event.tensors_total:
+        within = event.tensors_done / event.tensors_total
+    else:
+        within = 0.0
+    return start + (end - start) * min(max(within, 0.0), 1.0)
+
+
+class ProgressReporter:
+    """The engine's progress callback for one attempt of a job."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        lease: Lease,
+        scope: str,
+        interval: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.lease = lease
+        self.spans = stage_spans(scope)
+        self.interval = interval
+        self.clock = clock
+        self.started = clock()
+        self.fraction = 0.0
+        self.stage: str | None = None
+        self.last: Progress = Progress("plan")
+        self.bytes_read = 0  # of the prune pass: what the job read once through
+        self.bytes_total = 0
+        self._last_write = float("-inf")
+
+    def __call__(self, event: Progress) -> None:
+        self.last = event
+        if event.stage == "prune":
+            self.bytes_read = max(self.bytes_read, event.bytes_done)
+            self.bytes_total = event.bytes_total
+        self.fraction = max(self.fraction, fraction_of(event, self.spans))
+        stage_changed = event.stage != self.stage
+        self.stage = event.stage
+        now = self.clock()
+        # Always on a stage change (clients see every stage), else at most once per interval.
+        if stage_changed or now - self._last_write >= self.interval:
+            self._last_write = now
+            self.store.progress(self.lease, self.snapshot(now))
+
+    def snapshot(self, now: float | None = None) -> dict:
+        now = self.clock() if now is None else now
+        eta = None
+        if self.fraction >= 1.0:
+            eta = 0.0
+        elif self.fraction >= MIN_FRACTION_FOR_ETA:
+            elapsed = now - self.started
+            eta = round(elapsed * (1.0 - self.fraction) / self.fraction, 1)
+        return {
+            "stage": self.last.stage,
+            "tensors_done": self.last.tensors_done,
+            "tensors_total": self.last.tensors_total,
+            "bytes_done": self.last.bytes_done,
+            "bytes_total": self.last.bytes_total,
+            "fraction": round(self.fraction, 6),
+            "eta_seconds": eta,
+        }
+
+    def final(self) -> dict:
+        """The progress of a succeeded job: stage done, everything counted, fraction 1.0."""
+        self.fraction = 1.0
+        tensors = self.last.tensors_total
+        return {
+            "stage": "done",
+            "tensors_done": tensors,
+            "tensors_total": tensors,
+            "bytes_done": self.bytes_total,
+            "bytes_total": self.bytes_total,
+            "fraction": 1.0,
+            "eta_seconds": 0.0,
+        }

@@ -1,0 +1,144 @@
+"""`fapm.run_job(job_id)`: take the job's lease, run the engine, write the outcome.
+
+The task is thin: the JobSpec comes from the job record in Redis (the message carries only the
+id), the engine does the work (worker/engine/pipeline.py), and the record gets the result or a
+stable error code. Guarantees, with Celery's acks_late and the Redis lease:
+
+- one run at a time: `store.start` hands out one lease; a second delivery of the same job while
+  the lease is held retries later, and takes over only once the holder is gone;
+- re-delivery is safe: the engine stages under a name derived from the job id (a killed
+  attempt's leftovers are removed) and publishes with one rename; if the job had published
+  before its worker died, the re-run finds its own report there and just records success;
+- cancellation is a flag in Redis checked between tensors (never revoke(terminate=True)).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from celery import Task
+
+from app.core.config import Settings, get_settings
+from app.jobs.records import TERMINAL_STATUSES
+from app.jobs.store import JobStore, Lease
+from worker.celery_app import RUN_JOB_TASK, celery_app, enqueue_webhook
+from worker.engine.pipeline import run_prune
+from worker.errors import FapmError, JobCancelled
+from worker.heartbeat import LeaseKeeper
+from worker.tasks.progress import ProgressReporter
+from worker.tasks.store import job_store
+from worker.webhooks import webhook_id_for
+
+log = logging.getLogger(__name__)
+
+# Report keys that make up the record's result summary (the full report: GET .../report).
+SUMMARY_KEYS = ("job_id", "totals", "output", "seconds", "implementation", "inputs")
+
+
+class LeaseLost(Exception):
+    """Another worker may own the job now: this attempt stops without writing the record."""
+
+
+@celery_app.task(name=RUN_JOB_TASK, bind=True, max_retries=None)
+def run_job(self: Task, job_id: str) -> str:
+    settings = get_settings()
+    store = job_store()
+    store.note_running(job_id)  # before start: a death right after start is still found
+    lease = store.start(job_id, settings.lease_seconds)
+    if lease == "busy":
+        # Another worker holds the lease (this is a duplicate delivery). Look again in half a
+        # lease: if that worker died, its lease will have expired and this delivery takes over.
+        log.info("job %s is running elsewhere; checking again later", job_id)
+        raise self.retry(countdown=max(1.0, settings.lease_seconds / 2))
+    if lease == "missing":
+        log.warning("job %s has no record (expired or never written); dropped", job_id)
+        store.forget_running(job_id)
+        return "missing"
+    if isinstance(lease, str):
+        # Finished (or cancelled while queued): never start. Its webhook may still be owed if
+        # the worker that finished it died before queueing the delivery.
+        store.forget_running(job_id)
+        dispatch_webhook(store, job_id)
+        return lease
+
+    try:
+        status = execute(store, settings, lease)
+    except LeaseLost:
+        raise self.retry(countdown=max(1.0, settings.lease_seconds / 2)) from None
+    store.forget_running(job_id)
+    dispatch_webhook(store, job_id)
+    return status
+
+
+def execute(store: JobStore, settings: Settings, lease: Lease) -> str:
+    """Run one attempt of a leased job to a terminal status; returns the status."""
+    job_id = lease.job_id
+    started = time.monotonic()
+    try:
+        record = store.get(job_id)
+        spec = record.spec
+    except Exception:
+        log.exception("job %s: unreadable job record", job_id)
+        store.finish(job_id, "failed", lease=lease, error=_internal_error(job_id))
+        return "failed"
+    log.info("job %s: attempt %d, %s %s", job_id, lease.attempt, spec.method, spec.output)
+
+    reporter = ProgressReporter(store, lease, spec.scope, settings.progress_interval_seconds)
+    with LeaseKeeper(store, lease, settings.lease_seconds) as keeper:
+
+        def should_cancel() -> bool:
+            return keeper.lost or store.cancel_requested(job_id)
+
+        try:
+            result = run_prune(spec, reporter, should_cancel, job_id=job_id)
+        except JobCancelled as exc:
+            if keeper.lost:
+                raise LeaseLost from None
+            outcome = {"status": "cancelled", "error": {"code": exc.code, "message": exc.message}}
+        except FapmError as exc:
+            outcome = {"status": "failed", "error": {"code": exc.code, "message": exc.message}}
+        except Exception:
+            log.exception("job %s: unexpected error", job_id)
+            outcome = {"status": "failed", "error": _internal_error(job_id)}
+        else:
+            summary = {key: result.report[key] for key in SUMMARY_KEYS if key in result.report}
+            outcome = {
+                "status": "succeeded",
+                "result": {"output": spec.output, "report": summary},
+                "report": result.report,
+                "progress": reporter.final(),
+            }
+        if keeper.lost:
+            raise LeaseLost
+        if not store.finish(job_id, lease=lease, **outcome):
+            # The lease expired under us (or the record was finished elsewhere): the job's
+            # other holder writes the outcome.
+            log.warning("job %s: could not record %s (lease lost)", job_id, outcome["status"])
+            raise LeaseLost
+    seconds = time.monotonic() - started
+    if outcome["status"] == "succeeded":
+        store.observe_duration(seconds, reporter.bytes_read)
+    log.info("job %s: %s in %.1f s", job_id, outcome["status"], seconds)
+    return outcome["status"]
+
+
+def _internal_error(job_id: str) -> dict:
+    # No exception text: it may quote paths, URLs or credentials. The worker log has it all.
+    return {
+        "code": "internal_error",
+        "message": f"the worker hit an unexpected error running job {job_id}; "
+        "the worker log has the details",
+    }
+
+
+def dispatch_webhook(store: JobStore, job_id: str) -> None:
+    """Queue the end-of-job webhook of a finished job, once (at least once: a crash between the
+    two steps queues it again, with the same webhook-id for the receiver to deduplicate)."""
+    record = store.get(job_id)
+    if record is None or record.webhook is None or record.status not in TERMINAL_STATUSES:
+        return
+    if store.webhook_dispatched(job_id):
+        return
+    enqueue_webhook(job_id, f"job.{record.status}", webhook_id_for(job_id))
+    store.mark_webhook_dispatched(job_id)

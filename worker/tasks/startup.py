@@ -1,0 +1,87 @@
+"""Worker start-up: which queues to consume, and the heartbeat thread.
+
+`celery -A worker.celery_app worker` with no `-Q` consumes `cpu` and `webhooks`, plus `gpu` where
+CUDA is present, so a CPU-only install runs every job. A worker told to consume `gpu` (`-Q gpu`)
+on a machine without CUDA refuses to start: it would take GPU jobs it cannot run.
+
+CUDA is probed in the worker's main process only (the API never imports torch), with the NVML
+check, which does not initialise CUDA: the prefork pool's children are forked from this process
+and could not use CUDA if the parent had initialised it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from celery import signals
+
+from app.core.config import get_settings
+from worker.celery_app import QUEUES, WEBHOOK_QUEUE, enqueue_job
+from worker.heartbeat import Heartbeat
+from worker.tasks.store import job_store
+
+log = logging.getLogger(__name__)
+
+_state: dict[str, object] = {"gpu": False, "heartbeat": None}
+
+
+def cuda_available() -> bool:
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def default_queues(gpu: bool) -> list[str]:
+    return ["cpu", *(["gpu"] if gpu else []), WEBHOOK_QUEUE]
+
+
+def _named_queues(option: object) -> list[str]:
+    if not option:
+        return []
+    if isinstance(option, str):
+        return [q.strip() for q in option.split(",") if q.strip()]
+    return [str(q) for q in option]
+
+
+@signals.celeryd_init.connect
+def choose_queues(sender: str, instance, options: dict, **_: object) -> None:
+    gpu = cuda_available()
+    _state["gpu"] = gpu
+    named = _named_queues(options.get("queues"))
+    if "gpu" in named and not gpu:
+        raise SystemExit(
+            f"fapm worker {sender}: asked to consume the 'gpu' queue, but CUDA is not available "
+            "here (torch.cuda.is_available() is False). Run it on a GPU machine, or drop 'gpu' "
+            "from -Q."
+        )
+    unknown = [q for q in named if q not in (*QUEUES, WEBHOOK_QUEUE)]
+    if unknown:
+        log.warning("consuming queues fapm never routes to: %s", ", ".join(unknown))
+    if not named:
+        # No -Q: Celery would consume every declared queue; pick by hardware instead.
+        instance.app.amqp.queues.select(default_queues(gpu))
+
+
+@signals.worker_ready.connect
+def start_heartbeat(sender, **_: object) -> None:
+    queues = sorted(sender.app.amqp.queues.consume_from)
+    heartbeat = Heartbeat(
+        job_store(),
+        get_settings(),
+        hostname=sender.hostname,
+        queues=queues,
+        gpu=bool(_state["gpu"]),
+        enqueue=enqueue_job,
+    )
+    heartbeat.start()
+    _state["heartbeat"] = heartbeat
+    log.info("fapm worker %s consumes %s (gpu: %s)", sender.hostname, queues, _state["gpu"])
+
+
+@signals.worker_shutdown.connect
+def stop_heartbeat(**_: object) -> None:
+    heartbeat = _state.get("heartbeat")
+    if isinstance(heartbeat, Heartbeat):
+        heartbeat.stop()
