@@ -94,6 +94,23 @@ class Settings(BaseSettings):
         default=None, description="YAML or JSON rules mapping Hub repos to jobs."
     )
 
+    # -- API process only (added with the REST API) ------------------------------------------------
+    sse_keepalive_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        description="An idle events stream sends a comment line this often, so proxies and "
+        "load balancers do not close it.",
+    )
+    max_request_bytes: int = Field(
+        default=1 << 20, ge=1024, description="Largest request body the API reads (413 above)."
+    )
+    queue_route_cache_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="How long the API reuses its answer to 'is a GPU worker alive?' when it "
+        "routes device=auto jobs (saves two Redis calls per submission).",
+    )
+
     @field_validator("local_roots", "webhook_allow", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:

@@ -1,0 +1,1 @@
+"""HTTP layer: FastAPI routers, request dependencies and the submission path (no torch)."""

@@ -1,0 +1,57 @@
+"""Request dependencies: the shared services and the authenticated tenant.
+
+Both security schemes are declared with `auto_error=False` so that FastAPI lists them in the
+OpenAPI document while the 401 stays ours (a problem+json body, one message for "missing" and
+"wrong", and a WWW-Authenticate challenge).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from app.api.services import Services
+from app.core.problems import ProblemError
+
+bearer_scheme = HTTPBearer(
+    auto_error=False,
+    scheme_name="BearerAuth",
+    description="`Authorization: Bearer <api key>`.",
+)
+api_key_scheme = APIKeyHeader(
+    name="X-API-Key",
+    auto_error=False,
+    scheme_name="ApiKeyHeader",
+    description="The same API key in an `X-API-Key` header.",
+)
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def current_tenant(
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
+    api_key: Annotated[str | None, Security(api_key_scheme)],
+) -> str:
+    """The tenant the API key belongs to; 401 problem otherwise. The key itself is never logged
+    or stored; only its SHA-256 digest is compared."""
+    key = bearer.credentials if bearer is not None else api_key
+    tenant = get_services(request).keys.tenant_for(key) if key else None
+    if tenant is None:
+        raise ProblemError(
+            401,
+            "unauthorized",
+            "A valid API key is required: `Authorization: Bearer <key>` or `X-API-Key: <key>`.",
+            headers={"WWW-Authenticate": 'Bearer realm="fapm"'},
+        )
+    return tenant
+
+
+TenantDep = Annotated[str, Depends(current_tenant)]

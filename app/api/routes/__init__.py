@@ -1,0 +1,1 @@
+"""One router per concern: jobs, their event streams, health/metrics, inbound Hub webhooks."""
