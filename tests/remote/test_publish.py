@@ -1,0 +1,128 @@
+"""Publishing targets on their own: S3 through moto_server (real protocol), the Hub through a
+stand-in at the HfApi boundary (the one double allowed: no machine here reaches the Hub)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from worker.errors import OutputExists
+from worker.io.publish import MANIFEST_FILE, HubTarget, S3Target
+from worker.io.writer import WrittenShard
+
+
+def _stage(target, files: dict[str, bytes], shards: tuple[str, ...]) -> None:
+    for name, data in files.items():
+        (target.local_dir / name).write_bytes(data)
+        if name in shards:
+            target.shard_done(WrittenShard(name, len(data), hashlib.sha256(data).hexdigest()))
+
+
+FILES = {
+    "model-00001-of-00002.safetensors": b"a" * 7_000_000,
+    "model-00002-of-00002.safetensors": b"b" * 1000,
+    "config.json": b"{}",
+}
+SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+
+
+def _objects(s3, bucket: str, prefix: str = "") -> dict[str, bytes]:
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return {o["Key"]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listing}
+
+
+def test_s3_commit_publishes_every_file_and_the_manifest_last(s3, bucket):
+    target = S3Target(f"s3://{bucket}/out/m/", bucket, "out/m/", False, "job1")
+    _stage(target, FILES, SHARDS)
+    assert target.commit("job job1") == f"s3://{bucket}/out/m/"
+    objects = _objects(s3, bucket)
+    assert set(objects) == {f"out/m/{n}" for n in FILES} | {f"out/m/{MANIFEST_FILE}"}
+    manifest = json.loads(objects[f"out/m/{MANIFEST_FILE}"])
+    assert {f["name"]: f["sha256"] for f in manifest["files"]} == {
+        n: hashlib.sha256(d).hexdigest() for n, d in FILES.items()
+    }
+    for name, data in FILES.items():
+        assert objects[f"out/m/{name}"] == data
+    assert not target.local_dir.exists()
+
+
+def test_s3_abort_leaves_nothing_and_no_open_multipart_upload(s3, bucket):
+    target = S3Target(f"s3://{bucket}/out/", bucket, "out/", False, "job2")
+    # An interrupted multipart upload, as a killed attempt leaves it.
+    s3.create_multipart_upload(Bucket=bucket, Key=target.staging + SHARDS[0])
+    _stage(target, FILES, SHARDS[:1])
+    target.abort()
+    assert _objects(s3, bucket) == {}
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_s3_refuses_an_existing_output_unless_overwrite(s3, bucket):
+    s3.put_object(Bucket=bucket, Key="out/old.txt", Body=b"x")
+    with pytest.raises(OutputExists):
+        S3Target(f"s3://{bucket}/out/", bucket, "out/", False, "job3")
+    target = S3Target(f"s3://{bucket}/out/", bucket, "out/", True, "job3")
+    _stage(target, FILES, SHARDS)
+    target.commit("job job3")
+    assert "out/old.txt" not in _objects(s3, bucket)  # replaced, not mixed
+
+
+def test_s3_rerun_reuses_shards_staged_with_the_same_sha256(s3, bucket):
+    first = S3Target(f"s3://{bucket}/out/", bucket, "out/", False, "job4")
+    _stage(first, FILES, SHARDS)
+    first._uploads.wait()  # the attempt dies here: shards staged, nothing published
+    staged = first.staging + SHARDS[0]
+    before = s3.head_object(Bucket=bucket, Key=staged)["LastModified"]
+    second = S3Target(f"s3://{bucket}/out/", bucket, "out/", False, "job4")
+    _stage(second, FILES, SHARDS)
+    second._uploads.wait()
+    assert s3.head_object(Bucket=bucket, Key=staged)["LastModified"] == before
+    second.commit("job job4")
+    assert _objects(s3, bucket, "out/")[f"out/{SHARDS[0]}"] == FILES[SHARDS[0]]
+
+
+class HubApiStandIn:
+    """Records what HubTarget asks of HfApi, in order."""
+
+    def __init__(self, existing: list[str] | None = None) -> None:
+        self.calls: list[tuple[str, object]] = []
+        self.existing = existing or []
+
+    def create_repo(self, repo_id, **kw):
+        self.calls.append(("create_repo", (repo_id, kw.get("private"))))
+
+    def list_repo_files(self, repo_id, revision=None):
+        return self.existing
+
+    def preupload_lfs_files(self, repo_id, additions, revision=None):
+        self.calls.append(("preupload", [op.path_in_repo for op in additions]))
+
+    def create_commit(self, repo_id, operations, commit_message, revision=None):
+        paths = [op.path_in_repo for op in operations]
+        contents = {op.path_in_repo: open(op.path_or_fileobj, "rb").read() for op in operations}
+        self.calls.append(("create_commit", (paths, commit_message, contents)))
+
+        class Info:
+            oid = "c" * 40
+
+        return Info()
+
+
+def test_hub_preuploads_each_shard_then_one_commit_with_every_file():
+    api = HubApiStandIn()
+    target = HubTarget("hf://acme/pruned", "acme/pruned", None, False, api=api)
+    _stage(target, FILES, SHARDS)
+    assert target.commit("fapm job j: fapm sparsity 0.9") == "hf://acme/pruned@" + "c" * 40
+    names = [c[0] for c in api.calls]
+    assert names == ["create_repo", "preupload", "preupload", "create_commit"]
+    assert api.calls[0][1] == ("acme/pruned", True)  # private by default
+    paths, message, contents = api.calls[-1][1]
+    assert sorted(paths) == sorted(FILES) and message.startswith("fapm job j")
+    assert contents == FILES
+
+
+def test_hub_refuses_a_repo_that_holds_a_model_unless_overwrite():
+    with pytest.raises(OutputExists):
+        HubTarget("hf://acme/x", "acme/x", None, False, api=HubApiStandIn(["model.safetensors"]))
+    HubTarget("hf://acme/x", "acme/x", None, True, api=HubApiStandIn(["model.safetensors"]))

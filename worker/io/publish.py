@@ -1,0 +1,305 @@
+"""Where a finished model goes, published atomically: a local directory, an S3 prefix or a Hub repo.
+
+The engine always writes into a local staging directory (`OutputTarget.local_dir`); the writer
+calls `shard_done` as each shard is closed, so remote targets start uploading it while the next
+shard is computed. `commit` publishes everything at once; `abort` removes whatever was staged.
+
+- Local: a hidden sibling directory renamed into place (worker/engine/staging.py).
+- S3: shards uploaded under a staging prefix as they complete (multipart above a threshold), then
+  the small files, then every object is copied to the final prefix and `fapm-manifest.json`
+  (every object with its size and sha256) is written LAST: the manifest is the commit point a
+  consumer waits for. A failed or cancelled job aborts its multipart uploads and deletes its
+  staging objects; a re-run of the same job reuses shards already staged with the same sha256.
+- Hub: the repo is created if missing (private), each shard is pre-uploaded as it completes
+  (`preupload_lfs_files`), and one `create_commit` publishes every file at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import threading
+import time
+from abc import ABC, abstractmethod
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from worker.errors import FapmError, OutputExists
+from worker.io.writer import WrittenShard
+
+MANIFEST_FILE = "fapm-manifest.json"
+_HASH_CHUNK = 8 * 2**20
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class OutputTarget(ABC):
+    """One job's output: stage locally, upload as shards complete, publish all at once."""
+
+    uri: str
+    local_dir: Path
+    upload_seconds: float = 0.0  # time spent in uploads (overlapping compute), for the report
+
+    def shard_done(self, shard: WrittenShard) -> None:  # noqa: B027 - local targets need nothing
+        """Called (from the writer thread) when a shard file is complete in local_dir."""
+
+    @abstractmethod
+    def commit(self, message: str) -> str:
+        """Publish everything in local_dir; returns where the model now is."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Remove everything staged; safe to call twice and after a failed commit."""
+
+
+class _BackgroundUploads:
+    """Uploads run one shard at a time on a side thread (each may use parallel parts), in
+    order; errors surface at the next call or at `wait`."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fapm-upload")
+        self._futures: list[Future] = []
+        self.seconds = 0.0
+        self._lock = threading.Lock()
+
+    def submit(self, fn, *args) -> None:
+        self.raise_if_failed()
+
+        def timed() -> None:
+            started = time.perf_counter()
+            try:
+                fn(*args)
+            finally:
+                with self._lock:
+                    self.seconds += time.perf_counter() - started
+
+        self._futures.append(self._pool.submit(timed))
+
+    def raise_if_failed(self) -> None:
+        for future in self._futures:
+            if future.done() and future.exception() is not None:
+                raise future.exception()
+
+    def wait(self) -> None:
+        for future in self._futures:
+            future.result()
+
+    def cancel(self) -> None:
+        for future in self._futures:
+            future.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class S3Target(OutputTarget):
+    def __init__(
+        self, uri: str, bucket: str, prefix: str, overwrite: bool, job_key: str, client=None
+    ) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        from worker.io.s3 import s3_client
+
+        self.uri = uri
+        self.bucket = bucket
+        self.prefix = prefix  # "a/b/" (never empty: a whole bucket is not a model directory)
+        if not prefix:
+            raise FapmError(f"{uri}: give a prefix (s3://bucket/prefix/)", code="invalid_output")
+        self.overwrite = overwrite
+        self.client = client or s3_client()
+        parent, _, leaf = prefix.rstrip("/").rpartition("/")
+        # A sibling prefix keyed by the job: a re-run of the same job finds its staged shards.
+        self.staging = f"{parent + '/' if parent else ''}.{leaf}.fapm-staging-{job_key}/"
+        self.transfer = TransferConfig(
+            multipart_threshold=64 * 2**20,
+            multipart_chunksize=64 * 2**20,
+            max_concurrency=8,
+            use_threads=True,
+        )
+        self._fail_if_exists()
+        self._abort_multipart_uploads()  # left by a killed earlier attempt of this job
+        self.local_dir = Path(tempfile.mkdtemp(prefix="fapm-out-"))
+        self._uploads = _BackgroundUploads()
+        self._uploaded: dict[str, tuple[int, str]] = {}  # name -> (size, sha256)
+
+    def _keys(self, prefix: str) -> list[dict]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        )
+        return [obj for page in pages for obj in page.get("Contents", [])]
+
+    def _fail_if_exists(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from worker.io.s3 import s3_error
+
+        try:
+            existing = self._keys(self.prefix)
+        except (ClientError, BotoCoreError) as exc:
+            raise s3_error(exc, self.uri) from exc
+        if existing and not self.overwrite:
+            raise OutputExists(f"{self.uri} already holds objects; set overwrite to replace them")
+
+    def _abort_multipart_uploads(self) -> None:
+        pages = self.client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=self.bucket, Prefix=self.staging
+        )
+        for page in pages:
+            for upload in page.get("Uploads", []):
+                self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                )
+
+    def _upload(self, name: str, sha256: str, remove_local: bool) -> None:
+        path = self.local_dir / name
+        key = self.staging + name
+        size = path.stat().st_size
+        try:  # staged by an earlier attempt of this job with the same bytes: keep it
+            head = self.client.head_object(Bucket=self.bucket, Key=key)
+            if head["ContentLength"] == size and head["Metadata"].get("sha256") == sha256:
+                self._uploaded[name] = (size, sha256)
+                if remove_local:
+                    path.unlink()
+                return
+        except self.client.exceptions.ClientError:
+            pass
+        self.client.upload_file(
+            str(path),
+            self.bucket,
+            key,
+            ExtraArgs={"Metadata": {"sha256": sha256}},
+            Config=self.transfer,
+        )
+        self._uploaded[name] = (size, sha256)
+        if remove_local:
+            path.unlink()  # local disk holds about one shard at a time
+
+    def shard_done(self, shard: WrittenShard) -> None:
+        self._uploads.submit(self._upload, shard.file, shard.sha256, True)
+
+    @property
+    def upload_seconds(self) -> float:  # type: ignore[override]
+        return self._uploads.seconds
+
+    def commit(self, message: str) -> str:
+        self._uploads.wait()
+        for path in sorted(self.local_dir.iterdir()):
+            if path.name not in self._uploaded:
+                self._uploads.submit(self._upload, path.name, file_sha256(path), False)
+        self._uploads.wait()
+        manifest = {
+            "format": "fapm-manifest/1",
+            "message": message,
+            "files": [
+                {"name": name, "size": size, "sha256": sha}
+                for name, (size, sha) in sorted(self._uploaded.items())
+            ],
+        }
+        self._promote(manifest)
+        self._delete_prefix(self.staging)
+        shutil.rmtree(self.local_dir, ignore_errors=True)
+        return self.uri
+
+    def _promote(self, manifest: dict) -> None:
+        """Copy staged objects to the final prefix; the manifest goes last (the commit point)."""
+        if self.overwrite:  # consumers must not take the old manifest for the new files
+            self.client.delete_object(Bucket=self.bucket, Key=self.prefix + MANIFEST_FILE)
+        elif self._keys(self.prefix):
+            raise OutputExists(f"{self.uri} appeared while the job ran; not replaced")
+        for name in self._uploaded:
+            self.client.copy(
+                {"Bucket": self.bucket, "Key": self.staging + name},
+                self.bucket,
+                self.prefix + name,
+                Config=self.transfer,
+            )
+        if self.overwrite:
+            keep = {self.prefix + name for name in self._uploaded}
+            stale = [o["Key"] for o in self._keys(self.prefix) if o["Key"] not in keep]
+            self._delete_keys(stale)
+        self.client.put_object(
+            Bucket=self.bucket,
+            Key=self.prefix + MANIFEST_FILE,
+            Body=json.dumps(manifest, indent=2).encode(),
+            ContentType="application/json",
+        )
+
+    def _delete_keys(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": key} for key in keys[start : start + 1000]]
+            if batch:
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
+
+    def _delete_prefix(self, prefix: str) -> None:
+        self._delete_keys([o["Key"] for o in self._keys(prefix)])
+
+    def abort(self) -> None:
+        self._uploads.cancel()
+        try:
+            self._abort_multipart_uploads()
+            self._delete_prefix(self.staging)
+        finally:
+            shutil.rmtree(self.local_dir, ignore_errors=True)
+
+
+class HubTarget(OutputTarget):
+    """A model repo on the Hub; `api` is an HfApi (tests pass a stand-in with its methods)."""
+
+    def __init__(self, uri: str, repo_id: str, branch: str | None, overwrite: bool, api=None):
+        from huggingface_hub import HfApi
+
+        self.uri = uri
+        self.repo_id = repo_id
+        self.branch = branch
+        self.api = api or HfApi()
+        self.api.create_repo(repo_id, private=True, exist_ok=True, repo_type="model")
+        existing = self.api.list_repo_files(repo_id, revision=branch)
+        if any(name.endswith(".safetensors") for name in existing) and not overwrite:
+            raise OutputExists(f"{uri} already holds a model; set overwrite to replace it")
+        self.local_dir = Path(tempfile.mkdtemp(prefix="fapm-out-"))
+        self._uploads = _BackgroundUploads()
+        self._operations: list = []
+
+    def _preupload(self, name: str) -> None:
+        from huggingface_hub import CommitOperationAdd
+
+        operation = CommitOperationAdd(
+            path_in_repo=name, path_or_fileobj=str(self.local_dir / name)
+        )
+        self.api.preupload_lfs_files(self.repo_id, additions=[operation], revision=self.branch)
+        self._operations.append(operation)
+
+    def shard_done(self, shard: WrittenShard) -> None:
+        self._uploads.submit(self._preupload, shard.file)
+
+    @property
+    def upload_seconds(self) -> float:  # type: ignore[override]
+        return self._uploads.seconds
+
+    def commit(self, message: str) -> str:
+        from huggingface_hub import CommitOperationAdd
+
+        self._uploads.wait()
+        staged = {op.path_in_repo for op in self._operations}
+        for path in sorted(self.local_dir.iterdir()):
+            if path.name not in staged:
+                self._operations.append(
+                    CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
+                )
+        info = self.api.create_commit(
+            self.repo_id, operations=self._operations, commit_message=message, revision=self.branch
+        )
+        shutil.rmtree(self.local_dir, ignore_errors=True)
+        oid = getattr(info, "oid", None)
+        return f"hf://{self.repo_id}@{oid}" if oid else self.uri
+
+    def abort(self) -> None:
+        # Pre-uploaded LFS files that no commit references are invisible and garbage-collected.
+        self._uploads.cancel()
+        shutil.rmtree(self.local_dir, ignore_errors=True)
