@@ -232,7 +232,7 @@ def _submit(client, namespace: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     if namespace.wait:
-        return _follow(client, record["id"], namespace.json)
+        return _follow(client, record["id"], namespace.json, record["status"])
     return 0
 
 
@@ -254,9 +254,10 @@ def _progress_namespace(data: object) -> SimpleNamespace:
     return SimpleNamespace(**fields)
 
 
-def _follow(client, job_id: str, as_json: bool = False) -> int:
-    """Follow the job's events to its end: a bar on a TTY, state changes as lines on stderr.
-    0 if it succeeded, 1 (with the job's error code) if it failed or was cancelled."""
+def _follow(client, job_id: str, as_json: bool = False, status: str | None = None) -> int:
+    """Follow the job's events to its end: a bar on a TTY, state changes as lines on stderr
+    (`status`: the one already shown). 0 if it succeeded, 1 (with the job's error code) if it
+    failed or was cancelled."""
     update = _progress_bar()
 
     def say(line: str) -> None:
@@ -268,19 +269,35 @@ def _follow(client, job_id: str, as_json: bool = False) -> int:
             print(line, file=sys.stderr, flush=True)
 
     final: dict = {}
+    pruning: SimpleNamespace | None = None  # the last "prune" progress: its totals fill the bar
+
+    def fill_bar() -> None:
+        # Progress is written at a bounded rate, so the last "prune" event may stop short of
+        # the total; the job got past that stage, so show the bar full before closing it.
+        if update is not None and pruning is not None:
+            full = {"tensors_done": pruning.tensors_total, "bytes_done": pruning.bytes_total}
+            update(SimpleNamespace(**{**vars(pruning), **full}))
+
     for event in client.events(job_id):
         if event.event == "progress":
+            progress = _progress_namespace(event.data)
+            if progress.stage == "prune":
+                pruning = progress
+            elif progress.stage in ("finalize", "done"):
+                fill_bar()
             if update is not None:
-                update(_progress_namespace(event.data))
+                update(progress)
         elif event.event == "state" and isinstance(event.data, dict):
-            status = event.data.get("status")
             if event.terminal:
+                if event.data.get("status") == "succeeded":
+                    fill_bar()
                 if update is not None:
                     update(SimpleNamespace(stage="done"))
                 final = event.data
-            elif status == "running" and event.data.get("cancel_requested"):
+            elif event.data.get("cancel_requested"):
                 say(f"fapm: job {job_id} cancel requested")
-            else:
+            elif event.data.get("status") != status:  # a replayed or repeated state says nothing
+                status = event.data.get("status")
                 say(f"fapm: job {job_id} {status}")
     # The record has the full result (the report summary) and error; the event is the fallback.
     try:
@@ -398,12 +415,13 @@ def _jobs(client, namespace: argparse.Namespace) -> int:
         _print_json(page)
         return 0
     jobs = page.get("jobs") or []
-    print(f"{'ID':<34} {'STATUS':<10} {'DONE':>5}  {'CREATED':<25} OUTPUT")
+    print(f"{'ID':<34} {'STATUS':<10} {'DONE':>5}  {'CREATED (UTC)':<19}  OUTPUT")
     for record in jobs:
         output = (record.get("spec") or {}).get("output", "")
+        created = str(record.get("created_at", ""))[:19].replace("T", " ")
         print(
             f"{record.get('id', ''):<34} {record.get('status', ''):<10} "
-            f"{_percent(record):>5}  {record.get('created_at', ''):<25} {output}"
+            f"{_percent(record):>5}  {created:<19}  {output}"
         )
     if page.get("next_cursor"):
         print(f"fapm: more jobs: fapm jobs --cursor {page['next_cursor']}", file=sys.stderr)

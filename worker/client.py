@@ -78,7 +78,8 @@ class ApiError(ClientError):
     def one_line(self) -> str:
         """The title or detail and the field errors on one line, for a terminal."""
         text = self.detail or self.title
-        fields = self.field_errors()
+        # Field errors the detail does not already spell out (servers often summarise them there).
+        fields = [f for f in self.field_errors() if f not in text]
         if fields:
             text = f"{text} ({'; '.join(fields)})"
         if self.retry_after:

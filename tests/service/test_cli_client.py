@@ -303,7 +303,7 @@ def test_status_jobs_and_cancel_on_a_queued_job(api_stack, local_root):
     listed = fapm("jobs", "--label", f"run={tag}", "--json", url=url)
     assert listed.returncode == 0, listed.stderr
     assert [j["id"] for j in json.loads(listed.stdout)["jobs"]] == [job_id]
-    table = fapm("jobs", "--status", "queued", "--limit", "500", url=url)
+    table = fapm("jobs", "--status", "queued", "--label", f"run={tag}", url=url)
     assert table.returncode == 0 and job_id in table.stdout
     assert fapm("jobs", "--label", f"run={tag}", url=url, tenant="bob").stdout.count("\n") == 1
 
