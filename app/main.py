@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from app.api.body_limit import BodyLimitMiddleware
 from app.api.routes import events, health, hooks, jobs
 from app.api.services import Services
 from app.api.webhooks_out import declare_outbound_webhooks
@@ -54,9 +55,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         openapi_tags=TAGS,
         lifespan=lifespan,
-        max_body_size=settings.max_request_bytes,
     )
     app.state.services = services
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     install_problem_handlers(app)
     for module in (jobs, events, hooks, health):
         app.include_router(module.router)

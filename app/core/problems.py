@@ -29,6 +29,8 @@ TYPE_PREFIX = "/problems/"
 _VALUE_ERROR_PREFIX = "Value error, "
 # JobSpec's model validators start their message with the field they are about ("finetuned: ...").
 _FIELD_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*): (.+)$", re.S)
+# RFC 9110 names where Python's http module still has the older ones.
+_PHRASES = {413: "Content Too Large", 422: "Unprocessable Content"}
 
 
 class FieldError(BaseModel):
@@ -97,7 +99,7 @@ class ProblemError(Exception):
         super().__init__(detail or code)
         self.status = status
         self.code = code
-        self.title = title or HTTPStatus(status).phrase
+        self.title = title or _PHRASES.get(status) or HTTPStatus(status).phrase
         self.detail = detail
         self.errors = errors
         self.headers = headers
@@ -118,7 +120,7 @@ def problem_response(
 ) -> JSONResponse:
     body: dict[str, Any] = {
         "type": problem_type or TYPE_PREFIX + code.replace("_", "-"),
-        "title": title or HTTPStatus(status).phrase,
+        "title": title or _PHRASES.get(status) or HTTPStatus(status).phrase,
         "status": status,
         "detail": detail,
         "instance": request.url.path,
@@ -196,13 +198,14 @@ async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
 
 async def _on_http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    phrase = HTTPStatus(exc.status_code).phrase
+    phrase = _PHRASES.get(exc.status_code) or HTTPStatus(exc.status_code).phrase
     detail = exc.detail if isinstance(exc.detail, str) and exc.detail != phrase else None
     code = phrase.lower().replace(" ", "_").replace("-", "_")
     return problem_response(
         request,
         exc.status_code,
         code,
+        title=phrase,
         detail=detail,
         headers=exc.headers,
         problem_type="about:blank",  # RFC 9457 §4.2.1: plain HTTP semantics
