@@ -28,6 +28,8 @@ import base64
 import json
 import os
 import re
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +44,7 @@ import redis
 from worker.localstack import LocalStack
 
 _HEX32 = re.compile(r"[0-9a-f]{32}")
+_LINE_NUMBER = re.compile(r":\d+\)$")
 
 
 @dataclass
@@ -413,6 +416,46 @@ def verify(redis_url: str, submitted: list[Sample]) -> dict:
     return result
 
 
+def start_py_spy(stack: LocalStack, path: str) -> subprocess.Popen:
+    """py-spy sampling the API process (and its uvicorn workers), in `raw` (collapsed) form.
+    It runs in its own process: it takes some CPU, which the 'others' column counts."""
+    api = next(p for p in stack.processes if p.name == "api")
+    binary = Path(sys.executable).with_name("py-spy")
+    argv = [str(binary), "record", "--pid", str(api.popen.pid), "--subprocesses", "--format"]
+    # --gil: only samples holding the GIL, i.e. Python CPU work (idle pool threads drop out)
+    argv += ["raw", "--gil", "--rate", "200", "--output", path, "--nonblocking"]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1.0)  # py-spy attaches before the first measured request
+    return process
+
+
+def stop_py_spy(process: subprocess.Popen, path: str, top: int = 25) -> None:
+    """Stop py-spy (SIGINT makes it write its file) and print where the API spent its samples:
+    per frame, the share of samples with that frame on the stack (inclusive) and on top (self)."""
+    process.send_signal(signal.SIGINT)
+    process.wait(60)
+    inclusive: Counter = Counter()
+    own: Counter = Counter()
+    total = 0
+    for line in Path(path).read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        # "function (file:line)" -> "function (file)": one entry per function, not per line
+        frames = [_LINE_NUMBER.sub(")", f) for f in stack.split(";")]
+        n = int(count)
+        total += n
+        for frame in set(frames):
+            inclusive[frame] += n
+        own[frames[-1]] += n
+    print(f"py-spy: {total} samples of the API holding the GIL", file=sys.stderr)
+    for frame, n in inclusive.most_common(top):
+        print(
+            f"  {100 * n / total:5.1f}% incl {100 * own[frame] / total:5.1f}% self  {frame}",
+            file=sys.stderr,
+        )
+
+
 def _fmt_errors(errors: dict) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(errors.items())) or "0"
 
@@ -471,6 +514,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--keep", action="store_true", help="leave the stack's files (logs) in place"
     )
+    parser.add_argument(
+        "--py-spy",
+        metavar="PATH",
+        help="sample the API with py-spy during the measured phases; collapsed stacks to PATH "
+        "and the top frames printed",
+    )
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     parser.add_argument("--json", metavar="PATH", help="also write the raw summaries as JSON")
     return parser.parse_args(argv)
@@ -497,6 +546,7 @@ async def run(
         if args.warmup:
             warm = await load.closed_loop("warmup", args.warmup, 4)
             everything += warm
+        profiler = start_py_spy(stack, args.py_spy) if args.py_spy else None
         for rate in [float(r) for r in args.rate.split(",")]:
             name = f"open loop {rate:g}/s"
             phase = await run_phase(
@@ -521,6 +571,8 @@ async def run(
             summaries.append(summarize(phase))
         if load.raw is not None:
             await load.raw.aclose()
+    if profiler is not None:
+        stop_py_spy(profiler, args.py_spy)
     audit = verify(stack.redis_url, everything)
     return summaries, audit
 
