@@ -33,7 +33,7 @@ def _declare(app: FastAPI, event_type: str, summary: str, record: dict) -> None:
     example = {"type": event_type, "timestamp": "2026-10-01T12:01:50Z", "data": record}
 
     def receiver(
-        body: Annotated[WebhookEvent, Body(examples=[example])],
+        body: Annotated[WebhookEvent, Body(openapi_examples={event_type: {"value": example}})],
         webhook_id: Annotated[
             str,
             Header(

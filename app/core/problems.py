@@ -263,8 +263,10 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 def move_problem_schemas(openapi: dict[str, Any]) -> None:
-    """FastAPI files `responses={..: {"model": Problem}}` under application/json; error bodies are
+    """FastAPI files `responses={..: {"model": Problem}}` under the route's media type
+    (application/json, or text/event-stream for the events route); error bodies are
     application/problem+json, so move them there in the generated document."""
+    problem_ref = {"$ref": "#/components/schemas/Problem"}
     for path in openapi.get("paths", {}).values():
         for operation in path.values():
             if not isinstance(operation, dict):
@@ -273,13 +275,8 @@ def move_problem_schemas(openapi: dict[str, Any]) -> None:
                 if not str(status).isdigit() or int(status) < 400:
                     continue
                 content = response.get("content", {})
-                if "application/json" in content:
-                    content[PROBLEM_MEDIA_TYPE] = content.pop("application/json")
-                    schema = content[PROBLEM_MEDIA_TYPE].get("schema", {})
-                    if schema.get("$ref", "").endswith("/HTTPValidationError"):
-                        content[PROBLEM_MEDIA_TYPE]["schema"] = {
-                            "$ref": "#/components/schemas/Problem"
-                        }
+                media = content.get(PROBLEM_MEDIA_TYPE) or next(iter(content.values()), {})
+                response["content"] = {PROBLEM_MEDIA_TYPE: {**media, "schema": problem_ref}}
     schemas = openapi.get("components", {}).get("schemas", {})
     # FastAPI's default 422 models are replaced by Problem everywhere.
     schemas.pop("HTTPValidationError", None)

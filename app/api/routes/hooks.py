@@ -93,11 +93,10 @@ def verify_hub_secret(
         Header(alias="X-Webhook-Secret", description="The secret set on the Hub webhook."),
     ] = None,
 ) -> None:
-    expected = services.settings.hf_webhook_secret
-    given = (secret or "").encode("utf-8")
-    ok = expected is not None and hmac.compare_digest(
-        given, expected.get_secret_value().encode("utf-8")
-    )
+    configured = services.settings.hf_webhook_secret
+    expected = configured.get_secret_value().encode("utf-8") if configured else b""
+    # An empty secret means "off", never "anything matches the empty string".
+    ok = bool(expected) and hmac.compare_digest((secret or "").encode("utf-8"), expected)
     if not ok:
         raise ProblemError(
             401, "unauthorized", "Missing or wrong X-Webhook-Secret (or Hub webhooks are off)."
@@ -153,7 +152,7 @@ def _pushed_sha(payload: HubWebhookPayload, revision: str) -> str | HubWebhookAn
 def huggingface_webhook(
     services: ServicesDep,
     _: Annotated[None, Depends(verify_hub_secret)],
-    payload: Annotated[HubWebhookPayload, Body(examples=[HUB_EXAMPLE])],
+    payload: Annotated[HubWebhookPayload, Body(openapi_examples={"push": {"value": HUB_EXAMPLE}})],
 ) -> HubWebhookAnswer:
     repo = payload.repo.name
     if payload.repo.type != "model":
