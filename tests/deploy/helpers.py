@@ -53,9 +53,25 @@ def settings_defaults() -> dict[str, Any]:
 
 
 def celery_queues() -> tuple[str, ...]:
+    """The prune-job queues (KEDA scales on these)."""
     from worker.celery_app import QUEUES
 
     return tuple(QUEUES)
+
+
+def all_celery_queues() -> set[str]:
+    """Every queue the service routes to: prune jobs and webhook deliveries."""
+    from worker.celery_app import celery_app
+
+    return {queue.name for queue in celery_app.conf.task_queues}
+
+
+def consumed_queues(argv: list[str]) -> set[str]:
+    """The queues a `celery ... worker` command line names with -Q (none: the worker's default)."""
+    for flag in ("-Q", "--queues"):
+        if flag in argv:
+            return set(argv[argv.index(flag) + 1].split(","))
+    return set()
 
 
 @cache

@@ -16,13 +16,16 @@ from tests.deploy.helpers import (
     FOREIGN_CONTAINERS,
     OTHER_ENV,
     ROOT,
+    all_celery_queues,
     compose,
+    consumed_queues,
     duration_seconds,
     settings_defaults,
     settings_env_names,
 )
 
-FAPM_SERVICES = ("api", "worker-cpu", "worker-gpu")
+FAPM_SERVICES = ("api", "worker-cpu", "worker-gpu", "worker-webhooks")
+WORKERS = ("worker-cpu", "worker-gpu", "worker-webhooks")
 
 
 def test_valid_against_the_compose_spec_schema() -> None:
@@ -70,9 +73,7 @@ def test_docker_compose_config_parses_it() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     rendered = yaml.safe_load(result.stdout)
-    assert {"redis", "minio", "minio-init", "api", "worker-cpu", "worker-gpu"} <= set(
-        rendered["services"]
-    )
+    assert {"redis", "minio", "minio-init", *FAPM_SERVICES} <= set(rendered["services"])
     api_env = rendered["services"]["api"]["environment"]
     assert api_env["FAPM_REDIS_URL"] == "redis://redis:6379/0"
     assert api_env["FAPM_API_KEYS"]  # the local default, interpolated
@@ -80,13 +81,14 @@ def test_docker_compose_config_parses_it() -> None:
 
 def test_services_and_builds() -> None:
     services = compose()["services"]
-    assert set(services) == {"redis", "minio", "minio-init", "api", "worker-cpu", "worker-gpu"}
+    assert set(services) == {"redis", "minio", "minio-init", *FAPM_SERVICES}
     for name in FAPM_SERVICES:
+        image = "worker-cpu" if name == "worker-webhooks" else name
         build = services[name]["build"]
         assert build["context"] == "."
         assert (ROOT / build["dockerfile"]).is_file()
-        assert build["dockerfile"] == f"docker/{name}.Dockerfile"
-        assert services[name]["image"].startswith(f"fapm-service/{name}:")
+        assert build["dockerfile"] == f"docker/{image}.Dockerfile"
+        assert services[name]["image"].startswith(f"fapm-service/{image}:")
 
 
 def test_every_environment_variable_is_read_by_something() -> None:
@@ -128,7 +130,7 @@ def test_gpu_worker_is_a_profile_with_a_gpu_reservation() -> None:
     assert gpu["profiles"] == ["gpu"]
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
-    for name in ("redis", "minio", "minio-init", "api", "worker-cpu"):
+    for name in ("redis", "minio", "minio-init", "api", "worker-cpu", "worker-webhooks"):
         assert "profiles" not in services[name], f"{name} starts with a plain `up`"
 
 
@@ -148,14 +150,29 @@ def test_minio_bucket_is_created_at_start_before_the_service() -> None:
 def test_grace_periods_fit_the_visibility_timeout() -> None:
     services = compose()["services"]
     visibility = settings_defaults()["visibility_timeout_seconds"]
-    for name in ("worker-cpu", "worker-gpu"):
+    for name in WORKERS:
         env = services[name]["environment"]
         grace = duration_seconds(services[name]["stop_grace_period"])
         drain = float(env["WORKER_DRAIN_SECONDS"])
         assert 0 < drain < grace, "the job is handed back before Docker's SIGKILL"
-        assert grace - drain >= 60, "a minute at least for the cold shutdown to requeue"
+        assert grace - drain >= (60 if name != "worker-webhooks" else 10), "time to requeue"
         assert grace < int(env.get("FAPM_VISIBILITY_TIMEOUT_SECONDS", visibility))
     assert duration_seconds(services["api"]["stop_grace_period"]) <= 60
+
+
+def test_workers_consume_every_queue_of_the_service() -> None:
+    services = compose()["services"]
+    consumed = {}
+    for name in WORKERS:
+        command = services[name]["command"]
+        assert command[:4] == ["celery", "-A", "worker.celery_app", "worker"]
+        consumed[name] = consumed_queues(command)
+    assert consumed == {
+        "worker-cpu": {"cpu"},
+        "worker-gpu": {"gpu"},
+        "worker-webhooks": {"webhooks"},
+    }
+    assert set().union(*consumed.values()) == all_celery_queues()
 
 
 def test_api_is_on_localhost_8000() -> None:

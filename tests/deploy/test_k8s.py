@@ -19,8 +19,10 @@ from tests.deploy.helpers import (
     K8S,
     OTHER_ENV,
     SCHEMAS,
+    all_celery_queues,
     applied_resources,
     celery_queues,
+    consumed_queues,
     container_command,
     documents,
     image_command,
@@ -33,7 +35,8 @@ from tests.deploy.helpers import (
 
 KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 NAMESPACE = "fapm"
-WORKERS = {"fapm-worker-cpu": "cpu", "fapm-worker-gpu": "gpu"}
+WORKERS = {"fapm-worker-cpu": "cpu", "fapm-worker-gpu": "gpu"}  # prune workers, KEDA-scaled
+WEBHOOKS = "fapm-worker-webhooks"
 
 
 def kubernetes_documents() -> list[tuple[str, dict[str, Any]]]:
@@ -130,7 +133,7 @@ def test_kubectl_kustomize_renders_it() -> None:
     )
     assert result.returncode == 0, result.stderr
     kinds = sorted(d["kind"] for d in yaml.safe_load_all(result.stdout) if d)
-    assert kinds.count("Deployment") == 3 and kinds.count("ScaledObject") == 2
+    assert kinds.count("Deployment") == 4 and kinds.count("ScaledObject") == 2
 
 
 def test_example_secrets_are_placeholders_and_cover_every_reference() -> None:
@@ -206,14 +209,28 @@ def test_containers_run_the_images_entry_points() -> None:
     api = container_command(containers["fapm-api"], image_command(DOCKER / "api.Dockerfile")[0])
     _, api_cmd = image_command(DOCKER / "api.Dockerfile")
     assert api[: len(api_cmd)] == api_cmd, "the image's command, with extra flags at most"
-    for name, queue in WORKERS.items():
+    consumed: dict[str, set[str]] = {}
+    for name, queue in {**WORKERS, WEBHOOKS: "cpu"}.items():
         dockerfile = DOCKER / f"worker-{queue}.Dockerfile"
         entrypoint, cmd = image_command(dockerfile)
         container = containers[name]
         assert "command" not in container, "keep the image's entrypoint (signal handling)"
         assert container["image"].startswith(f"fapm-service/worker-{queue}:")
-        assert container["args"] == cmd, f"{name} runs what the image runs"
+        assert container["args"][:4] == cmd[:4] == ["celery", "-A", "worker.celery_app", "worker"]
         assert container_command(container, entrypoint)[:2] == ["python", entrypoint[1]]
+        consumed[name] = consumed_queues(container["args"])
+    # Each Deployment names its queues, and together they consume every queue the service uses.
+    assert consumed == {
+        "fapm-worker-cpu": {"cpu"},
+        "fapm-worker-gpu": {"gpu"},
+        WEBHOOKS: {"webhooks"},
+    }
+    assert set().union(*consumed.values()) == all_celery_queues()
+    webhooks = containers[WEBHOOKS]["args"]
+    assert webhooks[webhooks.index("--pool") + 1] == "threads"
+    for name in WORKERS:
+        args = containers[name]["args"]
+        assert args[args.index("--concurrency") + 1] == "1", "one job per pod"
 
 
 def test_api_probes_service_and_pdb() -> None:
@@ -249,13 +266,16 @@ def test_grace_periods() -> None:
     command = api["containers"][0]["command"]
     uvicorn_grace = int(command[command.index("--timeout-graceful-shutdown") + 1])
     assert prestop + uvicorn_grace < api["terminationGracePeriodSeconds"]
-    for name in WORKERS:
+    for name in [*WORKERS, WEBHOOKS]:
         spec = pod_spec(deployments[name])
         grace = spec["terminationGracePeriodSeconds"]
         env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
         drain = int(env["WORKER_DRAIN_SECONDS"])
-        assert grace >= 3600, f"{name}: jobs run for hours; the grace period must let them end"
-        assert 60 <= grace - drain <= 900, f"{name}: hand back a few minutes before the SIGKILL"
+        if name in WORKERS:
+            assert grace >= 3600, f"{name}: jobs run for hours; the grace period must let them end"
+            assert 60 <= grace - drain <= 900, f"{name}: hand back minutes before the SIGKILL"
+        else:
+            assert grace <= 120 and 10 <= grace - drain, f"{name}: deliveries take seconds"
         assert grace < visibility, f"{name}: a draining job must not be re-delivered meanwhile"
         assert "livenessProbe" not in spec["containers"][0]
 
@@ -270,9 +290,7 @@ def test_gpu_workers_ask_for_gpus_on_gpu_nodes() -> None:
     ]
     cpu = pod_spec(resources("Deployment")["fapm-worker-cpu"])
     assert "nvidia.com/gpu" not in cpu["containers"][0]["resources"].get("limits", {})
-    args = spec["containers"][0]["args"]
-    assert args[args.index("-Q") + 1] == "gpu"
-    assert "-Q" not in cpu["containers"][0]["args"]
+    assert consumed_queues(spec["containers"][0]["args"]) == {"gpu"}
 
 
 def test_scaledobjects_scale_each_worker_on_its_celery_queue() -> None:
@@ -299,8 +317,9 @@ def test_scaledobjects_scale_each_worker_on_its_celery_queue() -> None:
         assert meta["passwordFromEnv"] in {e["name"] for e in container["env"]}
         assert so["spec"]["minReplicaCount"] <= so["spec"]["maxReplicaCount"]
     assert lists == set(celery_queues()), "KEDA watches exactly the Celery queues"
-    # /readyz needs a live worker heartbeat: one CPU worker always runs.
-    assert scaled["fapm-worker-cpu"]["spec"]["minReplicaCount"] >= 1
+    # /readyz needs a live worker heartbeat: the webhooks worker always runs (KEDA leaves it be).
+    assert resources("Deployment")[WEBHOOKS]["spec"]["replicas"] >= 1
+    assert WEBHOOKS not in {so["spec"]["scaleTargetRef"]["name"] for so in scaled.values()}
 
 
 def test_redis_statefulset_persists_with_aof() -> None:
