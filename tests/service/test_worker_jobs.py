@@ -11,7 +11,7 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from app.jobs.records import TERMINAL_STATUSES, JobRecord, JobRequest
 from app.jobs.store import JobStore, new_job_id
-from tests.service.conftest import FAST_ENV
+from tests.service.conftest import client
 from worker.celery_app import RUN_JOB_TASK, celery_app
 from worker.engine.pipeline import REPORT_FILE, run_prune
 from worker.engine.staging import STAGING_MARK
@@ -57,30 +57,24 @@ def write_big_pair(directory: Path, seed: int = 0) -> tuple[Path, Path]:
     return base_dir, ft_dir
 
 
-def start_worker_stack(workdir: Path, local_root: Path, **env: str) -> LocalStack:
-    """redis-server and one Celery worker (no API: the tests write jobs through JobStore)."""
-    stack = LocalStack(workdir, env={**FAST_ENV, "FAPM_LOCAL_ROOTS": str(local_root), **env})
-    stack.workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        stack.start_redis()
-        stack.start_worker()
-    except BaseException:
-        stack.stop()
-        raise
-    return stack
-
-
 class Jobs:
-    """Submits, reads and cancels jobs of one stack the way the API does: the record is written
-    first (JobStore.create), then the job is enqueued on its queue."""
+    """Submits, reads and cancels one stack's jobs: over HTTP as tenant alice when the stack runs
+    the API, else the way the API does it (JobStore.create, then enqueue). `enqueue=False`
+    writes a job that stays queued (no message yet) to test what a worker does with it later."""
 
     def __init__(self, stack: LocalStack) -> None:
         self.stack = stack
         self.store = JobStore.from_url(stack.redis_url)
+        self.api = client(stack, "alice") if stack.api_port else None
 
     def submit(
         self, spec: dict, *, webhook: dict | None = None, enqueue: bool = True, queue: str = "cpu"
     ) -> str:
+        if self.api is not None and enqueue:
+            body = {**spec, **({"webhook": webhook} if webhook else {})}
+            response = self.api.post("/v1/jobs", json=body)
+            assert response.status_code == 202, response.text
+            return response.json()["id"]
         request = JobRequest.model_validate({**spec, "webhook": webhook})
         job_id = new_job_id()
         outcome = self.store.create(
@@ -108,11 +102,27 @@ class Jobs:
         self.store.mark_enqueued(job_id)
 
     def get(self, job_id: str) -> JobRecord:
+        if self.api is not None:
+            response = self.api.get(f"/v1/jobs/{job_id}")
+            assert response.status_code == 200, response.text
+            return JobRecord.model_validate(response.json())
         record = self.store.get(job_id)
         assert record is not None
         return record
 
+    def report(self, job_id: str) -> dict | None:
+        if self.api is not None:
+            response = self.api.get(f"/v1/jobs/{job_id}/report")
+            return response.json() if response.status_code == 200 else None
+        return self.store.report(job_id)
+
     def cancel(self, job_id: str) -> str:
+        """'cancelled' (it was queued) or 'requested' (it was running)."""
+        if self.api is not None:
+            response = self.api.post(f"/v1/jobs/{job_id}/cancel")
+            assert response.status_code == 202, response.text
+            record = response.json()
+            return "cancelled" if record["status"] == "cancelled" else "requested"
         return self.store.request_cancel(job_id)
 
     def wait(
@@ -131,8 +141,9 @@ class Jobs:
             if until(record):
                 return record
             if time.monotonic() > deadline:
-                log = (self.stack.workdir / "worker.log").read_text()[-3000:]
-                raise AssertionError(f"job {job_id} still {record.status}:\n{log}")
+                logs = sorted(self.stack.workdir.glob("*.log"))
+                tail = "\n".join(f"== {p.name}\n{p.read_text()[-2000:]}" for p in logs)
+                raise AssertionError(f"job {job_id} still {record.status}:\n{tail}")
             time.sleep(every)
 
 
@@ -201,17 +212,9 @@ class OutputWatcher(threading.Thread):
 
 
 @pytest.fixture(scope="module")
-def worker_stack(tmp_path_factory, local_root) -> Iterator[LocalStack]:
-    stack = start_worker_stack(tmp_path_factory.mktemp("worker_stack"), local_root)
-    try:
-        yield stack
-    finally:
-        stack.stop()
-
-
-@pytest.fixture(scope="module")
-def jobs(worker_stack) -> Jobs:
-    return Jobs(worker_stack)
+def jobs(service) -> Jobs:
+    """The session's service stack (redis-server, API, one worker), driven over HTTP."""
+    return Jobs(service)
 
 
 @pytest.fixture(scope="session")
@@ -276,7 +279,7 @@ def test_job_runs_to_success_with_monotone_progress_and_the_cli_bytes(
     assert summary["job_id"] == job_id
     assert summary["output"]["shards"][0]["file"] == "model.safetensors"
     assert summary["implementation"] and summary["totals"] and summary["seconds"]["total"] > 0
-    full = jobs.store.report(job_id)
+    full = jobs.report(job_id)
     assert full is not None and full["job_id"] == job_id and len(full["tensors"]) == BIG_TENSORS
     assert json.loads((out / REPORT_FILE).read_text())["job_id"] == job_id
 
@@ -367,7 +370,7 @@ def test_bad_jobs_fail_with_a_stable_code(jobs, service_pair, big_pair, local_ro
     assert staging_dirs(out) == []
 
 
-def test_worker_heartbeat_names_its_queues(jobs, worker_stack):
+def test_worker_heartbeat_names_its_queues(jobs):
     workers = jobs.store.fresh_workers(max_age=5)
     assert len(workers) == 1
     (host, info), *_ = workers.items()

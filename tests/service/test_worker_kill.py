@@ -33,6 +33,7 @@ def test_a_job_whose_worker_is_killed_is_rerun_to_the_same_bytes(make_stack, big
     # Short lease and visibility timeout, so the take-over happens within the test.
     stack = make_stack(FAPM_LEASE_SECONDS="3", FAPM_VISIBILITY_TIMEOUT_SECONDS="5")
     stack.start_redis()
+    stack.start_api()
     first = stack.start_worker("first")
     jobs = Jobs(stack)
     out = local_root / "killed" / "out"

@@ -18,8 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.service.test_worker_jobs import Jobs, start_worker_stack
-from worker.localstack import LocalStack
+from tests.service.test_worker_jobs import Jobs
 
 SECRET_KEY = b"0123456789abcdef0123456789abcdef"
 SECRET = "whsec_" + base64.b64encode(SECRET_KEY).decode()
@@ -86,17 +85,9 @@ def signature_is_valid(key: bytes, delivery: Delivery) -> bool:
 
 
 @pytest.fixture(scope="module")
-def worker_stack(tmp_path_factory, local_root) -> Iterator[LocalStack]:
-    stack = start_worker_stack(tmp_path_factory.mktemp("webhook_stack"), local_root)
-    try:
-        yield stack
-    finally:
-        stack.stop()
-
-
-@pytest.fixture(scope="module")
-def jobs(worker_stack) -> Jobs:
-    return Jobs(worker_stack)
+def jobs(service) -> Jobs:
+    """The session's service stack (redis-server, API, one worker), driven over HTTP."""
+    return Jobs(service)
 
 
 @pytest.fixture
@@ -111,7 +102,7 @@ def tiny_spec(pair, output) -> dict:
 
 
 def test_webhook_is_retried_after_500s_with_one_id_and_valid_signatures(
-    jobs, worker_stack, service_pair, local_root, receiver
+    jobs, service, service_pair, local_root, receiver
 ):
     receiver.answers = [500, 500, 200]
     job_id = jobs.submit(
@@ -155,7 +146,7 @@ def test_webhook_is_retried_after_500s_with_one_id_and_valid_signatures(
         assert later.at >= earlier.next_attempt_at - timedelta(milliseconds=50)
     time.sleep(1)
     assert len(receiver.deliveries) == 3  # nothing after the 2xx
-    log = (worker_stack.workdir / "worker.log").read_text()
+    log = (service.workdir / "worker.log").read_text()
     assert SECRET not in log and SECRET[6:] not in log
 
 
