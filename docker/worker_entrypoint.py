@@ -6,10 +6,11 @@
   shutdown. Celery stops taking jobs and lets the running one finish.
 - If WORKER_DRAIN_SECONDS is set and the job is still running that long after the SIGTERM, Celery
   gets SIGQUIT: a cold shutdown. The job's process is stopped, and the worker, on its way out,
-  puts the unacknowledged job back on its Redis queue, where another worker takes it at once
-  (the job's lease then lets the new run take over; the output is the same). Without this the
-  orchestrator's SIGKILL at the end of the grace period would leave the job unacknowledged until
-  the visibility timeout (FAPM_VISIBILITY_TIMEOUT_SECONDS, 48 h by default) re-delivers it.
+  puts the unacknowledged job back on its Redis queue, where another worker takes it (the new
+  run takes over once the old lease lapses; the output is the same). Without this the
+  orchestrator's SIGKILL at the end of the grace period would kill the job mid-write and leave
+  its message unacknowledged, for the workers' sweeper (a lease period later) or the visibility
+  timeout (FAPM_VISIBILITY_TIMEOUT_SECONDS) to recover.
   Set it some minutes below the grace period (terminationGracePeriodSeconds, stop_grace_period).
 - SIGINT and SIGQUIT are passed on as they are; orphaned processes are reaped (as PID 1 must).
 
