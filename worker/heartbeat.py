@@ -3,7 +3,8 @@
 Heartbeat: one daemon thread in the worker's main process writes `store.heartbeat` every
 heartbeat_seconds (the API's /readyz and its GPU routing read it) and, on the same beat, hands
 two kinds of stranded jobs back to Celery:
-  - jobs the API wrote but never enqueued (it died between the two): older than 30 s;
+  - jobs the API wrote but never enqueued (it died between the two), after
+    unenqueued_grace_seconds (30 s);
   - jobs left `running` without a lease: their worker died. Celery would re-deliver the message
     only after the visibility timeout (hours); this gets the job going again within about a
     lease period. A duplicate message is harmless: the lease lets one run at a time, and a
@@ -25,9 +26,6 @@ from app.core.config import Settings
 from app.jobs.store import JobStore, Lease
 
 log = logging.getLogger(__name__)
-
-# A job written this long ago and still not enqueued was orphaned by a crashed API process.
-UNENQUEUED_GRACE_SECONDS = 30.0
 
 
 class Heartbeat(threading.Thread):
@@ -65,7 +63,7 @@ class Heartbeat(threading.Thread):
         self.sweep()
 
     def sweep(self) -> None:
-        cutoff_ms = int((time.time() - UNENQUEUED_GRACE_SECONDS) * 1000)
+        cutoff_ms = int((time.time() - self.settings.unenqueued_grace_seconds) * 1000)
         for job_id, queue in self.store.unenqueued_before(cutoff_ms):
             log.warning("job %s was never enqueued (API crashed?); enqueueing it", job_id)
             self.enqueue(job_id, queue)

@@ -111,6 +111,14 @@ class Settings(BaseSettings):
         "routes device=auto jobs (saves two Redis calls per submission).",
     )
 
+    # -- worker process only (added with the worker) -------------------------------------------
+    unenqueued_grace_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="A job written this long ago but never handed to Celery (the API died in "
+        "between) is enqueued by a worker's heartbeat thread.",
+    )
+
     @field_validator("local_roots", "webhook_allow", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:

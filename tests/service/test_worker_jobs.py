@@ -343,10 +343,11 @@ def test_a_job_cancelled_while_queued_never_starts(jobs, service_pair, local_roo
         ("missing_base", "source_not_found"),
         ("other_architecture", "architecture_mismatch"),
         ("output_exists", "output_exists"),
+        ("output_under_a_file", "internal_error"),
     ],
 )
 def test_bad_jobs_fail_with_a_stable_code(jobs, service_pair, big_pair, local_root, case, code):
-    out = local_root / "failures" / case
+    out = local_root / "failures" / case / "out"
     spec = {
         "base": str(service_pair.base),
         "finetuned": str(service_pair.finetuned),
@@ -356,15 +357,21 @@ def test_bad_jobs_fail_with_a_stable_code(jobs, service_pair, big_pair, local_ro
         spec["base"] = str(local_root / "no-such-model")
     elif case == "other_architecture":
         spec["finetuned"] = str(big_pair[1])
-    else:
+    elif case == "output_exists":
         out.mkdir(parents=True)
         (out / "keep.txt").write_text("not ours")
+    else:  # an OSError the engine has no code for: internal_error, no details leaked
+        out.parent.parent.mkdir(parents=True, exist_ok=True)
+        out.parent.write_text("a file where the output's parent should be")
     record = jobs.wait(jobs.submit(spec))
     assert record.status == "failed"
     assert record.error is not None and record.error.code == code, record.error
     assert record.error.message and record.result is None
     if case == "output_exists":
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    elif case == "output_under_a_file":
+        assert str(out.parent) not in record.error.message
+        return
     else:
         assert not out.exists()
     assert staging_dirs(out) == []

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import signal
 import time
+from collections.abc import Iterator
 
 import pytest
 
+from tests.service.conftest import FAST_ENV
 from tests.service.test_worker_jobs import (
     Jobs,
     OutputWatcher,
@@ -21,6 +23,7 @@ from tests.service.test_worker_jobs import (
 from worker.engine.pipeline import REPORT_FILE, run_prune
 from worker.engine.staging import job_staging_prefix
 from worker.errors import OutputExists
+from worker.localstack import LocalStack
 from worker.spec import JobSpec
 
 
@@ -72,14 +75,27 @@ def test_a_job_whose_worker_is_killed_is_rerun_to_the_same_bytes(make_stack, big
     assert after.status == "succeeded" and after.attempts == 2
 
 
+@pytest.fixture(scope="module")
+def plain_stack(tmp_path_factory, local_root) -> Iterator[LocalStack]:
+    """redis-server and a worker, no API (jobs written through JobStore); the sweeper enqueues
+    jobs left unenqueued for 1 s."""
+    env = {**FAST_ENV, "FAPM_LOCAL_ROOTS": str(local_root), "FAPM_UNENQUEUED_GRACE_SECONDS": "1"}
+    stack = LocalStack(tmp_path_factory.mktemp("plain_stack"), env=env)
+    stack.workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        stack.start_redis()
+        stack.start_worker()
+        yield stack
+    finally:
+        stack.stop()
+
+
 def test_a_job_killed_after_publishing_is_recorded_as_succeeded(
-    make_stack, service_pair, local_root
+    plain_stack, service_pair, local_root
 ):
     """The worker died between the rename and the record update: the re-run finds the output
     its own job published and records it instead of failing with output_exists."""
-    stack = make_stack()
-    stack.start_redis()
-    jobs = Jobs(stack)
+    jobs = Jobs(plain_stack)
     out = local_root / "published" / "out"
     spec = {
         "base": str(service_pair.base),
@@ -88,16 +104,31 @@ def test_a_job_killed_after_publishing_is_recorded_as_succeeded(
         "kernel": "torch",
     }
     job_id = jobs.submit(spec, enqueue=False)
+    jobs.store.mark_enqueued(job_id)  # keep the sweeper off it until it is published
     run_prune(JobSpec.model_validate(spec), job_id=job_id)  # "the killed attempt"
     published = (out / REPORT_FILE).read_bytes()
 
-    stack.start_worker()
     jobs.enqueue(job_id)
     record = jobs.wait(job_id, timeout=60)
     assert record.status == "succeeded", record.error
     assert record.result is not None and record.result.report["job_id"] == job_id
     assert record.progress.fraction == 1.0
     assert (out / REPORT_FILE).read_bytes() == published  # not recomputed
+
+
+def test_a_job_written_but_never_enqueued_is_swept_up(plain_stack, service_pair, local_root):
+    """The API died between writing the record and enqueueing it: a worker enqueues it."""
+    jobs = Jobs(plain_stack)
+    spec = {
+        "base": str(service_pair.base),
+        "finetuned": str(service_pair.finetuned),
+        "output": str(local_root / "swept" / "out"),
+    }
+    job_id = jobs.submit(spec, enqueue=False)
+    assert not jobs.store.is_enqueued(job_id)
+    record = jobs.wait(job_id, timeout=30)
+    assert record.status == "succeeded" and record.attempts == 1
+    assert jobs.store.is_enqueued(job_id)
 
 
 def test_engine_reruns_of_a_job_clean_up_and_respect_other_outputs(service_pair, tmp_path):
