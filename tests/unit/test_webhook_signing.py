@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
 from app.core.config import Settings
-from worker.webhooks import next_delay, sign, signed_headers, signing_key, verify
+from worker.webhooks import _client, next_delay, sign, signed_headers, signing_key, verify
 
 # The published Standard Webhooks test vector (the reference libraries test against it).
 VECTOR_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -71,3 +73,31 @@ def test_backoff_doubles_with_bounded_jitter_and_honours_retry_after():
         assert all(0.75 * base <= d <= 1.25 * base for d in delays)
         assert len(set(delays)) > 1  # jittered
     assert next_delay(1, settings, retry_after=30.0) == 30.0
+
+
+def test_delivery_connects_to_the_checked_address_not_a_fresh_lookup():
+    """The client dials the addresses the SSRF check approved; the URL's host name is only the
+    Host header (and the TLS name), so a second DNS answer cannot redirect the connection."""
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            seen.append(self.headers["host"])
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        # `.invalid` never resolves (RFC 6761): only the pinned address can be reached.
+        with _client(["127.0.0.1"], timeout=5) as client:
+            response = client.post(f"http://hooks.invalid:{port}/x", content=b"{}")
+        assert response.status_code == 204 and seen == [f"hooks.invalid:{port}"]
+    finally:
+        server.shutdown()
+        server.server_close()
