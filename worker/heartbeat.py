@@ -54,7 +54,11 @@ class Heartbeat(threading.Thread):
             except Exception:  # Redis away for a moment: the next beat tries again
                 log.exception("heartbeat failed")
             if self._halt.wait(self.settings.heartbeat_seconds):
-                return
+                break
+        try:
+            self.store.forget_worker(self.hostname)
+        except Exception:  # the entry goes stale on its own
+            log.exception("could not remove the heartbeat of %s", self.hostname)
 
     def beat(self) -> None:
         self.store.heartbeat(
@@ -73,6 +77,8 @@ class Heartbeat(threading.Thread):
             self.enqueue(job_id, queue)
 
     def stop(self) -> None:
+        """Stop beating and remove this worker's heartbeat (from the thread, so a signal
+        handler that calls this never waits on Redis)."""
         self._halt.set()
 
 

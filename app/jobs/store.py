@@ -590,6 +590,14 @@ class JobStore:
     def mark_webhook_dispatched(self, job_id: str) -> None:
         self.redis.hset(job_key(job_id), "webhook_dispatched", "1")
 
+    def forget_worker(self, hostname: str) -> None:
+        """A worker shutting down: routing and /readyz stop counting it at once, not after
+        heartbeat_fresh_seconds."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrem(_key("workers"), hostname)
+            pipe.delete(_key("worker", hostname))
+            pipe.execute()
+
 
 def record_from_fields(fields: dict[str, str]) -> JobRecord:
     """Build the public record from a job hash (the webhook secret is never in the hash)."""

@@ -55,7 +55,7 @@ def test_a_job_whose_worker_is_killed_is_rerun_to_the_same_bytes(make_stack, big
         assert killed_at.status == "running" and killed_at.progress.fraction < 1.0
         assert not out.exists() and staging_dirs(out), "the killed attempt left its staging dir"
 
-        stack.start_worker("second")
+        second = stack.start_worker("second")
         record = jobs.wait(job_id, timeout=90, seen=seen)
     finally:
         watcher.stop()
@@ -73,6 +73,12 @@ def test_a_job_whose_worker_is_killed_is_rerun_to_the_same_bytes(make_stack, big
     time.sleep(3)
     after = jobs.get(job_id)
     assert after.status == "succeeded" and after.attempts == 2
+
+    # A worker that shuts down (SIGTERM) removes its heartbeat at once (a killed one's expires
+    # after FAPM_HEARTBEAT_FRESH_SECONDS).
+    second.stop()
+    assert second.popen.returncode == 0
+    assert jobs.store.fresh_workers(max_age=3600) == {}
 
 
 @pytest.fixture(scope="module")

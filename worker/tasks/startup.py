@@ -80,8 +80,10 @@ def start_heartbeat(sender, **_: object) -> None:
     log.info("fapm worker %s consumes %s (gpu: %s)", sender.hostname, queues, _state["gpu"])
 
 
-@signals.worker_shutdown.connect
+@signals.worker_shutting_down.connect
 def stop_heartbeat(**_: object) -> None:
+    # At the start of a shutdown, warm or cold: a draining worker takes no new jobs, so the API
+    # should stop routing to it (GPU routing reads the heartbeats) while its last job finishes.
     heartbeat = _state.get("heartbeat")
     if isinstance(heartbeat, Heartbeat):
         heartbeat.stop()
