@@ -22,10 +22,11 @@ from app.jobs.records import TERMINAL_STATUSES, JobRecord, JobRequest
 from app.jobs.store import JobStore, new_job_id
 from tests.service.conftest import client
 from worker.celery_app import RUN_JOB_TASK, celery_app
-from worker.engine.pipeline import REPORT_FILE, run_prune
+from worker.engine.pipeline import REPORT_FILE, Progress, run_prune
 from worker.engine.staging import STAGING_MARK
 from worker.localstack import LocalStack
 from worker.spec import JobSpec
+from worker.tasks.progress import ProgressReporter
 
 # A pair the torch kernel needs a few seconds for on 2 cores (32 tensors of 256 x 1024 bf16), so
 # a test can act while the job runs. kernel=torch: numba would JIT-compile first.
@@ -385,3 +386,41 @@ def test_worker_heartbeat_names_its_queues(jobs):
     assert info["gpu"] == torch.cuda.is_available()
     expected = {"cpu", "webhooks"} | ({"gpu"} if info["gpu"] else set())
     assert set(info["queues"]) == expected
+
+
+def test_progress_fraction_spans_all_passes_and_writes_at_a_bounded_rate(
+    jobs, service_pair, tmp_path
+):
+    """ProgressReporter against the real store: scope model's three passes share the prune's
+    span, the fraction never drops across stages, and writes come on stage changes plus at most
+    one per interval."""
+    job_id = jobs.submit(
+        {"base": str(service_pair.base), "finetuned": str(service_pair.finetuned),
+         "output": str(tmp_path / "never")},
+        enqueue=False,
+    )  # fmt: skip
+    lease = jobs.store.start(job_id, 60)
+    assert not isinstance(lease, str)
+    now = [0.0]
+    reporter = ProgressReporter(jobs.store, lease, "model", interval=1.0, clock=lambda: now[0])
+    events = [Progress("plan")]
+    for stage, total in (("scan1", 8), ("scan2", 8), ("prune", 10)):
+        events += [Progress(stage, i, total, i * 100, total * 100) for i in range(total + 1)]
+    events += [Progress("finalize", 10, 10), Progress("done", 10, 10)]
+    fractions = []
+    for event in events:
+        now[0] += 0.1
+        reporter(event)
+        fractions.append(reporter.fraction)
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    ends = {e.stage: f for e, f in zip(events, fractions, strict=True)}
+    assert ends["scan1"] == pytest.approx(0.02 + 0.95 / 3) and ends["prune"] == pytest.approx(0.97)
+
+    writes = [json.loads(data) for _, kind, data in jobs.store.events(job_id) if kind == "progress"]
+    stages = ["plan", "scan1", "scan2", "prune", "finalize", "done"]
+    assert sorted({w["stage"] for w in writes}, key=stages.index) == stages
+    assert len(writes) <= len(stages) + int(now[0] / 1.0) + 1
+    assert writes[-1]["fraction"] == 1.0
+    eta = [w["eta_seconds"] for w in writes if w["stage"] == "prune"]
+    assert all(e is not None and e >= 0 for e in eta)
+    assert jobs.store.finish(job_id, "cancelled", lease=lease)

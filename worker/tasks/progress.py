@@ -9,11 +9,16 @@ prune alone has for the other scopes.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
+import redis
+
 from app.jobs.store import JobStore, Lease
 from worker.engine.pipeline import Progress
+
+log = logging.getLogger(__name__)
 
 PRUNE_START, PRUNE_END = 0.02, 0.97
 # (start, end) of each stage's share of the job, by scope.
@@ -85,7 +90,10 @@ class ProgressReporter:
         # Always on a stage change (clients see every stage), else at most once per interval.
         if stage_changed or now - self._last_write >= self.interval:
             self._last_write = now
-            self.store.progress(self.lease, self.snapshot(now))
+            try:
+                self.store.progress(self.lease, self.snapshot(now))
+            except redis.RedisError as exc:  # a missed progress write must not fail the job
+                log.warning("job %s: progress not written: %s", self.lease.job_id, exc)
 
     def snapshot(self, now: float | None = None) -> dict:
         now = self.clock() if now is None else now

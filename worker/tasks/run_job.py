@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 
+import redis
 from celery import Task
 
 from app.core.config import Settings, get_settings
@@ -32,6 +33,7 @@ from worker.webhooks import webhook_id_for
 
 log = logging.getLogger(__name__)
 
+REDIS_RETRY_SECONDS = 5.0
 # Report keys that make up the record's result summary (the full report: GET .../report).
 SUMMARY_KEYS = ("job_id", "totals", "output", "seconds", "implementation", "inputs")
 
@@ -44,8 +46,13 @@ class LeaseLost(Exception):
 def run_job(self: Task, job_id: str) -> str:
     settings = get_settings()
     store = job_store()
-    store.note_running(job_id)  # before start: a death right after start is still found
-    lease = store.start(job_id, settings.lease_seconds)
+    try:
+        store.note_running(job_id)  # before start: a death right after start is still found
+        lease = store.start(job_id, settings.lease_seconds)
+    except redis.RedisError as exc:
+        # Redis away for a moment: failing here would ack the message and strand the job.
+        log.warning("job %s: Redis unavailable at start (%s); retrying", job_id, exc)
+        raise self.retry(countdown=REDIS_RETRY_SECONDS) from None
     if lease == "busy":
         # Another worker holds the lease (this is a duplicate delivery). Look again in half a
         # lease: if that worker died, its lease will have expired and this delivery takes over.
@@ -88,7 +95,12 @@ def execute(store: JobStore, settings: Settings, lease: Lease) -> str:
     with LeaseKeeper(store, lease, settings.lease_seconds) as keeper:
 
         def should_cancel() -> bool:
-            return keeper.lost or store.cancel_requested(job_id)
+            if keeper.lost:
+                return True
+            try:
+                return store.cancel_requested(job_id)
+            except redis.RedisError:  # look again at the next tensor; the lease keeper
+                return False  # stops the job if Redis stays away for a whole lease
 
         try:
             result = run_prune(spec, reporter, should_cancel, job_id=job_id)
