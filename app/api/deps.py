@@ -28,7 +28,8 @@ api_key_scheme = APIKeyHeader(
 )
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    # async on purpose: FastAPI runs a sync dependency in its threadpool, a hop per request.
     return request.app.state.services
 
 
@@ -43,7 +44,7 @@ async def current_tenant(
     """The tenant the API key belongs to; 401 problem otherwise. The key itself is never logged
     or stored; only its SHA-256 digest is compared."""
     key = bearer.credentials if bearer is not None else api_key
-    tenant = get_services(request).keys.tenant_for(key) if key else None
+    tenant = request.app.state.services.keys.tenant_for(key) if key else None
     if tenant is None:
         raise ProblemError(
             401,

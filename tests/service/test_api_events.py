@@ -277,13 +277,15 @@ def test_waiting_streams_do_not_block_the_server(api_stack, store, submit):
     for thread in threads:
         thread.start()
     time.sleep(1.0)  # all connected and waiting
+    # Were the streams holding threads or the loop, these requests would wait until the streams
+    # end, which happens only below: so a generous bound (for a busy machine) still tells.
     with client(api_stack) as http:
         started = time.monotonic()
         for job_id in jobs:
-            assert http.get(f"/v1/jobs/{job_id}").status_code == 200
-        assert http.get("/healthz").status_code == 200
+            assert http.get(f"/v1/jobs/{job_id}", timeout=5).status_code == 200
+        assert http.get("/healthz", timeout=5).status_code == 200
         elapsed = time.monotonic() - started
-    assert elapsed < 2.0, f"{len(jobs) + 1} requests took {elapsed:.2f} s with streams open"
+    assert elapsed < 5.0, f"{len(jobs) + 1} requests took {elapsed:.2f} s with streams open"
     for job_id in jobs:
         store.finish(job_id, "cancelled")
     for thread in threads:

@@ -25,7 +25,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from app.api import examples
 from app.api.deps import ServicesDep, TenantDep
-from app.api.routes.jobs import JOB_ID_RE, JobId
+from app.api.routes.jobs import JOB_ID_RE, JobId, job_not_found
 from app.core.problems import ProblemError, problem_responses
 from app.jobs.records import TERMINAL_STATUSES
 from app.jobs.store import events_key, job_key
@@ -59,7 +59,7 @@ async def _stream_start(
         await services.aredis.hget(job_key(job_id), "tenant") if JOB_ID_RE.match(job_id) else None
     )
     if owner != tenant:
-        raise ProblemError(404, "job_not_found", f"No job {job_id} for this API key.")
+        raise job_not_found(job_id)
     start = (last_event_id or after or "0-0").strip()
     if not STREAM_ID_RE.match(start):
         raise ProblemError(

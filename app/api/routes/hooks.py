@@ -86,7 +86,7 @@ HUB_EXAMPLE = {
 }
 
 
-def verify_hub_secret(
+async def verify_hub_secret(
     services: ServicesDep,
     secret: Annotated[
         str | None,

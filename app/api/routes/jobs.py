@@ -40,6 +40,12 @@ class JobList(BaseModel):
     )
 
 
+def job_not_found(job_id: str) -> ProblemError:
+    """The 404 for unknown ids and other tenants' jobs alike (the id is echoed, shortened)."""
+    shown = job_id if len(job_id) <= 64 else job_id[:64] + "..."
+    return ProblemError(404, "job_not_found", f"No job {shown} for this API key.")
+
+
 def _record_example(record: dict[str, Any], summary: str) -> dict[str, Any]:
     return {"summary": summary, "value": record}
 
@@ -48,7 +54,7 @@ def _owned(services: ServicesDep, tenant: str, job_id: str) -> JobRecord:
     """The tenant's job, or 404. Other tenants' jobs are indistinguishable from unknown ids."""
     record = services.store.get(job_id, tenant) if JOB_ID_RE.match(job_id) else None
     if record is None:
-        raise ProblemError(404, "job_not_found", f"No job {job_id} for this API key.")
+        raise job_not_found(job_id)
     return record
 
 
@@ -214,7 +220,7 @@ def cancel_job(services: ServicesDep, tenant: TenantDep, job_id: JobId) -> JobRe
     outcome = services.store.request_cancel(job_id)
     record = services.store.get(job_id, tenant)
     if outcome == "missing" or record is None:
-        raise ProblemError(404, "job_not_found", f"No job {job_id} for this API key.")
+        raise job_not_found(job_id)
     if outcome == "finished":
         raise ProblemError(
             409,
