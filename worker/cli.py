@@ -19,10 +19,14 @@ import sys
 import typing
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from worker.spec import JobSpec
+
+if TYPE_CHECKING:  # the client (and httpx) load only when a client command runs
+    from worker.client import FapmClient
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -204,7 +208,7 @@ def _labels(pairs: list[str] | None) -> dict[str, str]:
     return labels
 
 
-def _submit(client, namespace: argparse.Namespace) -> int:
+def _submit(client: FapmClient, namespace: argparse.Namespace) -> int:
     secret = None
     if namespace.webhook_secret_env:
         if not namespace.webhook_url:
@@ -254,7 +258,9 @@ def _progress_namespace(data: object) -> SimpleNamespace:
     return SimpleNamespace(**fields)
 
 
-def _follow(client, job_id: str, as_json: bool = False, status: str | None = None) -> int:
+def _follow(
+    client: FapmClient, job_id: str, as_json: bool = False, status: str | None = None
+) -> int:
     """Follow the job's events to its end: a bar on a TTY, state changes as lines on stderr
     (`status`: the one already shown). 0 if it succeeded, 1 (with the job's error code) if it
     failed or was cancelled."""
@@ -300,9 +306,11 @@ def _follow(client, job_id: str, as_json: bool = False, status: str | None = Non
                 status = event.data.get("status")
                 say(f"fapm: job {job_id} {status}")
     # The record has the full result (the report summary) and error; the event is the fallback.
+    from worker.client import ClientError
+
     try:
         record = client.get(job_id)
-    except Exception:  # the event said how it ended; a failed GET must not hide that
+    except ClientError:  # the event said how it ended; a failed GET must not hide that
         record = {"id": job_id, **final}
     if record.get("status") not in ("succeeded", "failed", "cancelled"):
         record = {**record, **final}
@@ -339,7 +347,7 @@ def _success_line(record: dict) -> str:
     return f"job {record.get('id')} wrote {result.get('output')} ({text})"
 
 
-def _wait(client, namespace: argparse.Namespace) -> int:
+def _wait(client: FapmClient, namespace: argparse.Namespace) -> int:
     return _follow(client, namespace.job_id, namespace.json)
 
 
@@ -348,7 +356,7 @@ def _percent(record: dict) -> str:
     return f"{fraction * 100:.0f}%" if isinstance(fraction, int | float) else "-"
 
 
-def _status(client, namespace: argparse.Namespace) -> int:
+def _status(client: FapmClient, namespace: argparse.Namespace) -> int:
     record = client.get(namespace.job_id)
     if namespace.json:
         _print_json(record)
@@ -390,7 +398,7 @@ def _status(client, namespace: argparse.Namespace) -> int:
     return 0
 
 
-def _cancel(client, namespace: argparse.Namespace) -> int:
+def _cancel(client: FapmClient, namespace: argparse.Namespace) -> int:
     record = client.cancel(namespace.job_id)
     if namespace.json:
         _print_json(record)
@@ -404,7 +412,7 @@ def _cancel(client, namespace: argparse.Namespace) -> int:
     return 0
 
 
-def _jobs(client, namespace: argparse.Namespace) -> int:
+def _jobs(client: FapmClient, namespace: argparse.Namespace) -> int:
     page = client.list(
         status=namespace.status,
         label=namespace.label,
@@ -428,7 +436,7 @@ def _jobs(client, namespace: argparse.Namespace) -> int:
     return 0
 
 
-def _report(client, namespace: argparse.Namespace) -> int:
+def _report(client: FapmClient, namespace: argparse.Namespace) -> int:
     _print_json(client.report(namespace.job_id))
     return 0
 
