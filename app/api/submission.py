@@ -133,7 +133,7 @@ class Submitter:
         even if it is not enqueued yet or the rule changed since.
         """
         self.check_locations(request)
-        print_ = fingerprint(request) if idempotency_key else None
+        body_print = fingerprint(request) if idempotency_key else None
         job_id = new_job_id()
         queue = self.router.queue_for(request)
         webhook = request.webhook
@@ -149,7 +149,7 @@ class Submitter:
             ),
             max_active=self.settings.max_active_jobs_per_tenant,
             idempotency_key=idempotency_key,
-            fingerprint=print_,
+            fingerprint=body_print,
             idempotency_ttl=self.settings.idempotency_ttl_seconds,
         )
         if outcome.kind == "quota":
@@ -164,7 +164,7 @@ class Submitter:
             )
         if outcome.kind == "idempotent":
             return self._replay(
-                tenant, outcome.job_id or "", outcome.fingerprint, print_, replay_any_body
+                tenant, outcome.job_id or "", outcome.fingerprint, body_print, replay_any_body
             )
         try:
             self.enqueue(job_id, queue)
@@ -194,10 +194,10 @@ class Submitter:
         tenant: str,
         job_id: str,
         earlier_print: str | None,
-        print_: str | None,
+        body_print: str | None,
         replay_any_body: bool,
     ) -> Submitted:
-        if not replay_any_body and earlier_print != print_:
+        if not replay_any_body and earlier_print != body_print:
             raise ProblemError(
                 422,
                 "idempotency_key_reused",
