@@ -23,10 +23,10 @@ from worker.engine.model_scope import find_global_threshold
 from worker.engine.plan import TensorTask, build_plan
 from worker.engine.readahead import read_ahead
 from worker.engine.readers import CheckpointReader, LoraMergedReader
-from worker.engine.staging import StagingDir
 from worker.engine.tensor_pruner import TensorPruner
-from worker.errors import FapmError, JobCancelled
-from worker.io.uri import open_source, parse_uri
+from worker.errors import JobCancelled
+from worker.io.publish import open_target, published_report
+from worker.io.uri import open_source
 from worker.io.writer import ShardedWriter, WriterThread, plan_shards
 from worker.spec import JobSpec
 
@@ -66,7 +66,7 @@ ProgressCallback = Callable[[Progress], None]
 
 @dataclass
 class PruneResult:
-    output: Path
+    output: str  # where the model was published: a local path or the output URI
     report: dict  # what pruning_report.json holds (timings under "seconds")
 
 
@@ -99,18 +99,12 @@ def run_prune(
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
-    output_uri = parse_uri(spec.output)
-    if output_uri.scheme != "file":
-        raise FapmError(
-            f"{spec.output}: only local outputs are available in this version",
-            code="unsupported_format",
-        )
     if job_id is not None:
-        published = _published_by(output_uri.local_path, job_id)
+        published = published_report(spec.output, job_id, REPORT_FILE)
         if published is not None:
             report_progress(Progress("done"))
-            return PruneResult(output_uri.local_path, published)
-    staging = StagingDir(output_uri.local_path, spec.overwrite, job_id)
+            return PruneResult(spec.output, published)
+    target = open_target(spec.output, spec.overwrite, job_id)
     sources = []
     writer: WriterThread | None = None
     try:
@@ -129,7 +123,9 @@ def run_prune(
         config = finetuned.config()
         tasks = build_plan(base, finetuned, spec, _tie_word_embeddings(config))
         shards = plan_shards([t.planned for t in tasks], spec.shard_size)
-        writer = WriterThread(ShardedWriter(staging.path, shards))
+        writer = WriterThread(
+            ShardedWriter(target.local_dir, shards, on_shard_complete=target.shard_done)
+        )
         timings["plan"] = time.perf_counter() - started
         if spec.scope == "model":
             pruner.global_threshold = _count_model_scope(
@@ -145,7 +141,7 @@ def run_prune(
         report_progress(Progress("finalize", len(tasks), len(tasks)))
         written = writer.finish()
         update_side = base_source if spec.adapter else update_source
-        _copy_side_files(update_side, staging.path, spec)
+        _copy_side_files(update_side, target.local_dir, spec)
         summary = totals.summary()
         report = {
             "format": "fapm-pruning-report/1",
@@ -160,32 +156,35 @@ def run_prune(
             "output": {"shards": [vars(s) for s in written]},
             "tensors": tensor_records,
         }
-        (staging.path / "README.md").write_text(model_card(spec, summary))
+        (target.local_dir / "README.md").write_text(model_card(spec, summary))
         timings["finalize"] = time.perf_counter() - started - sum(timings.values())
-        report["seconds"] = {**timings, "total": time.perf_counter() - started}
-        (staging.path / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        # Uploads overlap the prune; "upload" is their own duration, "publish" what was left.
+        report["seconds"] = {**timings, "upload": target.upload_seconds}
+        report["seconds"]["total"] = time.perf_counter() - started
+        (target.local_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         if cancelled():
             raise JobCancelled("the job was cancelled")
-        staging.commit()
+        report_progress(Progress("publish", len(tasks), len(tasks)))
+        publish_started = time.perf_counter()
+        location = target.commit(_commit_message(spec, job_id))
+        report["seconds"]["publish"] = time.perf_counter() - publish_started
     except BaseException:
         if writer is not None:
             writer.abort()
-        staging.abort()
+        target.abort()
         raise
     finally:
         for source in sources:
             source.close()
     report_progress(Progress("done", len(tasks), len(tasks)))
-    return PruneResult(output_uri.local_path, report)
+    return PruneResult(location, report)
 
 
-def _published_by(output: Path, job_id: str) -> dict | None:
-    """The report of an output directory that job `job_id` itself published, else None."""
-    try:
-        report = json.loads((output / REPORT_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return report if isinstance(report, dict) and report.get("job_id") == job_id else None
+def _commit_message(spec: JobSpec, job_id: str | None) -> str:
+    job = f"job {job_id}" if job_id else "fapm prune"
+    return (
+        f"{job}: {spec.method} at sparsity {spec.sparsity:g} (scope {spec.scope}) by fapm-service"
+    )
 
 
 def _load_pair(base, finetuned):

@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from abc import ABC, abstractmethod
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -58,6 +59,67 @@ class OutputTarget(ABC):
     @abstractmethod
     def abort(self) -> None:
         """Remove everything staged; safe to call twice and after a failed commit."""
+
+
+class LocalTarget(OutputTarget):
+    """A local directory, published by renaming a hidden sibling staging directory."""
+
+    def __init__(self, uri: str, path: Path, overwrite: bool, job_id: str | None) -> None:
+        from worker.engine.staging import StagingDir
+
+        self.uri = uri
+        self.path = path
+        self._staging = StagingDir(path, overwrite, job_id)
+        self.local_dir = self._staging.path
+
+    def commit(self, message: str) -> str:
+        self._staging.commit()
+        return str(self.path)
+
+    def abort(self) -> None:
+        self._staging.abort()
+
+
+def published_report(uri: str, job_id: str, report_file: str) -> dict | None:
+    """The report of an output that job `job_id` itself already published (its worker died after
+    publishing, before the job was marked done), else None: a re-run then returns it instead of
+    failing with output_exists."""
+    from worker.io.uri import parse_uri
+
+    target = parse_uri(uri)
+    try:
+        if target.scheme == "file":
+            report = json.loads((target.local_path / report_file).read_text())
+        elif target.scheme == "s3":
+            from worker.io.s3 import s3_client, split_s3_uri
+
+            bucket, prefix = split_s3_uri(target.path)
+            client = s3_client()
+            manifest = client.get_object(Bucket=bucket, Key=prefix + MANIFEST_FILE)
+            if json.loads(manifest["Body"].read()).get("job_id") != job_id:
+                return None
+            body = client.get_object(Bucket=bucket, Key=prefix + report_file)["Body"].read()
+            report = json.loads(body)
+        else:
+            return None  # the Hub's single commit: a re-run publishes a second, identical one
+    except Exception:  # no such output, or unreadable: not published by this job
+        return None
+    return report if isinstance(report, dict) and report.get("job_id") == job_id else None
+
+
+def open_target(uri: str, overwrite: bool, job_id: str | None) -> OutputTarget:
+    """The OutputTarget for a job's `output` URI (checks `overwrite` against what is there)."""
+    from worker.io.uri import parse_uri
+
+    target = parse_uri(uri)
+    if target.scheme == "file":
+        return LocalTarget(uri, target.local_path, overwrite, job_id)
+    if target.scheme == "s3":
+        from worker.io.s3 import split_s3_uri
+
+        bucket, prefix = split_s3_uri(target.path)
+        return S3Target(uri, bucket, prefix, overwrite, job_id or uuid.uuid4().hex[:16])
+    return HubTarget(uri, target.path, target.revision, overwrite)
 
 
 class _BackgroundUploads:
@@ -102,6 +164,7 @@ class S3Target(OutputTarget):
     def __init__(
         self, uri: str, bucket: str, prefix: str, overwrite: bool, job_key: str, client=None
     ) -> None:
+        self.job_key = job_key
         from boto3.s3.transfer import TransferConfig
 
         from worker.io.s3 import s3_client
@@ -195,6 +258,7 @@ class S3Target(OutputTarget):
         self._uploads.wait()
         manifest = {
             "format": "fapm-manifest/1",
+            "job_id": self.job_key,
             "message": message,
             "files": [
                 {"name": name, "size": size, "sha256": sha}

@@ -1,0 +1,149 @@
+"""Jobs with S3 inputs and outputs through the whole service: the API, a Celery worker and
+moto_server (the real S3 protocol on loopback), every process pointed at the store by the standard
+AWS environment. Outputs are compared byte for byte with a local run of the same job."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import boto3
+import pytest
+
+from tests.service.test_worker_jobs import Jobs, reference_output, write_big_pair
+from worker.io.publish import MANIFEST_FILE
+from worker.localstack import s3_env
+
+WEIGHTS_AND_SIDE = ("config.json", "generation_config.json", "tokenizer.json")
+
+
+@pytest.fixture(scope="module")
+def remote_stack(tmp_path_factory, local_root):
+    from tests.service.conftest import _stack
+
+    stack = _stack(tmp_path_factory.mktemp("remote_stack"), local_root)
+    stack.workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        stack.start_s3()
+        stack.start(workers=1)
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+def s3(remote_stack):
+    env = s3_env(remote_stack.s3_url)
+    return boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
+
+
+@pytest.fixture(scope="module")
+def models_bucket(s3, service_pair, local_root) -> str:
+    s3.create_bucket(Bucket="models")
+    big_base, big_ft = write_big_pair(local_root / "big")
+    for prefix, directory in (
+        ("llama/base", service_pair.base),
+        ("llama/ft", service_pair.finetuned),
+        ("big/base", big_base),
+        ("big/ft", big_ft),
+    ):
+        for path in sorted(Path(directory).iterdir()):
+            if path.is_file():
+                s3.upload_file(str(path), "models", f"{prefix}/{path.name}")
+    return "models"
+
+
+def _objects(s3, bucket: str, prefix: str) -> dict[str, bytes]:
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return {
+        o["Key"][len(prefix) :]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+        for o in listing
+    }
+
+
+def test_s3_to_s3_job_publishes_the_local_bytes(
+    remote_stack, s3, models_bucket, service_pair, tmp_path
+):
+    jobs = Jobs(remote_stack)
+    spec = {
+        "base": "s3://models/llama/base/",
+        "finetuned": "s3://models/llama/ft/",
+        "output": "s3://models/out/pruned/",
+        "shard_size": "20KB",
+        "kernel": "torch",
+    }
+    record = jobs.wait(jobs.submit(spec))
+    assert record.status == "succeeded", record.error
+    assert record.result.output == "s3://models/out/pruned/"
+    local = reference_output(
+        {**spec, "base": str(service_pair.base), "finetuned": str(service_pair.finetuned)},
+        tmp_path,
+    )
+    published = _objects(s3, "models", "out/pruned/")
+    expected = {p.name for p in local.iterdir()} | {MANIFEST_FILE}
+    assert set(published) == expected
+    for path in local.iterdir():
+        if path.name.endswith(".safetensors") or path.name in WEIGHTS_AND_SIDE:
+            assert published[path.name] == path.read_bytes(), path.name
+    manifest = json.loads(published[MANIFEST_FILE])
+    assert manifest["job_id"] == record.id
+    assert {f["name"] for f in manifest["files"]} == expected - {MANIFEST_FILE}
+    # Staging objects are gone once the output is promoted.
+    assert [k for k in _objects(s3, "models", "out/") if "fapm-staging" in k] == []
+    report = jobs.report(record.id)
+    assert report["inputs"]["base"]["uri"] == "s3://models/llama/base/"
+    assert {"upload", "publish", "prune"} <= set(report["seconds"])
+
+
+def test_s3_to_local_job_and_overwrite_refused(remote_stack, models_bucket, local_root):
+    jobs = Jobs(remote_stack)
+    out = local_root / "from-s3"
+    spec = {
+        "base": "s3://models/llama/base/",
+        "finetuned": "s3://models/llama/ft/",
+        "output": f"file://{out}",
+        "kernel": "torch",
+    }
+    assert jobs.wait(jobs.submit(spec)).status == "succeeded"
+    assert (out / "model.safetensors").exists() or list(out.glob("model-*.safetensors"))
+    again = jobs.wait(jobs.submit({**spec, "output": "s3://models/out/pruned/"}))
+    assert again.status == "failed" and again.error.code == "output_exists"
+
+
+def test_missing_bucket_fails_with_a_stable_code(remote_stack, models_bucket, local_root):
+    jobs = Jobs(remote_stack)
+    spec = {
+        "base": "s3://no-such-bucket/base/",
+        "finetuned": "s3://models/llama/ft/",
+        "output": f"file://{local_root / 'never'}",
+    }
+    record = jobs.wait(jobs.submit(spec))
+    assert record.status == "failed" and record.error.code == "source_not_found"
+    assert "no-such-bucket" in record.error.message
+    assert not (local_root / "never").exists()
+
+
+def test_cancel_mid_upload_leaves_nothing_in_the_bucket(remote_stack, s3, models_bucket):
+    jobs = Jobs(remote_stack)
+    # 32 shards of one 512 KiB tensor each: the upload of early shards overlaps later compute.
+    spec = {
+        "base": "s3://models/big/base/",
+        "finetuned": "s3://models/big/ft/",
+        "output": "s3://models/out/cancelled/",
+        "shard_size": "600KB",
+        "kernel": "torch",
+    }
+    job_id = jobs.submit(spec)
+    jobs.wait(job_id, until=lambda r: r.progress.tensors_done >= 4, timeout=120, every=0.01)
+    assert jobs.cancel(job_id) == "requested"
+    record = jobs.wait(job_id)
+    assert record.status == "cancelled"
+    # Neither the output nor its staging prefix (out/.cancelled.fapm-staging-<job>/) holds a byte.
+    assert [k for k in _objects(s3, "models", "out/") if "cancelled" in k] == []
+    assert s3.list_multipart_uploads(Bucket="models").get("Uploads", []) == []
