@@ -501,6 +501,20 @@ def markdown(summaries: list[dict], audit: dict, meta: dict) -> str:
     return "\n".join(lines)
 
 
+def app_revision() -> str:
+    """The commit the measured API code is at, '+dirty' if app/ has uncommitted changes (the API
+    changes under a shared checkout; numbers belong to one revision)."""
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=repo, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", "app", "worker/celery_app.py")
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -629,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
 
             shutil.rmtree(workdir, ignore_errors=True)
     meta = {
+        "app/ at": app_revision(),
         "client": f"one {loop_name} loop, "
         + (
             "minimal HTTP/1.1 keep-alive client"
