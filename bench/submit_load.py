@@ -13,11 +13,13 @@ the numbers are the API's and Redis's alone), then runs:
 Afterwards every returned job id is checked against Redis: exactly one job hash, one entry in its
 tenant's index and active set, one `queued` event, one Celery message, none missing, no extras.
 
-The client is one asyncio loop (uvloop when installed) with an httpx connection pool, in this
-process; its CPU time and the API's and Redis's are measured and printed, because on a 2-core
-machine the client competes with the server for the same cores.
+The client is one asyncio loop (uvloop when installed) in this process, with a minimal
+keep-alive HTTP/1.1 client (`--client raw`, 0.2-0.4 ms CPU per request) or httpx.AsyncClient
+(`--client httpx`, 2-10 ms: on 2 cores it cannot offer 200/s itself). Its CPU time and the API's
+and Redis's are measured and printed, because on a 2-core machine the client competes with the
+server for the same cores; so is what other programs used ("others' cores").
 
-    .venv/bin/python bench/submit_load.py --rate 200 --total 2000 --markdown
+    .venv/bin/python bench/submit_load.py --rate 100,200 --repeat 2 --quiet-wait 60 --markdown
 """
 
 from __future__ import annotations
