@@ -424,3 +424,22 @@ def test_progress_fraction_spans_all_passes_and_writes_at_a_bounded_rate(
     eta = [w["eta_seconds"] for w in writes if w["stage"] == "prune"]
     assert all(e is not None and e >= 0 for e in eta)
     assert jobs.store.finish(job_id, "cancelled", lease=lease)
+
+
+def test_worker_rechecks_local_roots_before_it_opens_a_path(
+    jobs, service_pair, local_root, tmp_path
+):
+    """The API checked the paths at submission; a path that leads out of the roots by the time
+    the job runs (here: written past the API) fails with invalid_location and touches nothing."""
+    outside = tmp_path / "outside-the-roots"
+    spec = {
+        "base": str(service_pair.base),
+        "finetuned": str(service_pair.finetuned),
+        "output": str(outside),
+    }
+    job_id = jobs.submit(spec, enqueue=False)
+    jobs.enqueue(job_id)
+    record = jobs.wait(job_id)
+    assert record.status == "failed" and record.error.code == "invalid_location", record.error
+    assert "output" in record.error.message
+    assert not outside.exists()

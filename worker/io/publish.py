@@ -74,7 +74,7 @@ class LocalTarget(OutputTarget):
 
     def commit(self, message: str) -> str:
         self._staging.commit()
-        return str(self.path)
+        return self.uri
 
     def abort(self) -> None:
         self._staging.abort()

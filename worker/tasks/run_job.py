@@ -21,12 +21,14 @@ import redis
 from celery import Task
 
 from app.core.config import Settings, get_settings
+from app.core.netguard import check_local_uri
 from app.jobs.records import TERMINAL_STATUSES
 from app.jobs.store import JobStore, Lease
 from worker.celery_app import RUN_JOB_TASK, celery_app, enqueue_webhook
 from worker.engine.pipeline import run_prune
 from worker.errors import FapmError, JobCancelled
 from worker.heartbeat import LeaseKeeper
+from worker.spec import JobSpec
 from worker.tasks.progress import ProgressReporter
 from worker.tasks.store import job_store
 from worker.webhooks import webhook_id_for
@@ -103,6 +105,7 @@ def execute(store: JobStore, settings: Settings, lease: Lease) -> str:
                 return False  # stops the job if Redis stays away for a whole lease
 
         try:
+            check_locations(spec, settings)
             result = run_prune(spec, reporter, should_cancel, job_id=job_id)
         except JobCancelled as exc:
             if keeper.lost:
@@ -117,7 +120,8 @@ def execute(store: JobStore, settings: Settings, lease: Lease) -> str:
             summary = {key: result.report[key] for key in SUMMARY_KEYS if key in result.report}
             outcome = {
                 "status": "succeeded",
-                "result": {"output": spec.output, "report": summary},
+                # Where it was published: for the Hub, the commit (hf://org/name@sha).
+                "result": {"output": result.output, "report": summary},
                 "report": result.report,
                 "progress": reporter.final(),
             }
@@ -133,6 +137,22 @@ def execute(store: JobStore, settings: Settings, lease: Lease) -> str:
         store.observe_duration(seconds, reporter.bytes_read)
     log.info("job %s: %s in %.1f s", job_id, outcome["status"], seconds)
     return outcome["status"]
+
+
+def check_locations(spec: JobSpec, settings: Settings) -> None:
+    """Local paths again, as the worker sees them: the API checked them at submission, but a
+    symlink under a root can change before the job runs. Workers without FAPM_LOCAL_ROOTS (e.g.
+    ones that only see S3 and the Hub) leave the check to the API."""
+    if not settings.local_roots:
+        return
+    for field in ("base", "finetuned", "adapter", "output"):
+        raw = getattr(spec, field)
+        if raw is None:
+            continue
+        try:
+            check_local_uri(raw, settings.local_roots)
+        except ValueError as exc:
+            raise FapmError(f"{field}: {exc}", code="invalid_location") from None
 
 
 def _internal_error(job_id: str) -> dict:
