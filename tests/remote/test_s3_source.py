@@ -109,3 +109,16 @@ def test_truncated_object_is_a_clear_error(s3, bucket, bf16_pair, tmp_path):
         run_prune(JobSpec(base=base, finetuned=finetuned, output=str(tmp_path / "out")))
     assert info.value.code in ("corrupt_checkpoint", "source_not_found")
     assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_store_is_retried_then_source_unavailable(tmp_path, monkeypatch):
+    from worker.localstack import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    spec = JobSpec(base="s3://b/base/", finetuned="s3://b/ft/", output=str(tmp_path / "out"))
+    with pytest.raises(FapmError) as info:
+        run_prune(spec)
+    assert info.value.code == "source_unavailable"
+    assert "s3://b/base/" in info.value.message
+    assert not (tmp_path / "out").exists()

@@ -9,6 +9,7 @@ from a job spec.
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,7 +31,8 @@ def s3_client():
     """A boto3 S3 client from the standard AWS configuration, with bounded adaptive retries
     (network errors and throttling are retried with backoff before a job fails)."""
     config = Config(
-        retries={"max_attempts": 6, "mode": "adaptive"},
+        # AWS_MAX_ATTEMPTS is the standard knob; 6 attempts (about half a minute of backoff).
+        retries={"max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", 6)), "mode": "adaptive"},
         max_pool_connections=PART_WORKERS * 2 + 4,
         connect_timeout=10,
         read_timeout=60,
