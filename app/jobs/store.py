@@ -195,8 +195,10 @@ def _dump(value: object) -> str:
 class JobStore:
     """Typed access to the Redis keys above; one instance per process is enough (thread-safe)."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, job_ttl_seconds: int | None = None) -> None:
         self.redis = client
+        # Finished jobs (record, events, report, webhook secret) expire this long after the end.
+        self.job_ttl_seconds = job_ttl_seconds
         self._create = client.register_script(_CREATE)
         self._transition = client.register_script(_TRANSITION)
         self._start = client.register_script(_START)
@@ -205,8 +207,24 @@ class JobStore:
         self._cancel = client.register_script(_CANCEL)
 
     @classmethod
-    def from_url(cls, url: str) -> JobStore:
-        return cls(redis.Redis.from_url(url, decode_responses=True, health_check_interval=30))
+    def from_url(cls, url: str, job_ttl_seconds: int | None = None) -> JobStore:
+        client = redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+        return cls(client, job_ttl_seconds)
+
+    def _expire_finished(self, job_id: str) -> None:
+        """Start the retention clock of a finished job's keys (its tenant index entry is
+        dropped by `list` once the record is gone)."""
+        if not self.job_ttl_seconds:
+            return
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in (
+                job_key(job_id),
+                events_key(job_id),
+                _key("job", job_id, "report"),
+                _key("job", job_id, "webhook"),
+            ):
+                pipe.expire(key, self.job_ttl_seconds)
+            pipe.execute()
 
     # -- creation -------------------------------------------------------------------------------
 
@@ -337,32 +355,38 @@ class JobStore:
                 raise ValueError("cursor: unknown or expired cursor")
             max_score = str(int(score))
         page: list[JobRecord] = []
+        expired: list[str] = []  # removed only after the scan: offsets must not shift
         offset = 0
         batch = max(limit * 2, 100)
         passed_cursor = cursor is None
-        while len(page) < limit:
-            ids = self.redis.zrevrangebyscore(index, max_score, "-inf", start=offset, num=batch)
-            if not ids:
-                return page, None
-            offset += len(ids)
-            with self.redis.pipeline(transaction=False) as pipe:
-                for job_id in ids:
-                    pipe.hgetall(job_key(job_id))
-                rows = pipe.execute()
-            for job_id, fields in zip(ids, rows, strict=True):
-                if not passed_cursor:
-                    passed_cursor = job_id == cursor
-                    continue
-                if not fields:
-                    continue  # expired record; its index entry goes with the next cleanup
-                if status and fields.get("status") != status:
-                    continue
-                if label and json.loads(fields.get("labels", "{}")).get(label[0]) != label[1]:
-                    continue
-                page.append(record_from_fields(fields))
-                if len(page) == limit:
-                    return page, job_id
-        return page, None
+        try:
+            while len(page) < limit:
+                ids = self.redis.zrevrangebyscore(index, max_score, "-inf", start=offset, num=batch)
+                if not ids:
+                    return page, None
+                offset += len(ids)
+                with self.redis.pipeline(transaction=False) as pipe:
+                    for job_id in ids:
+                        pipe.hgetall(job_key(job_id))
+                    rows = pipe.execute()
+                for job_id, fields in zip(ids, rows, strict=True):
+                    if not passed_cursor:
+                        passed_cursor = job_id == cursor
+                        continue
+                    if not fields:
+                        expired.append(job_id)  # the record expired: drop its index entry after
+                        continue
+                    if status and fields.get("status") != status:
+                        continue
+                    if label and json.loads(fields.get("labels", "{}")).get(label[0]) != label[1]:
+                        continue
+                    page.append(record_from_fields(fields))
+                    if len(page) == limit:
+                        return page, job_id
+            return page, None
+        finally:
+            if expired:
+                self.redis.zrem(index, *expired)
 
     def report(self, job_id: str) -> dict | None:
         raw = self.redis.get(_key("job", job_id, "report"))
@@ -411,6 +435,8 @@ class JobStore:
                 _dump({"status": "running", "at": at, "cancel_requested": True}),
             ],
         )
+        if reply[0] == "cancelled":
+            self._expire_finished(job_id)
         return reply[0]
 
     # -- changes from the worker ----------------------------------------------------------------
@@ -493,6 +519,8 @@ class JobStore:
                 *[item for pair in fields.items() for item in pair],
             ],
         )
+        if reply[0] == "ok":
+            self._expire_finished(job_id)
         return reply[0] == "ok"
 
     def observe_duration(self, seconds: float, bytes_processed: int) -> None:
