@@ -125,9 +125,10 @@ class JobSpec(BaseModel):
     dtype: Literal["keep", "bfloat16", "float16", "float32"] = Field(
         default="keep", description="Storage dtype of the output's floating-point tensors."
     )
-    kernel: Literal["auto", "torch", "numba"] = Field(
+    kernel: Literal["auto", "torch", "numba", "triton"] = Field(
         default="auto",
-        description="Implementation: auto uses the fused CPU kernel where it covers the method.",
+        description="Implementation: auto uses the fused kernel where it covers the method "
+        "(triton on CUDA, numba on CPU); triton on CPU needs TRITON_INTERPRET=1 (interpreter).",
     )
     overwrite: bool = Field(default=False, description="Replace an existing output.")
 
