@@ -89,6 +89,9 @@ def test_hub_pair_prunes_to_the_local_bytes(hub_cache, sharded_pair, tmp_path):
     # Revisions are resolved to commit SHAs and recorded.
     assert report["inputs"]["base"]["revision"] == "a" * 40
     assert report["inputs"]["finetuned"]["revision"] == "b" * 40
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert 'base_model: "acme/llama-base"' in card
+    assert f"| base revision | `{'a' * 40}` |" in card
     local_report = json.loads((tmp_path / "local" / "pruning_report.json").read_text())
     assert report["inputs"]["base"]["shards"] == local_report["inputs"]["base"]["shards"]
 

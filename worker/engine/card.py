@@ -14,7 +14,18 @@ def _hub_id(uri: str) -> str:
     return parsed.path if parsed.scheme == "hf" else uri
 
 
-def model_card(spec: JobSpec, totals: dict[str, float | int]) -> str:
+def _revision_rows(inputs: dict[str, dict]) -> str:
+    """Table rows naming the commit each Hub input was resolved to (branches move; commits don't)."""
+    rows = []
+    for role, identity in inputs.items():
+        if identity.get("revision"):
+            rows.append(f"| {role} revision | `{identity['revision']}` |\n")
+    return "".join(rows)
+
+
+def model_card(
+    spec: JobSpec, totals: dict[str, float | int], inputs: dict[str, dict] | None = None
+) -> str:
     method = get_method(spec.method)
     paper = f"[{method.title}]({method.paper_url})" if method.paper_url else method.title
     update = spec.finetuned or spec.adapter
@@ -40,7 +51,7 @@ Built by fapm-service.
 | --- | --- |
 | base model | `{spec.base}` |
 | {"LoRA adapter" if spec.adapter else "fine-tuned model"} | `{update}` |
-| method | `{spec.method}` |
+{_revision_rows(inputs or {})}| method | `{spec.method}` |
 | sparsity (update dropped) | {spec.sparsity:g} |
 | density (update kept) | {spec.density:g} |
 | selection scope | `{spec.scope}` |

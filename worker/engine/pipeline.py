@@ -156,7 +156,7 @@ def run_prune(
             "output": {"shards": [vars(s) for s in written]},
             "tensors": tensor_records,
         }
-        (target.local_dir / "README.md").write_text(model_card(spec, summary))
+        (target.local_dir / "README.md").write_text(model_card(spec, summary, report["inputs"]))
         timings["finalize"] = time.perf_counter() - started - sum(timings.values())
         # Uploads overlap the prune; "upload" is their own duration, "publish" what was left.
         report["seconds"] = {**timings, "upload": target.upload_seconds}
