@@ -35,8 +35,7 @@ def _free_port() -> int:
 @pytest.fixture
 def redis_url(tmp_path: Path) -> Iterator[str]:
     binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (scripts/setup installs it)")
+    assert binary is not None, "redis-server is missing: run scripts/setup"
     import redis
 
     port = _free_port()
