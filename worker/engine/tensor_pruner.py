@@ -1,10 +1,17 @@
 """One tensor through the method: choose the implementation, run it, return output and stats.
 
-The fused CPU kernel covers fapm and magnitude at tensor scope on CPU; everything else takes the
-torch path (any device), which is also the reference the kernel is tested against.
+The fused kernels cover fapm and magnitude at tensor scope: numba on CPU, Triton on CUDA (or on
+CPU tensors through Triton's interpreter with TRITON_INTERPRET=1, for tests). Everything else
+takes the torch path (any device), which is also the reference the kernels are tested against.
+
+`kernel`: auto picks triton on CUDA and numba on CPU where they are installed (else torch);
+torch, numba and triton force one (an error when the forced one cannot run here).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from types import ModuleType
 
 import torch
 
@@ -35,6 +42,75 @@ def _fused_kernel():
     return cpu_fused if cpu_fused.fused_available() else None
 
 
+def _triton_kernel(device: torch.device) -> ModuleType:
+    """The Triton kernel module when it can run on `device`; ValueError saying why if not."""
+    try:
+        from worker.engine.kernels import triton_select
+    except ImportError as exc:  # pragma: no cover - the module itself imports without triton
+        raise ValueError(f"kernel: triton is unavailable ({exc})") from exc
+    if not triton_select.HAVE_TRITON:
+        raise ValueError("kernel: triton is not installed (pip install '.[gpu]')")
+    if not triton_select.triton_available(device):
+        raise ValueError(
+            "kernel: triton needs a CUDA device (device cuda, or auto with one present); on CPU "
+            "it runs only in Triton's interpreter: set TRITON_INTERPRET=1 in the environment "
+            "before the worker starts and use device cpu (slow; meant for tests)"
+        )
+    return triton_select
+
+
+class _CudaStager:
+    """Host-to-device copies through pinned buffers on a side CUDA stream (GPU only).
+
+    `prefetch` starts the copy of a pair while the current stream still computes an earlier
+    tensor; `take` makes the current stream wait for that copy (an event, not a host sync).
+    Pinned blocks come from torch's caching host allocator, which records the copy's event and
+    does not reuse a block before its copy has finished.
+
+    Only exercised on a machine with a GPU (tests marked `gpu`); the CPU paths never create one.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.pending: dict[str, tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]] = {}
+
+    def prefetch(self, name: str, w: torch.Tensor, f: torch.Tensor) -> None:
+        if name in self.pending:
+            return
+        staged = []
+        for x in (w, f):
+            pinned = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            pinned.copy_(x)  # host memcpy; the DMA below needs page-locked memory to be async
+            staged.append(pinned)
+        with torch.cuda.stream(self.stream):
+            w_dev = staged[0].to(self.device, non_blocking=True)
+            f_dev = staged[1].to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        self.pending[name] = (w_dev, f_dev, done)
+
+    def take(
+        self, name: str, w: torch.Tensor, f: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if name not in self.pending:
+            self.prefetch(name, w, f)
+        w_dev, f_dev, done = self.pending.pop(name)
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(done)
+        # Allocated on the side stream, used on this one: keep the caching allocator from
+        # handing the memory out again before this stream's kernels are done with it.
+        w_dev.record_stream(current)
+        f_dev.record_stream(current)
+        return w_dev, f_dev
+
+    def to_host(self, out: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return host
+
+
 class TensorPruner:
     """Applies a JobSpec's method to (W, F) pairs, tensor by tensor."""
 
@@ -47,12 +123,79 @@ class TensorPruner:
         if spec.kernel == "numba" and fused is None:
             raise ValueError("kernel: numba was requested but the fused kernel is unavailable")
         self.fused = fused
+        self.triton: ModuleType | None = None
+        if spec.kernel == "triton":
+            self.triton = _triton_kernel(self.device)
+        elif spec.kernel == "auto" and self.device.type == "cuda":
+            try:
+                self.triton = _triton_kernel(self.device)
+            except ValueError:  # auto: the torch path on the GPU is the fallback
+                self.triton = None
+        self.stager = (
+            _CudaStager(self.device)
+            if self.triton is not None and self.device.type == "cuda"
+            else None
+        )
         # Scope "model": set by the pipeline after its counting passes, consumed in plan order.
         self.global_threshold: GlobalThreshold | None = None
 
     @property
     def implementation(self) -> str:
+        if self._triton_applies():
+            return "triton" if self.device.type == "cuda" else "triton-interpreter"
         return "numba" if self._fused_applies() else f"torch-{self.device.type}"
+
+    def _triton_applies(self) -> bool:
+        return (
+            self.triton is not None
+            and self.spec.method in FUSED_METHODS
+            and self.spec.scope == "tensor"
+            and self.factor == 1.0
+        )
+
+    def _triton_operands(
+        self, task: TensorTask, w: torch.Tensor | None, f: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(W, F) as the Triton kernel takes them for this task, or None if it does not."""
+        if task.action == "copy" or w is None or not self._triton_applies():
+            return None
+        assert self.triton is not None
+        if task.action == "prune_rows":
+            f = f[: task.shared_rows]
+        if not (
+            w.dtype == f.dtype == task.out_torch_dtype
+            and w.dtype in self.triton.DTYPES
+            and w.shape == f.shape
+            and 0 < f.numel() <= self.triton.MAX_NUMEL
+        ):
+            return None
+        return w.contiguous(), f.contiguous()
+
+    def overlap_transfers(
+        self, pairs: Iterator[tuple[TensorTask, tuple[torch.Tensor | None, torch.Tensor]]]
+    ) -> Iterator[tuple[TensorTask, tuple[torch.Tensor | None, torch.Tensor]]]:
+        """Yield `pairs` unchanged, one behind: on CUDA with the Triton kernel, the copy of
+        pair i+1 to the device is started (side stream) before pair i is handed out to be
+        computed, so the copy overlaps that compute. Elsewhere a pass-through."""
+        if self.stager is None:
+            yield from pairs
+            return
+        held = None
+        try:
+            for item in pairs:
+                task, (w, f) = item
+                operands = self._triton_operands(task, w, f)
+                if operands is not None:
+                    self.stager.prefetch(task.name, *operands)
+                if held is not None:
+                    yield held
+                held = item
+            if held is not None:
+                yield held
+        finally:
+            close = getattr(pairs, "close", None)
+            if close is not None:
+                close()
 
     def _fused_applies(self) -> bool:
         return (
@@ -106,6 +249,15 @@ class TensorPruner:
     def _prune(
         self, name: str, w: torch.Tensor, f: torch.Tensor, out_dtype: torch.dtype
     ) -> tuple[torch.Tensor, TensorStats]:
+        triton_kernel = self.triton
+        if (
+            triton_kernel is not None
+            and self._triton_applies()
+            and w.dtype == f.dtype == out_dtype
+            and w.dtype in triton_kernel.DTYPES
+            and 0 < f.numel() <= triton_kernel.MAX_NUMEL
+        ):
+            return self._prune_triton(triton_kernel, name, w.contiguous(), f.contiguous())
         if self._fused_applies() and w.dtype == f.dtype and out_dtype == f.dtype:
             out = torch.empty_like(f)
             k = keep_count(f.numel(), self.spec.density)
@@ -124,3 +276,15 @@ class TensorPruner:
         stats = delta_stats(w32, f_dev.to(torch.float32), d32, keep)
         out = compose_output(w_dev, f_dev, keep, self.factor, out_dtype)
         return out.cpu(), stats
+
+    def _prune_triton(
+        self, kernel: ModuleType, name: str, w: torch.Tensor, f: torch.Tensor
+    ) -> tuple[torch.Tensor, TensorStats]:
+        k = keep_count(f.numel(), self.spec.density)
+        if self.stager is None:  # CPU tensors through the interpreter
+            out = torch.empty_like(f)
+            return out, kernel.triton_prune(self.spec.method, w, f, k, self.spec.alpha, out)
+        w_dev, f_dev = self.stager.take(name, w, f)
+        out_dev = torch.empty_like(f_dev)
+        stats = kernel.triton_prune(self.spec.method, w_dev, f_dev, k, self.spec.alpha, out_dev)
+        return self.stager.to_host(out_dev), stats

@@ -33,7 +33,6 @@ libdevice flush-to-zero, so subnormals behave as on the CPU.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
@@ -44,9 +43,9 @@ try:  # triton is optional (the `gpu` extra): callers fall back to another path 
     import triton
     import triton.language as tl
 
-    _HAVE_TRITON = True
+    HAVE_TRITON = True
 except ImportError:  # pragma: no cover - exercised only without triton
-    _HAVE_TRITON = False
+    HAVE_TRITON = False
 
 NBINS = 2048
 # (shift, digit bits) of the radix passes over the 32-bit unsigned key, most significant first.
@@ -70,20 +69,21 @@ _EXACT_FP = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when this module's kernels were built for Triton's CPU interpreter, i.e.
+    TRITON_INTERPRET=1 was set when the module was imported (`triton.jit` decides then)."""
+    return HAVE_TRITON and type(_write_kernel).__name__ == "InterpretedFunction"
 
 
 def triton_available(device: torch.device) -> bool:
     """True when the kernels can run on `device` here: CUDA, or CPU under the interpreter."""
-    if not _HAVE_TRITON:
+    if not HAVE_TRITON:
         return False
     if device.type == "cuda":
         return torch.cuda.is_available() and not interpreting()
     return device.type == "cpu" and interpreting()
 
 
-if _HAVE_TRITON:
+if HAVE_TRITON:
 
     @triton.jit
     def _to_f32(bits, STORAGE: tl.constexpr):
@@ -305,7 +305,7 @@ def triton_prune(
     """
     if method not in ("fapm", "magnitude"):
         raise ValueError(f"triton_prune: unsupported method {method!r} (fapm, magnitude)")
-    if not _HAVE_TRITON:
+    if not HAVE_TRITON:
         raise RuntimeError("triton_prune: triton is not installed")
     _check(w, f, out)
     n = w.numel()
