@@ -1,0 +1,12 @@
+"""The trained tiny pair (tests/eval_models.py), built once per session (about 10 s)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.eval_models import EvalCase, build_eval_case
+
+
+@pytest.fixture(scope="session")
+def eval_case(tmp_path_factory) -> EvalCase:
+    return build_eval_case(tmp_path_factory.mktemp("eval_case"))

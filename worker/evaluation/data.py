@@ -1,0 +1,137 @@
+"""Evaluation sets: JSONL files at any location a model can come from.
+
+A set's URI names one file: `/abs/task.jsonl`, `file:///abs/task.jsonl`,
+`s3://bucket/prefix/task.jsonl` or `hf://org/name[@revision]/task.jsonl` (a file at the top level
+of a Hub repo). The file is read whole through the `ModelSource` of the directory that holds it,
+so credentials, endpoints, retries and the Hub cache work exactly as for checkpoints.
+
+Lines (blank lines are skipped, the rest are numbered from 1 as an editor shows them):
+  task:    {"prompt": str, "completion": str}  (completion not empty)
+  general: {"text": str}
+Anything else fails the job with `bad_eval_data` naming the file and the line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from worker.errors import SourceNotFound
+from worker.evaluation.errors import EmptyEvalSet, EvalDataError
+from worker.io.source import ModelSource
+from worker.io.uri import open_source, parse_uri
+
+# Evaluation sets are read into memory whole; a larger file is almost surely the wrong file.
+MAX_FILE_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class TaskExample:
+    prompt: str
+    completion: str
+    line: int  # 1-based line in the file, for error messages
+
+
+@dataclass(frozen=True)
+class GeneralText:
+    text: str
+    line: int
+
+
+def split_file_uri(uri: str) -> tuple[str, str]:
+    """(the containing directory as a model location, the file name). Raises ValueError for a
+    malformed URI or one that names a directory."""
+    if uri.lower().startswith("hf://"):
+        # hf://org/name[@rev]/file: the repo is everything before the file name.
+        head, _, name = uri.rpartition("/")
+        if not name or head.count("/") != 3:
+            raise ValueError(f"{uri}: a Hub file is hf://org/name[@revision]/file.jsonl")
+        parse_uri(head)
+        return head, name
+    parsed = parse_uri(uri)  # raises ValueError on unknown schemes
+    if parsed.scheme == "file":
+        path = parsed.local_path
+        if not path.name or uri.endswith("/"):
+            raise ValueError(f"{uri}: name a file (e.g. /data/task.jsonl), not a directory")
+        return str(path.parent), path.name
+    head, _, name = uri.rpartition("/")
+    if not name:
+        raise ValueError(f"{uri}: name a file (e.g. .../task.jsonl), not a directory")
+    if not head.removeprefix("s3://"):
+        raise ValueError(f"{uri}: an S3 file is s3://bucket/prefix/file.jsonl")
+    return head + "/", name
+
+
+def read_file(uri: str) -> bytes:
+    """The bytes of the file at `uri`, through the source of its directory."""
+    directory, name = split_file_uri(uri)
+    source: ModelSource = open_source(directory)
+    try:
+        if not source.exists(name):
+            raise SourceNotFound(f"{uri}: no such file")
+        size = source.size(name)
+        if size > MAX_FILE_BYTES:
+            raise EvalDataError(
+                f"{uri}: {size} bytes; evaluation sets are read whole (at most "
+                f"{MAX_FILE_BYTES // 2**20} MiB): use max_examples on a smaller file"
+            )
+        return source.read_file(name)
+    finally:
+        source.close()
+
+
+def _lines(uri: str, data: bytes) -> list[tuple[int, dict]]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise EvalDataError(f"{uri} line {line}: not UTF-8") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise EvalDataError(f"{uri} line {number}: not valid JSON ({exc})") from None
+        if not isinstance(row, dict):
+            raise EvalDataError(f"{uri} line {number}: expected a JSON object")
+        rows.append((number, row))
+    if not rows:
+        raise EmptyEvalSet(f"{uri}: no examples (the file is empty)")
+    return rows
+
+
+def _string_field(uri: str, number: int, row: dict, key: str, allow_empty: bool) -> str:
+    value = row.get(key)
+    if not isinstance(value, str):
+        raise EvalDataError(f'{uri} line {number}: "{key}" must be a string')
+    if not allow_empty and not value.strip():
+        raise EvalDataError(f'{uri} line {number}: "{key}" is empty')
+    return value
+
+
+def parse_task(uri: str, data: bytes, max_examples: int | None = None) -> list[TaskExample]:
+    """Task examples from JSONL bytes (the first `max_examples` when given)."""
+    examples = []
+    for number, row in _lines(uri, data)[:max_examples]:
+        prompt = _string_field(uri, number, row, "prompt", allow_empty=True)
+        completion = _string_field(uri, number, row, "completion", allow_empty=False)
+        examples.append(TaskExample(prompt, completion, number))
+    return examples
+
+
+def parse_general(uri: str, data: bytes, max_examples: int | None = None) -> list[GeneralText]:
+    """General texts from JSONL bytes (the first `max_examples` when given)."""
+    return [
+        GeneralText(_string_field(uri, number, row, "text", allow_empty=False), number)
+        for number, row in _lines(uri, data)[:max_examples]
+    ]
+
+
+def load_task(uri: str, max_examples: int | None = None) -> list[TaskExample]:
+    return parse_task(uri, read_file(uri), max_examples)
+
+
+def load_general(uri: str, max_examples: int | None = None) -> list[GeneralText]:
+    return parse_general(uri, read_file(uri), max_examples)
