@@ -62,6 +62,50 @@ def parse_byte_size(value: int | str) -> int:
 ByteSize = Annotated[int, BeforeValidator(parse_byte_size)]
 
 
+class EvaluationSpec(BaseModel):
+    """What to measure a model on (worker/evaluation/)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task: str = Field(
+        description='JSONL file of {"prompt", "completion"} lines (a path, file://, '
+        "s3://bucket/prefix/file.jsonl or hf://org/name[@rev]/file.jsonl): skill = exact-match "
+        "accuracy of the greedy completion.",
+        json_schema_extra={"cli": "--task"},
+    )
+    general: str = Field(
+        description='JSONL file of {"text"} lines: general ability = perplexity.',
+        json_schema_extra={"cli": "--general"},
+    )
+    max_examples: int | None = Field(
+        default=None, ge=1, description="Use only the first N lines of each set."
+    )
+    batch_size: int = Field(
+        default=16, ge=1, le=4096, description="Sequences per forward pass in evaluation."
+    )
+
+    @field_validator("task", "general")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+class TargetSpec(BaseModel):
+    """What sparsity "auto" aims for."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_skill_kept: float = Field(
+        default=0.95,
+        gt=0.0,
+        le=1.0,
+        description="Skill floor: the pruned model keeps at least this fraction of the "
+        "fine-tuned model's skill.",
+    )
+
+
 class JobSpec(BaseModel):
     """What to prune, how, and where the result goes."""
 
@@ -86,11 +130,10 @@ class JobSpec(BaseModel):
         json_schema_extra={"cli": "--out"},
     )
     method: MethodName = Field(default="fapm", description="Pruning method.")
-    sparsity: float = Field(
+    sparsity: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"] = Field(
         default=0.9,
-        ge=0.0,
-        le=1.0,
-        description="Fraction of each tensor's update that is dropped (0.9 keeps 10%).",
+        description="Fraction of each tensor's update that is dropped (0.9 keeps 10%), or "
+        '"auto": search for the least forgetting that keeps the skill floor (needs evaluate).',
     )
     alpha: float = Field(
         default=1.0, ge=0.0, description="fapm: weight of the relative-change penalty."
@@ -130,6 +173,19 @@ class JobSpec(BaseModel):
         description="Implementation: auto uses the fused kernel where it covers the method "
         "(triton on CUDA, numba on CPU); triton on CPU needs TRITON_INTERPRET=1 (interpreter).",
     )
+    evaluate: EvaluationSpec | None = Field(
+        default=None,
+        description="Measure skill and forgetting of the base, the fine-tune and the pruned "
+        'model(s); required by sparsity "auto".',
+    )
+    target: TargetSpec | None = Field(
+        default=None, description='sparsity "auto": the skill floor (default 0.95).'
+    )
+    methods: list[MethodName] | None = Field(
+        default=None,
+        min_length=1,
+        description='sparsity "auto": the methods to search (default: method).',
+    )
     overwrite: bool = Field(default=False, description="Replace an existing output.")
 
     @field_validator("exclude")
@@ -163,7 +219,36 @@ class JobSpec(BaseModel):
             raise ValueError("finetuned: give exactly one of 'finetuned' and 'adapter'")
         return self
 
+    @model_validator(mode="after")
+    def _auto_needs_evaluation(self) -> JobSpec:
+        if self.sparsity == "auto":
+            if self.evaluate is None:
+                raise ValueError(
+                    'evaluate: sparsity "auto" needs evaluate {task, general} to measure with'
+                )
+            if self.scope == "model":
+                raise ValueError('scope: sparsity "auto" works with scope tensor or row')
+        else:
+            if self.target is not None:
+                raise ValueError('target: applies to sparsity "auto" only')
+            if self.methods is not None:
+                raise ValueError('methods: applies to sparsity "auto" only (use method)')
+        if self.methods is not None and len(set(self.methods)) != len(self.methods):
+            raise ValueError("methods: each method once")
+        return self
+
+    @property
+    def auto(self) -> bool:
+        return self.sparsity == "auto"
+
+    @property
+    def search_methods(self) -> list[str]:
+        """The methods sparsity "auto" searches."""
+        return list(self.methods or [self.method])
+
     @property
     def density(self) -> float:
-        """Fraction of each tensor's entries whose update is kept."""
+        """Fraction of each tensor's entries whose update is kept (not for sparsity "auto")."""
+        if self.sparsity == "auto":
+            raise ValueError('sparsity "auto" has no density until the search chose one')
         return 1.0 - self.sparsity
