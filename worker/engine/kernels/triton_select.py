@@ -89,7 +89,10 @@ if HAVE_TRITON:
     def _to_f32(bits, STORAGE: tl.constexpr):
         """Stored bits -> float32 (exact): 0 bfloat16, 1 float16 (int16 bits), 2 float32."""
         if STORAGE == 0:
-            return bits.to(tl.bfloat16, bitcast=True).to(tl.float32)
+            # bfloat16 is the top half of a float32: shift the bits (the sign-extended high
+            # half falls off). The same instruction count as a cvt on the GPU, and exact in
+            # Triton's interpreter too, whose bf16 -> fp32 cast mangles subnormals.
+            return (bits.to(tl.int32) << 16).to(tl.float32, bitcast=True)
         elif STORAGE == 1:
             return bits.to(tl.float16, bitcast=True).to(tl.float32)
         else:
