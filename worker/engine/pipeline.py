@@ -83,6 +83,7 @@ def run_prune(
     progress: ProgressCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
     job_id: str | None = None,
+    extra_files: Callable[[Path], dict] | None = None,
 ) -> PruneResult:
     """Run a pruning job to completion and publish its output directory.
 
@@ -93,6 +94,9 @@ def run_prune(
     report records the id, the dead attempt's staging directory is removed first, and an output
     that this job already published (killed after the rename, before the job was marked done) is
     returned as the result instead of failing with output_exists.
+
+    `extra_files(staging_dir)` (evaluated jobs) writes files beside the model before it is
+    published (the trade-off plot, the card's evaluation section) and returns keys for the report.
     """
     report_progress = progress or (lambda _p: None)
     cancelled = should_cancel or (lambda: False)
@@ -157,6 +161,8 @@ def run_prune(
             "tensors": tensor_records,
         }
         (target.local_dir / "README.md").write_text(model_card(spec, summary, report["inputs"]))
+        if extra_files is not None:
+            report.update(extra_files(target.local_dir))
         timings["finalize"] = time.perf_counter() - started - sum(timings.values())
         # Uploads overlap the prune; "upload" is their own duration, "publish" what was left.
         report["seconds"] = {**timings, "upload": target.upload_seconds}
