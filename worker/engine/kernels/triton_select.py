@@ -251,6 +251,14 @@ if HAVE_TRITON:
         tl.store(st_i_ptr + pid * 5 + 4, tl.sum(nonfinite, axis=0))
 
 
+def _cuda_options() -> dict[str, bool]:
+    """The exact-float options this Triton's CUDA backend knows (a launch with an unknown
+    option is an error, and `enable_reflect_ftz` is not in every 3.x)."""
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    return {k: v for k, v in _EXACT_FP.items() if k in CUDAOptions.__dataclass_fields__}
+
+
 def _check(w: torch.Tensor, f: torch.Tensor, out: torch.Tensor) -> None:
     if w.dtype not in _VIEWS:
         raise ValueError(f"triton_prune: unsupported dtype {w.dtype}")
@@ -329,7 +337,7 @@ def triton_prune(
             else 4
         )
     programs = max(1, min(programs, tiles))
-    opts = _EXACT_FP if dev.type == "cuda" else {}
+    opts = _cuda_options() if dev.type == "cuda" else {}
 
     is_fapm = method == "fapm" and 0 < k < n  # k = 0 or n: no scores needed
     c = 0.0
