@@ -37,9 +37,25 @@ def _flag(name: str, field) -> str:
     return extra.get("cli") or "--" + name.replace("_", "-")
 
 
+# Nested JobSpec fields get flat flags: flag -> (field, key in the nested object or None).
+NESTED_FLAGS: dict[str, tuple[str, str | None, str]] = {
+    "--task": ("evaluate", "task", "evaluate: JSONL of {prompt, completion} (skill)"),
+    "--general": ("evaluate", "general", "evaluate: JSONL of {text} (perplexity)"),
+    "--max-examples": ("evaluate", "max_examples", "evaluate: only the first N lines of each set"),
+    "--eval-batch-size": ("evaluate", "batch_size", "evaluate: sequences per forward pass"),
+    "--min-skill-kept": ("target", "min_skill_kept", 'sparsity "auto": the skill floor (0.95)'),
+    "--methods": ("methods", None, 'sparsity "auto": comma-separated methods to search'),
+}
+_NESTED_FIELDS = {field for field, _, _ in NESTED_FLAGS.values()}
+
+
 def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per JobSpec field; values are validated by JobSpec, not argparse."""
+    for flag, (_, _, help_text) in NESTED_FLAGS.items():
+        parser.add_argument(flag, dest=_nested_dest(flag), default=None, help=help_text)
     for name, field in JobSpec.model_fields.items():
+        if name in _NESTED_FIELDS:
+            continue
         flag = _flag(name, field)
         annotation = field.annotation
         choices = None
@@ -64,12 +80,24 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def _nested_dest(flag: str) -> str:
+    return "nested_" + flag.lstrip("-").replace("-", "_")
+
+
 def spec_from_args(namespace: argparse.Namespace) -> JobSpec:
-    values = {
+    values: dict = {
         name: getattr(namespace, name)
         for name in JobSpec.model_fields
-        if getattr(namespace, name, None) is not None
+        if name not in _NESTED_FIELDS and getattr(namespace, name, None) is not None
     }
+    for flag, (field, key, _) in NESTED_FLAGS.items():
+        value = getattr(namespace, _nested_dest(flag), None)
+        if value is None:
+            continue
+        if key is None:  # --methods fapm,magnitude
+            values[field] = [m.strip() for m in value.split(",") if m.strip()]
+        else:
+            values.setdefault(field, {})[key] = value
     return JobSpec.model_validate(values)
 
 
@@ -114,13 +142,16 @@ def _prune(namespace: argparse.Namespace) -> int:
         print(f"fapm: error: {_one_line_validation_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
 
-    from worker.engine.pipeline import run_prune
     from worker.errors import FapmError
+    from worker.evaluation.job import run_job_spec
 
     try:
-        result = run_prune(spec, progress=_progress_bar())
+        result = run_job_spec(spec, progress=_progress_bar())
     except FapmError as exc:
         print(f"fapm: error [{exc.code}]: {exc.message}", file=sys.stderr)
+        evaluation = (getattr(exc, "report", None) or {}).get("evaluation")
+        if evaluation:
+            _print_points(evaluation)
         return EXIT_FAILED
     except ValueError as exc:  # a spec value only the engine can check (e.g. device)
         print(f"fapm: error: {exc}", file=sys.stderr)
@@ -129,11 +160,71 @@ def _prune(namespace: argparse.Namespace) -> int:
         print("fapm: interrupted; nothing was written to the output", file=sys.stderr)
         return 130
     totals = result.report["totals"]
+    evaluation = result.report.get("evaluation")
+    if evaluation:
+        _print_points(evaluation)
+    done = result.report["spec"]  # the method and sparsity published ("auto" resolved)
     print(
-        f"wrote {result.output} ({spec.method}, sparsity {spec.sparsity:g}: kept "
+        f"wrote {result.output} ({done['method']}, sparsity {done['sparsity']:g}: kept "
         f"{totals['kept']} of {totals['n']} update entries, "
         f"{result.report['seconds']['total']:.1f}s)"
     )
+    return 0
+
+
+def _print_points(evaluation: dict) -> None:
+    """Every evaluated point, one line each, on stderr (stdout keeps the one result line)."""
+
+    def fmt(value: object) -> str:
+        return f"{value:.4g}" if isinstance(value, int | float) else "-"
+
+    print("method       sparsity  skill   kept    ppl      forgetting_left", file=sys.stderr)
+    chosen = evaluation.get("chosen") or {}
+    rows = [*(evaluation.get("references") or {}).values(), *(evaluation.get("points") or [])]
+    for p in rows:
+        mark = "  <- chosen" if p == chosen else ""
+        print(
+            f"{p['method']:<12} {fmt(p.get('sparsity')):<9} {fmt(p['skill']):<7} "
+            f"{fmt(p['skill_kept']):<7} {fmt(p['perplexity']):<8} {fmt(p['forgetting_left'])}"
+            f"{mark}",
+            file=sys.stderr,
+        )
+    if evaluation.get("note"):
+        print(f"note: {evaluation['note']}", file=sys.stderr)
+
+
+def _eval(namespace: argparse.Namespace) -> int:
+    """`fapm eval`: skill and perplexity of a model the user has, against its base."""
+    import json
+
+    from pydantic import ValidationError as _ValidationError
+
+    from worker.errors import FapmError
+    from worker.evaluation.standalone import evaluate_model
+    from worker.spec import EvaluationSpec
+
+    try:
+        settings = EvaluationSpec(
+            task=namespace.task,
+            general=namespace.general,
+            **({"max_examples": namespace.max_examples} if namespace.max_examples else {}),
+            **({"batch_size": namespace.batch_size} if namespace.batch_size else {}),
+        )
+    except _ValidationError as exc:
+        print(f"fapm: error: {_one_line_validation_error(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        result = evaluate_model(
+            namespace.base, namespace.model, settings, namespace.device, namespace.finetuned
+        )
+    except FapmError as exc:
+        print(f"fapm: error [{exc.code}]: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
+    except ValueError as exc:
+        print(f"fapm: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    _print_points(result)
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -339,7 +430,11 @@ def _success_line(record: dict) -> str:
     totals = report.get("totals") or {}
     seconds = (report.get("seconds") or {}).get("total")
     # The same words as `fapm prune`'s last line.
-    text = f"{spec.get('method', '?')}, sparsity {spec.get('sparsity', 0):g}"
+    # An auto job's result names what it published; its spec says "auto".
+    published = (report.get("evaluation") or {}).get("chosen") or spec
+    sparsity = published.get("sparsity", 0)
+    sparsity_text = f"{sparsity:g}" if isinstance(sparsity, int | float) else str(sparsity)
+    text = f"{published.get('method', '?')}, sparsity {sparsity_text}"
     if "kept" in totals and "n" in totals:
         text += f": kept {totals['kept']} of {totals['n']} update entries"
     if isinstance(seconds, int | float):
@@ -522,6 +617,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_spec_arguments(prune)
     prune.set_defaults(handler=_prune)
+    evaluate = commands.add_parser(
+        "eval",
+        help="measure a model's skill and forgetting against its base (no pruning)",
+        description="Skill (exact match of the greedy completion) on --task, perplexity on "
+        "--general, for --model and for --base, and the model's skill kept and forgetting left "
+        "relative to them. Prints the points on stderr and the JSON on stdout.",
+    )
+    evaluate.add_argument("--base", required=True, help="the base model (any location)")
+    evaluate.add_argument("--model", required=True, help="the model to measure (any location)")
+    evaluate.add_argument(
+        "--finetuned",
+        default=None,
+        help="a fine-tuned reference: the model's skill kept and forgetting left are then "
+        "relative to it (e.g. --model is a pruned copy of it)",
+    )
+    evaluate.add_argument("--task", required=True, help="JSONL of {prompt, completion}")
+    evaluate.add_argument("--general", required=True, help="JSONL of {text}")
+    evaluate.add_argument("--max-examples", type=int, default=None)
+    evaluate.add_argument("--batch-size", type=int, default=None)
+    evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    evaluate.set_defaults(handler=_eval)
     demo = commands.add_parser(
         "demo", help="build a tiny base/fine-tuned pair and prune it end to end (a smoke test)"
     )

@@ -24,6 +24,7 @@ from app.jobs.records import JobRecord, JobRequest
 from app.jobs.routing import QueueRouter
 from app.jobs.store import PREFIX, JobStore, new_job_id
 from worker.celery_app import enqueue_job
+from worker.evaluation.data import split_file_uri
 from worker.io.uri import parse_uri
 
 log = logging.getLogger("app.submission")
@@ -105,6 +106,17 @@ class Submitter:
                     check_local_uri(raw, self.settings.local_roots)
             except ValueError as exc:
                 errors.append(FieldError(field=name, location="body", message=str(exc)))
+        if request.evaluate is not None:
+            for name in ("task", "general"):
+                raw = getattr(request.evaluate, name)
+                try:
+                    split_file_uri(raw)  # a file at a known scheme (422 here, not a failed job)
+                    if "://" not in raw or raw.lower().startswith("file://"):
+                        check_local_uri(raw, self.settings.local_roots)
+                except ValueError as exc:
+                    errors.append(
+                        FieldError(field=f"evaluate.{name}", location="body", message=str(exc))
+                    )
         if request.webhook is not None:
             try:
                 check_webhook_url(str(request.webhook.url), self.settings.webhook_allow)

@@ -61,8 +61,14 @@ class JobError(BaseModel):
 
 
 class JobResult(BaseModel):
-    output: str
-    report: dict = Field(description="Summary of pruning_report.json: totals, shards, seconds.")
+    output: str | None = Field(
+        description="Where the model was published; null when nothing was (a failed "
+        'sparsity "auto" search still reports its points).'
+    )
+    report: dict = Field(
+        description="Summary of pruning_report.json: totals, shards, seconds, and for "
+        "evaluated jobs `evaluation` (every measured point, the chosen one)."
+    )
 
 
 class WebhookDelivery(BaseModel):

@@ -36,11 +36,25 @@ _THREE_PASSES = {
     "scan2": (PRUNE_START + _THIRD, PRUNE_START + 2 * _THIRD),
     "prune": (PRUNE_START + 2 * _THIRD, PRUNE_END),
 }
+# Evaluated jobs (worker/evaluation/job.py) measure models before they prune: the stage
+# "evaluate" counts evaluations in tensors_done/tensors_total (base, fine-tune, candidates) and
+# takes most of the job; the prune that publishes the choice follows.
+EVALUATE_END = 0.85
+_AFTER_EVALUATION = {
+    "evaluate": (0.0, EVALUATE_END),
+    "plan": (EVALUATE_END, EVALUATE_END + 0.01),
+    "prune": (EVALUATE_END + 0.01, PRUNE_END),
+    "finalize": _SINGLE_PASS["finalize"],
+    "publish": _SINGLE_PASS["publish"],
+    "done": _SINGLE_PASS["done"],
+}
 # Below this much progress in this attempt, an ETA would be noise.
 MIN_FRACTION_FOR_ETA = 0.02
 
 
-def stage_spans(scope: str) -> dict[str, tuple[float, float]]:
+def stage_spans(scope: str, evaluate: bool = False) -> dict[str, tuple[float, float]]:
+    if evaluate:  # sparsity "auto" refuses scope model: one pass after the evaluation
+        return _AFTER_EVALUATION
     return _THREE_PASSES if scope == "model" else _SINGLE_PASS
 
 
@@ -65,10 +79,11 @@ class ProgressReporter:
         scope: str,
         interval: float,
         clock: Callable[[], float] = time.monotonic,
+        evaluate: bool = False,
     ) -> None:
         self.store = store
         self.lease = lease
-        self.spans = stage_spans(scope)
+        self.spans = stage_spans(scope, evaluate)
         self.interval = interval
         self.clock = clock
         self.started = clock()

@@ -25,8 +25,8 @@ from app.core.netguard import check_local_uri
 from app.jobs.records import TERMINAL_STATUSES
 from app.jobs.store import JobStore, Lease
 from worker.celery_app import RUN_JOB_TASK, celery_app, enqueue_webhook
-from worker.engine.pipeline import run_prune
 from worker.errors import FapmError, JobCancelled
+from worker.evaluation.job import run_job_spec
 from worker.heartbeat import LeaseKeeper
 from worker.spec import JobSpec
 from worker.tasks.progress import ProgressReporter
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 REDIS_RETRY_SECONDS = 5.0
 # Report keys that make up the record's result summary (the full report: GET .../report).
-SUMMARY_KEYS = ("job_id", "totals", "output", "seconds", "implementation", "inputs")
+SUMMARY_KEYS = ("job_id", "totals", "output", "seconds", "implementation", "inputs", "evaluation")
 
 
 class LeaseLost(Exception):
@@ -93,7 +93,13 @@ def execute(store: JobStore, settings: Settings, lease: Lease) -> str:
         return "failed"
     log.info("job %s: attempt %d, %s %s", job_id, lease.attempt, spec.method, spec.output)
 
-    reporter = ProgressReporter(store, lease, spec.scope, settings.progress_interval_seconds)
+    reporter = ProgressReporter(
+        store,
+        lease,
+        spec.scope,
+        settings.progress_interval_seconds,
+        evaluate=spec.evaluate is not None,
+    )
     with LeaseKeeper(store, lease, settings.lease_seconds) as keeper:
 
         def should_cancel() -> bool:
@@ -106,13 +112,17 @@ def execute(store: JobStore, settings: Settings, lease: Lease) -> str:
 
         try:
             check_locations(spec, settings)
-            result = run_prune(spec, reporter, should_cancel, job_id=job_id)
+            result = run_job_spec(spec, reporter, should_cancel, job_id=job_id)
         except JobCancelled as exc:
             if keeper.lost:
                 raise LeaseLost from None
             outcome = {"status": "cancelled", "error": {"code": exc.code, "message": exc.message}}
         except FapmError as exc:
             outcome = {"status": "failed", "error": {"code": exc.code, "message": exc.message}}
+            report = getattr(exc, "report", None)
+            if report is not None:  # skill_floor_unreachable: every measured point, no output
+                outcome["result"] = {"output": None, "report": report}
+                outcome["report"] = report
         except Exception:
             log.exception("job %s: unexpected error", job_id)
             outcome = {"status": "failed", "error": _internal_error(job_id)}
@@ -153,6 +163,21 @@ def check_locations(spec: JobSpec, settings: Settings) -> None:
             check_local_uri(raw, settings.local_roots)
         except ValueError as exc:
             raise FapmError(f"{field}: {exc}", code="invalid_location") from None
+    for field in ("task", "general") if spec.evaluate is not None else ():
+        raw = getattr(spec.evaluate, field)
+        try:
+            if parse_uri_scheme(raw) == "file":
+                check_local_uri(raw, settings.local_roots)
+        except ValueError as exc:
+            raise FapmError(f"evaluate.{field}: {exc}", code="invalid_location") from None
+
+
+def parse_uri_scheme(raw: str) -> str:
+    """The scheme of a file location (an evaluation set), "file" for a bare path."""
+    from worker.evaluation.data import split_file_uri
+
+    split_file_uri(raw)  # ValueError for a malformed one
+    return raw.split("://", 1)[0].lower() if "://" in raw else "file"
 
 
 def _internal_error(job_id: str) -> dict:

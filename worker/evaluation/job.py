@@ -1,0 +1,302 @@
+"""An evaluated job: measure the base and the fine-tune, evaluate candidates in memory, then
+publish the chosen (or the requested) sparsity with the engine.
+
+`run_job_spec` is what the worker and `fapm prune` call: plain specs go straight to `run_prune`;
+specs with `evaluate` (and sparsity "auto") come here first. The published bytes are always
+`run_prune`'s own at the chosen method and sparsity, so an auto job's output equals a plain job's
+at that setting; the evaluation adds pruning_report.json's "evaluation" section, the plot
+(evaluation.png/.svg) and a card section.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from worker.engine.pipeline import (
+    REPORT_FILE,
+    Progress,
+    ProgressCallback,
+    PruneResult,
+    run_prune,
+)
+from worker.engine.tensor_pruner import resolve_device
+from worker.errors import JobCancelled
+from worker.evaluation.candidates import CandidateBuilder
+from worker.evaluation.data import load_general, load_task
+from worker.evaluation.errors import SkillFloorUnreachable, SkillUndefined
+from worker.evaluation.measures import Reference, forgetting_left, skill_kept
+from worker.evaluation.metrics import Evaluator, encode_general, encode_task
+from worker.evaluation.model import free, load_causal_lm, local_model_dir
+from worker.evaluation.plot import write_plot
+from worker.evaluation.search import (
+    Point,
+    choose,
+    evaluations_per_method,
+    meets,
+    search_method,
+)
+from worker.io.publish import open_target, published_report
+from worker.spec import JobSpec
+
+EVALUATE_STAGE = "evaluate"
+
+
+@dataclass
+class Evaluation:
+    """What an evaluated job measured (the report's "evaluation" section)."""
+
+    references: dict[str, Point]
+    points: list[Point]
+    chosen: Point | None
+    floor: float | None
+    note: str | None
+    tokens_per_second: float
+    seconds: dict[str, float]
+    requested: dict
+
+    def as_dict(self) -> dict:
+        return {
+            "requested": self.requested,
+            "floor": self.floor,
+            "references": {k: v.as_dict() for k, v in self.references.items()},
+            "points": [p.as_dict() for p in self.points],
+            "chosen": None if self.chosen is None else self.chosen.as_dict(),
+            "note": self.note,
+            "evaluations": len(self.points) + len(self.references),
+            "tokens_per_second": self.tokens_per_second,
+            "seconds": self.seconds,
+        }
+
+
+def run_job_spec(
+    spec: JobSpec,
+    progress: ProgressCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    job_id: str | None = None,
+) -> PruneResult:
+    """Run any job: evaluated ones through the evaluation, the rest through run_prune."""
+    if spec.evaluate is None:
+        return run_prune(spec, progress, should_cancel, job_id)
+    return run_evaluated(spec, progress, should_cancel, job_id)
+
+
+def run_evaluated(
+    spec: JobSpec,
+    progress: ProgressCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    job_id: str | None = None,
+) -> PruneResult:
+    report_progress = progress or (lambda _p: None)
+    cancelled = should_cancel or (lambda: False)
+    if job_id is not None:  # a re-run of a job that published before its worker died
+        published = published_report(spec.output, job_id, REPORT_FILE)
+        if published is not None:
+            report_progress(Progress("done"))
+            return PruneResult(spec.output, published)
+    # An output that is there already fails now, not after minutes of evaluation.
+    open_target(spec.output, spec.overwrite, job_id).abort()
+
+    evaluation = evaluate_job(spec, report_progress, cancelled)
+    if evaluation.chosen is None:
+        raise SkillFloorUnreachable(
+            f"no candidate kept {evaluation.floor:g} of the fine-tune's skill "
+            f"({len(evaluation.points)} evaluated; the best kept "
+            f"{max((p.skill_kept or 0.0) for p in evaluation.points):.3g}); nothing was published",
+            report={"evaluation": evaluation.as_dict()},
+        )
+    chosen = evaluation.chosen
+    concrete = JobSpec.model_validate(
+        {
+            **spec.model_dump(),
+            "method": chosen.method,
+            "sparsity": chosen.sparsity,
+            "target": None,
+            "methods": None,
+        }
+    )
+    section = evaluation.as_dict()
+
+    def extra_files(directory: Path) -> dict:
+        files = write_plot(
+            directory,
+            section["points"],
+            section["references"],
+            section["chosen"],
+            section["floor"],
+        )
+        card = directory / "README.md"
+        card.write_text(card.read_text() + card_section(evaluation, files[0]))
+        return {"evaluation": {**section, "plots": files}}
+
+    return run_prune(concrete, report_progress, cancelled, job_id, extra_files=extra_files)
+
+
+def evaluate_job(
+    spec: JobSpec, report_progress: ProgressCallback, cancelled: Callable[[], bool]
+) -> Evaluation:
+    """Measure the references and the candidates; choose (sparsity "auto") or report the one
+    requested sparsity."""
+    assert spec.evaluate is not None
+    settings = spec.evaluate
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    methods = spec.search_methods if spec.auto else [spec.method]
+    total = 2 + (len(methods) * evaluations_per_method() if spec.auto else 1)
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        report_progress(Progress(EVALUATE_STAGE, done, total))
+        if cancelled():
+            raise JobCancelled("the job was cancelled")
+
+    report_progress(Progress(EVALUATE_STAGE, 0, total))
+    device = resolve_device(spec.device)
+    task = load_task(settings.task, settings.max_examples)
+    general = load_general(settings.general, settings.max_examples)
+    # The work model: built from the fine-tune's directory (its tokenizer and shapes), or the
+    # base's for an adapter; candidates are written into its parameters.
+    work_uri = spec.finetuned or spec.base
+    with local_model_dir(work_uri) as directory:
+        work = load_causal_lm(directory, device, work_uri)
+    evaluator = Evaluator(
+        encode_task(work.tokenizer, task, work.context, settings.task),
+        encode_general(work.tokenizer, general, work.context, settings.general),
+        settings.batch_size,
+        _pad_id(work.tokenizer),
+        device,
+    )
+    seconds["load"] = time.perf_counter() - started
+
+    with local_model_dir(spec.base) as directory:
+        base_model = load_causal_lm(directory, device, spec.base, with_tokenizer=False)
+    base_scores = _measure(evaluator, base_model.model)
+    free(base_model)
+    tick()
+    builder = CandidateBuilder(spec, work.model, device)
+    builder.write_finetuned()
+    ft_scores = _measure(evaluator, work.model)
+    tick()
+    ref = Reference(base_scores[0], ft_scores[0], base_scores[2], ft_scores[2])
+    floor = (spec.target.min_skill_kept if spec.target else 0.95) if spec.auto else None
+
+    def point(method: str, sparsity: float, scores, build: float) -> Point:
+        kept = skill_kept(scores[0], ref)
+        return Point(
+            method=method,
+            sparsity=sparsity,
+            skill=scores[0],
+            skill_kept=kept,
+            completion_loss=scores[1],
+            perplexity=scores[2],
+            forgetting_left=forgetting_left(scores[2], ref),
+            meets_floor=meets(kept, floor) if floor is not None else False,
+            seconds=scores[3],
+            build_seconds=build,
+        )
+
+    references = {
+        "base": point("base", 1.0, base_scores, 0.0),
+        "finetuned": point("finetuned", 0.0, ft_scores, 0.0),
+    }
+    if spec.auto and ref.skill_ft <= 0:
+        raise SkillUndefined(
+            "the fine-tuned model scores 0 on the task set, so no skill can be kept: check the "
+            "task set's format against the fine-tune (prompt + completion, exact match)"
+        )
+
+    def measure(method: str, sparsity: float) -> Point:
+        build = builder.write(method, sparsity)
+        result = point(method, sparsity, _measure(evaluator, work.model), build)
+        tick()
+        return result
+
+    if spec.auto:
+        points = [p for method in methods for p in search_method(method, measure)]
+        chosen = choose(points)
+    else:
+        assert isinstance(spec.sparsity, float)
+        points = [measure(spec.method, spec.sparsity)]
+        chosen = points[0]
+    seconds["rank"] = sum(builder.rank_seconds.values())
+    seconds["total"] = time.perf_counter() - started
+    free(work)
+    return Evaluation(
+        references=references,
+        points=points,
+        chosen=chosen,
+        floor=floor,
+        note=ref.forgetting_note,
+        tokens_per_second=evaluator.throughput.tokens_per_second,
+        seconds=seconds,
+        requested={
+            "sparsity": spec.sparsity,
+            "methods": methods,
+            "target": spec.target.model_dump() if spec.target else None,
+            "evaluate": settings.model_dump(),
+            "device": device.type,
+        },
+    )
+
+
+def _pad_id(tokenizer) -> int:
+    # Padded positions are masked out and never scored: any valid id works.
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _measure(evaluator: Evaluator, model: torch.nn.Module) -> tuple[float, float, float, float]:
+    """(skill, completion loss, perplexity, seconds) of one model."""
+    started = time.perf_counter()
+    skill = evaluator.skill(model)
+    general = evaluator.general(model)
+    return skill.accuracy, skill.loss, general.perplexity, time.perf_counter() - started
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "undefined" if value is None else f"{value:.{digits}f}"
+
+
+def card_section(evaluation: Evaluation, png: str) -> str:
+    """The model card's evaluation section: the plot and every measured point."""
+    chosen = evaluation.chosen
+    assert chosen is not None
+    requested = evaluation.requested
+    lines = [
+        "",
+        "## Evaluation",
+        "",
+        f"Measured by fapm-service on `{requested['evaluate']['task']}` (skill: exact match of "
+        f"the greedy completion) and `{requested['evaluate']['general']}` (perplexity).",
+    ]
+    if requested["sparsity"] == "auto":
+        lines.append(
+            f"Sparsity was searched (methods: {', '.join(requested['methods'])}): the least "
+            f"forgetting that keeps {evaluation.floor:g} of the fine-tune's skill is "
+            f"**{chosen.method} at sparsity {chosen.sparsity:g}**."
+        )
+    if evaluation.note:
+        lines.append(f"Note: {evaluation.note}.")
+    lines += [
+        "",
+        f"![skill kept vs forgetting left]({png})",
+        "",
+        "| model | sparsity | skill | skill kept | completion loss | perplexity | forgetting left |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    rows = [*evaluation.references.values(), *evaluation.points]
+    for p in rows:
+        mark = " (chosen)" if p is chosen else ""
+        lines.append(
+            f"| {p.method}{mark} | {p.sparsity:g} | {p.skill:.3f} | {_fmt(p.skill_kept)} | "
+            f"{p.completion_loss:.4f} | {p.perplexity:.4f} | {_fmt(p.forgetting_left)} |"
+        )
+    return "\n".join(lines) + "\n"
