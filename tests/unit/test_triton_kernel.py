@@ -37,6 +37,7 @@ from worker.engine.methods.base import MethodParams  # noqa: E402
 from worker.engine.methods.fapm import Fapm  # noqa: E402
 from worker.engine.methods.magnitude import Magnitude  # noqa: E402
 from worker.engine.pipeline import run_prune  # noqa: E402
+from worker.engine.plan import TensorTask  # noqa: E402
 from worker.engine.select import keep_count, order_keys, top_k_mask  # noqa: E402
 from worker.engine.tensor_pruner import TensorPruner  # noqa: E402
 from worker.spec import JobSpec  # noqa: E402
@@ -287,6 +288,24 @@ def test_kernel_selection_on_cpu():
         assert pruner.implementation == "torch-cpu", kw
 
 
+@interpreted
+def test_overlap_transfers_on_cpu_is_a_pass_through_that_closes_its_source():
+    pruner = TensorPruner(_spec(kernel="triton", device="cpu"))
+    assert pruner.stager is None
+    closed = []
+
+    def source():
+        try:
+            yield from [("a", (None, torch.ones(1))), ("b", (None, torch.zeros(2)))]
+        finally:
+            closed.append(True)
+
+    got = pruner.overlap_transfers(source())
+    assert next(got)[0] == "a"
+    got.close()
+    assert closed == [True]
+
+
 def test_kernel_triton_without_cuda_or_interpreter_is_a_clear_error():
     code = (
         "from worker.spec import JobSpec\n"
@@ -355,8 +374,9 @@ def test_gpu_kernel_matches_the_cpu_torch_path(dtype):
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_run_prune_streams_and_equals_the_cpu(bf16_pair, tmp_path):
-    """kernel triton on CUDA end to end (pinned side-stream copies, overlap_transfers) gives
-    the CPU torch path's bytes."""
+    """kernel triton on CUDA end to end (pinned side-stream copies taken on demand: run_prune
+    does not call overlap_transfers yet) gives the CPU torch path's bytes; overlap_transfers
+    hands out the same items in order with their copies started one ahead."""
     if not _COMPILED:
         _in_compiled_subprocess("test_gpu_run_prune_streams_and_equals_the_cpu")
         return
@@ -386,3 +406,21 @@ def test_gpu_run_prune_streams_and_equals_the_cpu(bf16_pair, tmp_path):
         wd, fd = pruner.stager.take(f"t{i}", w, f)
         assert torch.equal(wd.cpu().view(torch.int16), w.view(torch.int16))
         assert torch.equal(fd.cpu().view(torch.int16), f.view(torch.int16))
+    assert not pruner.stager.pending
+
+    # overlap_transfers: the copy of item i+1 is pending before item i is handed out.
+    tasks = [
+        TensorTask(f"o{i}", "prune", "", tuple(w.shape), "BF16") for i, (w, _) in enumerate(pairs)
+    ]
+    seen = []
+    for task, (w, f) in pruner.overlap_transfers(iter(list(zip(tasks, pairs, strict=True)))):
+        seen.append(task.name)
+        if len(seen) < len(tasks):
+            assert f"o{len(seen)}" in pruner.stager.pending
+        out, stats = pruner.run(task, w, f)
+        _, want, ref_stats = torch_path(
+            "fapm", w, f, keep_count(w.numel(), pruner.spec.density), 1.0
+        )
+        assert torch.equal(out.reshape(-1).view(torch.int16), want)
+        assert_stats(stats, ref_stats)
+    assert seen == ["o0", "o1", "o2"] and not pruner.stager.pending
