@@ -245,7 +245,11 @@ def _stream(
     totals = TensorStats()
     records = []
     report_progress(Progress("prune", 0, len(tasks), 0, bytes_total))
-    pairs = read_ahead(tasks, _load_pair(base, finetuned), _load_cost, READ_AHEAD_BYTES)
+    # On CUDA with the Triton kernel, the host-to-device copy of tensor i+1 overlaps the compute
+    # of tensor i (a pass-through elsewhere).
+    pairs = pruner.overlap_transfers(
+        read_ahead(tasks, _load_pair(base, finetuned), _load_cost, READ_AHEAD_BYTES)
+    )
     try:
         for done, (task, (w, f)) in enumerate(pairs, start=1):
             if cancelled():
