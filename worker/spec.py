@@ -62,6 +62,29 @@ def parse_byte_size(value: int | str) -> int:
 ByteSize = Annotated[int, BeforeValidator(parse_byte_size)]
 
 
+def parse_sparsity(value: object) -> float | str:
+    """A number in [0, 1], or "auto". One validator (not a pydantic union) so an error names
+    the field `sparsity` alone, as every other field's does."""
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool):
+        raise ValueError('must be a number in [0, 1] or "auto"')
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError('must be a number in [0, 1] or "auto"') from None
+    if not 0.0 <= number <= 1.0:
+        raise ValueError("must be in [0, 1] (0.9 drops 90% of each tensor's update)")
+    return number
+
+
+Sparsity = Annotated[
+    float | Literal["auto"],
+    BeforeValidator(parse_sparsity),
+    Field(json_schema_extra={"minimum": 0.0, "maximum": 1.0}),
+]
+
+
 class EvaluationSpec(BaseModel):
     """What to measure a model on (worker/evaluation/)."""
 
@@ -130,7 +153,7 @@ class JobSpec(BaseModel):
         json_schema_extra={"cli": "--out"},
     )
     method: MethodName = Field(default="fapm", description="Pruning method.")
-    sparsity: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"] = Field(
+    sparsity: Sparsity = Field(
         default=0.9,
         description="Fraction of each tensor's update that is dropped (0.9 keeps 10%), or "
         '"auto": search for the least forgetting that keeps the skill floor (needs evaluate).',
