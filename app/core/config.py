@@ -118,6 +118,12 @@ class Settings(BaseSettings):
         description="A job written this long ago but never handed to Celery (the API died in "
         "between) is enqueued by a worker's heartbeat thread.",
     )
+    warmup_kernels: bool = Field(
+        default=True,
+        description="Compile (or load from NUMBA_CACHE_DIR) the fused CPU kernels in the "
+        "background when a worker process starts, so the first job does not wait for it "
+        "(about a minute on a cold cache).",
+    )
 
     @field_validator("local_roots", "webhook_allow", mode="before")
     @classmethod

@@ -443,3 +443,14 @@ def test_worker_rechecks_local_roots_before_it_opens_a_path(
     assert record.status == "failed" and record.error.code == "invalid_location", record.error
     assert "output" in record.error.message
     assert not outside.exists()
+
+
+def test_worker_processes_warm_up_the_fused_kernels_at_start(jobs):
+    """Each pool process builds the numba kernels in the background when it starts, so the
+    first job does not wait for the compile (FAPM_WARMUP_KERNELS, on by default)."""
+    log = jobs.stack.workdir / "worker.log"
+    deadline = time.monotonic() + 120
+    while "fused CPU kernels ready" not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    assert "kernel warm-up failed" not in log.read_text()

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 
 from celery import signals
 
@@ -62,6 +64,26 @@ def choose_queues(sender: str, instance, options: dict, **_: object) -> None:
     if not named:
         # No -Q: Celery would consume every declared queue; pick by hardware instead.
         instance.app.amqp.queues.select(default_queues(gpu))
+
+
+@signals.worker_process_init.connect
+def warm_up_kernels(**_: object) -> None:
+    """In each pool process: build the numba kernels off the task path (a job that arrives
+    meanwhile waits on numba's compile lock instead of compiling a second time)."""
+    if get_settings().warmup_kernels:
+        threading.Thread(target=_warm_up, name="fapm-kernel-warmup", daemon=True).start()
+
+
+def _warm_up() -> None:
+    started = time.monotonic()
+    try:
+        from worker.engine.kernels import cpu_fused
+
+        cpu_fused.warmup()
+    except Exception:  # a job then compiles on first use, or takes the torch path
+        log.exception("kernel warm-up failed")
+        return
+    log.info("fused CPU kernels ready in %.1f s", time.monotonic() - started)
 
 
 @signals.worker_ready.connect
