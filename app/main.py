@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from app.api.body_limit import BodyLimitMiddleware
-from app.api.routes import events, health, hooks, jobs
+from app.api.routes import evaluations, events, health, hooks, jobs
 from app.api.services import Services
 from app.api.webhooks_out import declare_outbound_webhooks
 from app.core.config import Settings, get_settings
@@ -33,7 +33,11 @@ ends.
 """
 
 TAGS = [
-    {"name": "jobs", "description": "Submit, follow, cancel and inspect pruning jobs."},
+    {
+        "name": "jobs",
+        "description": "Submit, follow, cancel and inspect jobs: pruning (POST /v1/jobs) and "
+        "standalone evaluation (POST /v1/evaluations, kind evaluation).",
+    },
     {"name": "webhooks in", "description": "Triggers from model registries."},
     {"name": "operations", "description": "Probes and metrics (no auth)."},
 ]
@@ -59,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = services
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     install_problem_handlers(app)
-    for module in (jobs, events, hooks, health):
+    for module in (jobs, evaluations, events, hooks, health):
         app.include_router(module.router)
     declare_outbound_webhooks(app)
 

@@ -1,4 +1,5 @@
-"""JobSpec: the one typed description of a pruning job.
+"""JobSpec: the one typed description of a pruning job (and EvaluationJobSpec, of a standalone
+evaluation).
 
 The CLI generates its flags from these fields (`worker/cli.py`), the API validates REST bodies with
 it, the Celery message carries it, and the model card and report embed it. This module imports no
@@ -108,6 +109,45 @@ class EvaluationSpec(BaseModel):
     )
 
     @field_validator("task", "general")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+JobKind = Literal["prune", "evaluation"]
+JOB_KINDS: tuple[str, ...] = JobKind.__args__  # type: ignore[attr-defined]
+
+
+class EvaluationJobSpec(BaseModel):
+    """A standalone evaluation (job kind "evaluation"): measure a model the user already has
+    against its base, as `fapm eval` does (worker/evaluation/standalone.py). Nothing is pruned
+    or published; the job's result carries the measured points."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base: str = Field(
+        description="Base (pre-trained) checkpoint the model is compared with: a local "
+        "directory, file:// URI, s3://bucket/prefix/ or hf://org/name@rev.",
+        json_schema_extra={"examples": ["hf://meta-llama/Llama-3.1-8B@main"]},
+    )
+    model: str = Field(
+        description="The model to measure (e.g. a pruned or fine-tuned checkpoint), any location.",
+        json_schema_extra={"examples": ["s3://acme-pruned/llama-3.1-8b-sft/"]},
+    )
+    finetuned: str | None = Field(
+        default=None,
+        description="Fine-tuned reference: with it, the model's skill_kept and forgetting_left "
+        "are relative to it (as for a pruned candidate); without it they are relative to the "
+        "model itself (1 by definition) and the numbers to read are skill and perplexity.",
+    )
+    evaluate: EvaluationSpec = Field(description="The task and general sets to measure on.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="Compute device: auto picks CUDA when present."
+    )
+
+    @field_validator("base", "model")
     @classmethod
     def _not_blank(cls, value: str) -> str:
         if not value.strip():

@@ -167,3 +167,20 @@ SSE_EXAMPLE = (
     'data: {"at":"2026-10-01T12:01:50+00:00","result":{"output":"s3://acme-pruned/'
     'llama-3.1-8b-sft/","report":{"shards":4}},"status":"succeeded"}\n\n'
 )
+
+EVALUATION_REQUEST_EXAMPLES: dict[str, dict[str, Any]] = {
+    "pruned_vs_base": {
+        "summary": "Measure a pruned model against its base and fine-tuned reference",
+        "value": {
+            "base": "hf://meta-llama/Llama-3.1-8B@main",
+            "model": "s3://acme-pruned/llama-3.1-8b-sft/",
+            "finetuned": "hf://acme/llama-3.1-8b-sft@3f2a9c1",
+            "evaluate": {
+                "task": "s3://acme-evals/sft/task.jsonl",
+                "general": "s3://acme-evals/general.jsonl",
+                "max_examples": 500,
+            },
+            "labels": {"team": "nlp"},
+        },
+    },
+}

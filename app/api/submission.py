@@ -1,4 +1,5 @@
-"""The one path by which a job enters the system (POST /v1/jobs and the Hub webhook).
+"""The one path by which a job enters the system (POST /v1/jobs, POST /v1/evaluations and the
+Hub webhook). Both kinds of job take the same steps; only the spec they carry differs.
 
 Order matters for "nothing lost, nothing doubled": the record is written first (one Lua call that
 also takes the quota slot, the Idempotency-Key and the `pending-enqueue` mark), then the task is
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from app.core.config import Settings
 from app.core.netguard import check_local_uri, check_webhook_url
 from app.core.problems import FieldError, ProblemError
-from app.jobs.records import JobRecord, JobRequest
+from app.jobs.records import AnyJobRequest, JobRecord, request_kind
 from app.jobs.routing import QueueRouter
 from app.jobs.store import PREFIX, JobStore, new_job_id
 from worker.celery_app import enqueue_job
@@ -29,7 +30,9 @@ from worker.io.uri import parse_uri
 
 log = logging.getLogger("app.submission")
 
-LOCATION_FIELDS = ("base", "finetuned", "adapter", "output")
+# Model locations of either kind of request (a prune job has no `model`, an evaluation none of
+# `adapter` and `output`): every one that is present is checked.
+LOCATION_FIELDS = ("base", "finetuned", "adapter", "output", "model")
 
 # Drop an Idempotency-Key only if it still names the given job (compare-and-delete).
 _FORGET_IDEMPOTENCY = """
@@ -47,13 +50,18 @@ class Submitted:
     replayed: bool  # an earlier job under the same Idempotency-Key was returned
 
 
-def fingerprint(request: JobRequest) -> str:
+def fingerprint(request: AnyJobRequest) -> str:
     """SHA-256 of the request's canonical JSON (defaults filled in, keys sorted).
 
     The webhook secret enters as its own SHA-256: a retry with another secret is another request,
-    yet no secret is kept in the idempotency record.
+    yet no secret is kept in the idempotency record. An evaluation's kind enters too, so one
+    Idempotency-Key reused across the two endpoints is a different body (422); a prune request's
+    fingerprint is what it was before evaluation jobs existed (keys in flight stay valid).
     """
     data = request.model_dump(mode="json")
+    kind = request_kind(request)
+    if kind != "prune":
+        data["kind"] = kind
     if request.webhook is not None and request.webhook.secret is not None:
         secret = request.webhook.secret.get_secret_value().encode("utf-8")
         data["webhook"]["secret"] = "sha256:" + hashlib.sha256(secret).hexdigest()
@@ -92,12 +100,12 @@ class Submitter:
         self.enqueue = enqueue
         self._forget = store.redis.register_script(_FORGET_IDEMPOTENCY)
 
-    def check_locations(self, request: JobRequest) -> None:
+    def check_locations(self, request: AnyJobRequest) -> None:
         """422 unless every model location has a known scheme and every local path lies under
         FAPM_LOCAL_ROOTS (after `..` and symlinks), and the webhook URL passes the SSRF rules."""
         errors: list[FieldError] = []
         for name in LOCATION_FIELDS:
-            raw = getattr(request, name)
+            raw = getattr(request, name, None)
             if raw is None:
                 continue
             try:
@@ -134,7 +142,7 @@ class Submitter:
     def submit(
         self,
         tenant: str,
-        request: JobRequest,
+        request: AnyJobRequest,
         idempotency_key: str | None = None,
         *,
         replay_any_body: bool = False,
@@ -163,6 +171,7 @@ class Submitter:
             idempotency_key=idempotency_key,
             fingerprint=body_print,
             idempotency_ttl=self.settings.idempotency_ttl_seconds,
+            kind=request_kind(request),
         )
         if outcome.kind == "quota":
             limit = self.settings.max_active_jobs_per_tenant

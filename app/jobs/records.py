@@ -1,18 +1,22 @@
 """What a job looks like to API clients, webhook receivers and the worker.
 
-`JobRequest` is the body of POST /v1/jobs: the JobSpec fields plus webhook and labels. `JobRecord`
-is what GET /v1/jobs/{id} returns and what a webhook delivers. Secrets (the webhook's signing
-secret) are accepted in requests and never appear in a record.
+`JobRequest` is the body of POST /v1/jobs: the JobSpec fields plus webhook and labels.
+`EvaluationRequest` is the body of POST /v1/evaluations: the EvaluationJobSpec fields plus the
+same webhook and labels. Both create a job in the one store, so status, listing, events, cancel,
+webhooks, quotas, idempotency and tenant isolation are the same for both; the record's `kind`
+("prune" or "evaluation") says which spec it carries. `JobRecord` is what GET /v1/jobs/{id}
+returns and what a webhook delivers. Secrets (the webhook's signing secret) are accepted in
+requests and never appear in a record.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr, model_validator
 
-from worker.spec import JobSpec
+from worker.spec import EvaluationJobSpec, JobKind, JobSpec
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ACTIVE_STATUSES: tuple[str, ...] = ("queued", "running")
@@ -45,6 +49,27 @@ class JobRequest(JobSpec):
         return JobSpec.model_validate(self.model_dump(exclude={"webhook", "labels"}))
 
 
+class EvaluationRequest(EvaluationJobSpec):
+    """POST /v1/evaluations: an EvaluationJobSpec plus the same webhook and labels as a job."""
+
+    webhook: WebhookRequest | None = None
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="Free-form key/value labels; GET /v1/jobs filters on them (label=key=value).",
+    )
+
+    def spec(self) -> EvaluationJobSpec:
+        return EvaluationJobSpec.model_validate(self.model_dump(exclude={"webhook", "labels"}))
+
+
+AnyJobRequest = JobRequest | EvaluationRequest
+
+
+def request_kind(request: AnyJobRequest) -> JobKind:
+    return "evaluation" if isinstance(request, EvaluationRequest) else "prune"
+
+
 class JobProgress(BaseModel):
     stage: str = "queued"
     tensors_done: int = 0
@@ -62,12 +87,13 @@ class JobError(BaseModel):
 
 class JobResult(BaseModel):
     output: str | None = Field(
-        description="Where the model was published; null when nothing was (a failed "
-        'sparsity "auto" search still reports its points).'
+        description="Where the model was published; null when nothing was (an evaluation "
+        'job never publishes; a failed sparsity "auto" search still reports its points).'
     )
     report: dict = Field(
         description="Summary of pruning_report.json: totals, shards, seconds, and for "
-        "evaluated jobs `evaluation` (every measured point, the chosen one)."
+        "evaluated jobs `evaluation` (every measured point, the chosen one). For an "
+        "evaluation job: `evaluation` {references, points (the model's), note, ...}."
     )
 
 
@@ -90,7 +116,12 @@ class JobRecord(BaseModel):
     id: str
     status: JobStatus
     queue: QueueName
-    spec: JobSpec
+    kind: JobKind = Field(
+        default="prune",
+        description='"prune" (POST /v1/jobs: spec is a JobSpec) or "evaluation" '
+        "(POST /v1/evaluations: spec is an EvaluationJobSpec).",
+    )
+    spec: JobSpec | EvaluationJobSpec
     labels: dict[str, str] = Field(default_factory=dict)
     progress: JobProgress = Field(default_factory=JobProgress)
     result: JobResult | None = None
@@ -101,6 +132,23 @@ class JobRecord(BaseModel):
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spec_of_kind(cls, data: Any) -> Any:
+        # The kind picks the spec's model, so a spec is never validated against the other
+        # kind's fields (and a bad one fails with that kind's own errors).
+        if isinstance(data, dict) and isinstance(data.get("spec"), dict):
+            model = EvaluationJobSpec if data.get("kind") == "evaluation" else JobSpec
+            data = {**data, "spec": model.model_validate(data["spec"])}
+        return data
+
+    @model_validator(mode="after")
+    def _kind_matches_spec(self) -> JobRecord:
+        expected = EvaluationJobSpec if self.kind == "evaluation" else JobSpec
+        if not isinstance(self.spec, expected):
+            raise ValueError(f"spec: a {self.kind} job carries a {expected.__name__}")
+        return self
 
 
 WebhookEventType = Literal["job.succeeded", "job.failed", "job.cancelled"]

@@ -17,7 +17,7 @@ import time
 
 from app.jobs.records import QueueName
 from app.jobs.store import JobStore
-from worker.spec import JobSpec
+from worker.spec import EvaluationJobSpec, JobSpec
 
 
 def gpu_worker_alive(workers: dict[str, dict]) -> bool:
@@ -43,7 +43,7 @@ class QueueRouter:
                     self._checked_at = time.monotonic()
         return self._gpu
 
-    def queue_for(self, spec: JobSpec) -> QueueName:
+    def queue_for(self, spec: JobSpec | EvaluationJobSpec) -> QueueName:
         if spec.device == "cuda":
             return "gpu"
         if spec.device == "cpu":

@@ -5,7 +5,8 @@ losing an update: a job is created together with its quota slot, its tenant inde
 first event; a transition checks the current status and moves the gauges in the same step.
 
 Keys (prefix `fapm:`):
-  job:{id}              hash: tenant, status, queue, spec, labels, progress, result, error, ...
+  job:{id}              hash: tenant, status, queue, kind, spec, labels, progress, result, ...
+                        (no kind: a record from before evaluation jobs, so "prune")
   job:{id}:events       stream of `state` and `progress` events (SSE replays it)
   job:{id}:report       the full pruning report (JSON)
   job:{id}:webhook      the webhook's signing secret: never part of the record
@@ -242,9 +243,10 @@ class JobStore:
         idempotency_key: str | None = None,
         fingerprint: str | None = None,
         idempotency_ttl: int = 86400,
+        kind: str = "prune",
     ) -> CreateOutcome:
         """Write a new queued job (before it is enqueued), unless the tenant is over quota or
-        the idempotency key already names a job."""
+        the idempotency key already names a job. `kind` says which spec `spec_json` is."""
         created = now_iso()
         created_ms = int(time.time() * 1000)
         fields = {
@@ -252,6 +254,7 @@ class JobStore:
             "tenant": tenant,
             "status": "queued",
             "queue": queue,
+            "kind": kind,
             "spec": _dump(spec_json),
             "labels": _dump(labels),
             "created_at": created,
@@ -341,6 +344,7 @@ class JobStore:
         label: tuple[str, str] | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        kind: str | None = None,
     ) -> tuple[list[JobRecord], str | None]:
         """The tenant's jobs, newest first, filtered; returns (page, next cursor or None).
 
@@ -377,6 +381,8 @@ class JobStore:
                         expired.append(job_id)  # the record expired: drop its index entry after
                         continue
                     if status and fields.get("status") != status:
+                        continue
+                    if kind and (fields.get("kind") or "prune") != kind:
                         continue
                     if label and json.loads(fields.get("labels", "{}")).get(label[0]) != label[1]:
                         continue
@@ -641,6 +647,7 @@ def record_from_fields(fields: dict[str, str]) -> JobRecord:
             "id": fields["id"],
             "status": fields["status"],
             "queue": fields["queue"],
+            "kind": fields.get("kind") or "prune",
             "spec": json.loads(fields["spec"]),
             "labels": json.loads(fields.get("labels") or "{}"),
             "progress": json.loads(fields["progress"]) if fields.get("progress") else {},

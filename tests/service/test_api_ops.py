@@ -132,7 +132,7 @@ def test_openapi_document_is_complete(api_stack):
     paths = doc["paths"]
     for path, item in paths.items():
         for method, operation in item.items():
-            secured = path.startswith("/v1/jobs")
+            secured = path.startswith(("/v1/jobs", "/v1/evaluations"))
             assert bool(operation.get("security")) == secured, (method, path)
             for status, response in operation["responses"].items():
                 if int(status) >= 400:

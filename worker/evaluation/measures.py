@@ -39,6 +39,15 @@ class Reference:
             "forgetting to remove; candidates are ranked by perplexity instead"
         )
 
+    @property
+    def skill_note(self) -> str | None:
+        if self.skill_ft > 0:
+            return None
+        return (
+            "skill_kept is undefined: the fine-tuned model scores 0 on the task set, so there "
+            "is no skill to keep (check the task set's format against the fine-tune)"
+        )
+
 
 def skill_kept(skill: float, ref: Reference) -> float | None:
     return skill / ref.skill_ft if ref.skill_ft > 0 else None

@@ -1,22 +1,37 @@
-"""`fapm eval`: measure a model the user already has against its base (no pruning, no output).
+"""`fapm eval` and the API's evaluation jobs: measure a model the user already has against its
+base (no pruning, no output).
 
 The base and the model are each measured once: skill, completion loss, perplexity. With a
 fine-tuned reference as well (`finetuned`), the model's skill kept and forgetting left are
 relative to it, as for a pruned candidate; without one, the model is its own fine-tune (skill
 kept 1, forgetting left 1) and the numbers to read are its skill and its perplexity against the
-base's.
+base's. `note` says so, and says why a measure is undefined (null) when it is.
+
+`evaluate_model` is the one implementation: the CLI calls it directly, the worker through
+`run_evaluation_job` (progress and cancellation between models, the job's report), so the two
+give the same numbers for the same inputs.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
+from worker.engine.pipeline import Progress, ProgressCallback
 from worker.engine.tensor_pruner import resolve_device
+from worker.errors import JobCancelled
 from worker.evaluation.data import load_general, load_task
 from worker.evaluation.measures import Reference, forgetting_left, skill_kept
 from worker.evaluation.metrics import Evaluator, encode_general, encode_task
 from worker.evaluation.model import free, load_causal_lm, local_model_dir
-from worker.spec import EvaluationSpec
+from worker.spec import EvaluationJobSpec, EvaluationSpec
+
+# The stage an evaluation job reports: tensors_done/tensors_total count measured models.
+EVALUATE_STAGE = "evaluate"
+NO_REFERENCE_NOTE = (
+    "no finetuned reference was given: skill_kept and forgetting_left are relative to the "
+    "model itself (1 by definition); compare its skill and perplexity with the base's"
+)
 
 
 def evaluate_model(
@@ -25,16 +40,25 @@ def evaluate_model(
     settings: EvaluationSpec,
     device: str = "auto",
     finetuned: str | None = None,
+    progress: ProgressCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
 ) -> dict:
-    """The references and the model's point, as the report's "evaluation" section lays them."""
+    """The references and the model's point, as the report's "evaluation" section lays them.
+
+    `progress` gets stage "evaluate" events counting the measured models; `should_cancel` is
+    asked before each model (a model's evaluation is not interrupted)."""
+    report_progress = progress or (lambda _p: None)
+    cancelled = should_cancel or (lambda: False)
+    models = [(n, u) for n, u in (("model", model), ("base", base), ("finetuned", finetuned)) if u]
+    report_progress(Progress(EVALUATE_STAGE, 0, len(models)))
     dev = resolve_device(device)
     task = load_task(settings.task, settings.max_examples)
     general = load_general(settings.general, settings.max_examples)
     measured: dict[str, tuple[float, float, float, float]] = {}
     evaluator: Evaluator | None = None
-    for name, uri in (("model", model), ("base", base), ("finetuned", finetuned)):
-        if uri is None:
-            continue
+    for done, (name, uri) in enumerate(models, start=1):
+        if cancelled():
+            raise JobCancelled("the job was cancelled")
         with local_model_dir(uri) as directory:
             loaded = load_causal_lm(directory, dev, uri, with_tokenizer=evaluator is None)
         if evaluator is None:  # the measured model's tokenizer encodes the sets for all
@@ -49,6 +73,7 @@ def evaluate_model(
         skill, ppl = evaluator.skill(loaded.model), evaluator.general(loaded.model)
         measured[name] = (skill.accuracy, skill.loss, ppl.perplexity, time.perf_counter() - started)
         free(loaded)
+        report_progress(Progress(EVALUATE_STAGE, done, len(models)))
     assert evaluator is not None
     ft = measured.get("finetuned", measured["model"])
     ref = Reference(measured["base"][0], ft[0], measured["base"][2], ft[2])
@@ -67,14 +92,49 @@ def evaluate_model(
     references = {"base": {**point("base", measured["base"]), "sparsity": 1.0}}
     if "finetuned" in measured:
         references["finetuned"] = {**point("finetuned", measured["finetuned"]), "sparsity": 0.0}
+    notes = [
+        None if finetuned else NO_REFERENCE_NOTE,
+        ref.skill_note,
+        ref.forgetting_note,
+    ]
     return {
         "references": references,
         "points": [{**point("model", measured["model"]), "sparsity": None}],
-        "note": ref.forgetting_note,
+        "relative_to": "finetuned" if finetuned else "model",
+        "note": "; ".join(n for n in notes if n) or None,
         "tokens_per_second": evaluator.throughput.tokens_per_second,
         "device": dev.type,
         "uris": {"base": base, "model": model, "finetuned": finetuned},
     }
 
 
-__all__ = ["evaluate_model"]
+def run_evaluation_job(
+    spec: EvaluationJobSpec,
+    progress: ProgressCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    job_id: str | None = None,
+) -> dict:
+    """An evaluation job's report: the spec and `evaluate_model`'s section. Nothing is written
+    anywhere, so a re-delivered job simply measures again."""
+    started = time.perf_counter()
+    evaluation = evaluate_model(
+        spec.base,
+        spec.model,
+        spec.evaluate,
+        spec.device,
+        spec.finetuned,
+        progress=progress,
+        should_cancel=should_cancel,
+    )
+    if progress is not None:
+        progress(Progress("done"))
+    return {
+        "job_id": job_id,
+        "kind": "evaluation",
+        "spec": spec.model_dump(mode="json"),
+        "evaluation": evaluation,
+        "seconds": {"total": time.perf_counter() - started},
+    }
+
+
+__all__ = ["evaluate_model", "run_evaluation_job"]

@@ -48,11 +48,21 @@ _AFTER_EVALUATION = {
     "publish": _SINGLE_PASS["publish"],
     "done": _SINGLE_PASS["done"],
 }
+# Evaluation jobs (kind "evaluation", worker/evaluation/standalone.py) only measure: the stage
+# "evaluate" counts measured models and is the whole job.
+_EVALUATION_ONLY = {
+    "evaluate": (0.0, 0.99),
+    "done": (1.0, 1.0),
+}
 # Below this much progress in this attempt, an ETA would be noise.
 MIN_FRACTION_FOR_ETA = 0.02
 
 
-def stage_spans(scope: str, evaluate: bool = False) -> dict[str, tuple[float, float]]:
+def stage_spans(
+    scope: str, evaluate: bool = False, kind: str = "prune"
+) -> dict[str, tuple[float, float]]:
+    if kind == "evaluation":
+        return _EVALUATION_ONLY
     if evaluate:  # sparsity "auto" refuses scope model: one pass after the evaluation
         return _AFTER_EVALUATION
     return _THREE_PASSES if scope == "model" else _SINGLE_PASS
@@ -80,10 +90,11 @@ class ProgressReporter:
         interval: float,
         clock: Callable[[], float] = time.monotonic,
         evaluate: bool = False,
+        kind: str = "prune",
     ) -> None:
         self.store = store
         self.lease = lease
-        self.spans = stage_spans(scope, evaluate)
+        self.spans = stage_spans(scope, evaluate, kind)
         self.interval = interval
         self.clock = clock
         self.started = clock()

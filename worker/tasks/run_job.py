@@ -1,5 +1,10 @@
 """`fapm.run_job(job_id)`: take the job's lease, run the engine, write the outcome.
 
+One task for both kinds of job: the record's `kind` picks the work ("prune": the engine, with
+the evaluation stage when the spec asks for it; "evaluation": worker/evaluation/standalone.py,
+which measures and publishes nothing). Lease, progress, cancellation, outcome and webhook are
+the same for both.
+
 The task is thin: the JobSpec comes from the job record in Redis (the message carries only the
 id), the engine does the work (worker/engine/pipeline.py), and the record gets the result or a
 stable error code. Guarantees, with Celery's acks_late and the Redis lease:
@@ -27,8 +32,9 @@ from app.jobs.store import JobStore, Lease
 from worker.celery_app import RUN_JOB_TASK, celery_app, enqueue_webhook
 from worker.errors import FapmError, JobCancelled
 from worker.evaluation.job import run_job_spec
+from worker.evaluation.standalone import run_evaluation_job
 from worker.heartbeat import LeaseKeeper
-from worker.spec import JobSpec
+from worker.spec import EvaluationJobSpec, JobSpec
 from worker.tasks.progress import ProgressReporter
 from worker.tasks.store import job_store
 from worker.webhooks import webhook_id_for
@@ -37,7 +43,16 @@ log = logging.getLogger(__name__)
 
 REDIS_RETRY_SECONDS = 5.0
 # Report keys that make up the record's result summary (the full report: GET .../report).
-SUMMARY_KEYS = ("job_id", "totals", "output", "seconds", "implementation", "inputs", "evaluation")
+SUMMARY_KEYS = (
+    "job_id",
+    "kind",
+    "totals",
+    "output",
+    "seconds",
+    "implementation",
+    "inputs",
+    "evaluation",
+)
 
 
 class LeaseLost(Exception):
@@ -87,19 +102,25 @@ def execute(store: JobStore, settings: Settings, lease: Lease) -> str:
     try:
         record = store.get(job_id)
         spec = record.spec
+        kind = record.kind
     except Exception:
         log.exception("job %s: unreadable job record", job_id)
         store.finish(job_id, "failed", lease=lease, error=_internal_error(job_id))
         return "failed"
-    log.info("job %s: attempt %d, %s %s", job_id, lease.attempt, spec.method, spec.output)
-
-    reporter = ProgressReporter(
-        store,
-        lease,
-        spec.scope,
-        settings.progress_interval_seconds,
-        evaluate=spec.evaluate is not None,
-    )
+    if isinstance(spec, EvaluationJobSpec):
+        log.info("job %s: attempt %d, evaluation of %s", job_id, lease.attempt, spec.model)
+        reporter = ProgressReporter(
+            store, lease, "tensor", settings.progress_interval_seconds, kind=kind
+        )
+    else:
+        log.info("job %s: attempt %d, %s %s", job_id, lease.attempt, spec.method, spec.output)
+        reporter = ProgressReporter(
+            store,
+            lease,
+            spec.scope,
+            settings.progress_interval_seconds,
+            evaluate=spec.evaluate is not None,
+        )
     with LeaseKeeper(store, lease, settings.lease_seconds) as keeper:
 
         def should_cancel() -> bool:
@@ -112,7 +133,14 @@ def execute(store: JobStore, settings: Settings, lease: Lease) -> str:
 
         try:
             check_locations(spec, settings)
-            result = run_job_spec(spec, reporter, should_cancel, job_id=job_id)
+            output: str | None
+            if isinstance(spec, EvaluationJobSpec):
+                # Measures only: nothing is published, so the result has no output.
+                output = None
+                report = run_evaluation_job(spec, reporter, should_cancel, job_id=job_id)
+            else:
+                result = run_job_spec(spec, reporter, should_cancel, job_id=job_id)
+                output, report = result.output, result.report
         except JobCancelled as exc:
             if keeper.lost:
                 raise LeaseLost from None
@@ -127,12 +155,12 @@ def execute(store: JobStore, settings: Settings, lease: Lease) -> str:
             log.exception("job %s: unexpected error", job_id)
             outcome = {"status": "failed", "error": _internal_error(job_id)}
         else:
-            summary = {key: result.report[key] for key in SUMMARY_KEYS if key in result.report}
+            summary = {key: report[key] for key in SUMMARY_KEYS if key in report}
             outcome = {
                 "status": "succeeded",
                 # Where it was published: for the Hub, the commit (hf://org/name@sha).
-                "result": {"output": result.output, "report": summary},
-                "report": result.report,
+                "result": {"output": output, "report": summary},
+                "report": report,
                 "progress": reporter.final(),
             }
         if keeper.lost:
@@ -149,14 +177,14 @@ def execute(store: JobStore, settings: Settings, lease: Lease) -> str:
     return outcome["status"]
 
 
-def check_locations(spec: JobSpec, settings: Settings) -> None:
+def check_locations(spec: JobSpec | EvaluationJobSpec, settings: Settings) -> None:
     """Local paths again, as the worker sees them: the API checked them at submission, but a
     symlink under a root can change before the job runs. Workers without FAPM_LOCAL_ROOTS (e.g.
     ones that only see S3 and the Hub) leave the check to the API."""
     if not settings.local_roots:
         return
-    for field in ("base", "finetuned", "adapter", "output"):
-        raw = getattr(spec, field)
+    for field in ("base", "finetuned", "adapter", "output", "model"):
+        raw = getattr(spec, field, None)  # each kind has some of these
         if raw is None:
             continue
         try:

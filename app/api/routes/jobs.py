@@ -1,5 +1,8 @@
 """/v1/jobs: submit, read, list, cancel, report.
 
+Jobs of both kinds (prune, and evaluation from /v1/evaluations) are read, listed, followed and
+cancelled here.
+
 Routes that talk to Redis are plain `def`s: FastAPI runs them in its threadpool, where the sync
 JobStore (Lua scripts, one pooled connection per thread) and Celery's `send_task` belong. The
 event stream, which waits for minutes, is async (routes/events.py).
@@ -18,6 +21,7 @@ from app.api.deps import ServicesDep, TenantDep
 from app.api.submission import normalize_idempotency_key
 from app.core.problems import ProblemError, problem_responses
 from app.jobs.records import JobRecord, JobRequest, JobStatus
+from worker.spec import JobKind
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -137,6 +141,10 @@ def list_jobs(
     services: ServicesDep,
     tenant: TenantDep,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
+    kind: Annotated[
+        JobKind | None,
+        Query(description="Only jobs of this kind (prune, or evaluation from /v1/evaluations)."),
+    ] = None,
     label: Annotated[
         str | None,
         Query(
@@ -158,6 +166,7 @@ def list_jobs(
             label=label_pair,  # type: ignore[arg-type]
             limit=limit,
             cursor=cursor,
+            kind=kind,
         )
     except ValueError as exc:
         raise ProblemError(
