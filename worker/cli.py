@@ -193,26 +193,43 @@ def _print_points(evaluation: dict) -> None:
         print(f"note: {evaluation['note']}", file=sys.stderr)
 
 
+def _evaluation_spec(namespace: argparse.Namespace):
+    """`fapm eval`'s flags as an EvaluationJobSpec (the body of POST /v1/evaluations)."""
+    from worker.spec import EvaluationJobSpec
+
+    evaluate: dict = {"task": namespace.task, "general": namespace.general}
+    if namespace.max_examples:
+        evaluate["max_examples"] = namespace.max_examples
+    if namespace.batch_size:
+        evaluate["batch_size"] = namespace.batch_size
+    return EvaluationJobSpec(
+        base=namespace.base,
+        model=namespace.model,
+        finetuned=namespace.finetuned,
+        evaluate=evaluate,
+        device=namespace.device,
+    )
+
+
 def _eval(namespace: argparse.Namespace) -> int:
-    """`fapm eval`: skill and perplexity of a model the user has, against its base."""
+    """`fapm eval`: skill and perplexity of a model the user has, against its base; in this
+    process, or with --submit as an evaluation job of the service."""
     import json
 
     from pydantic import ValidationError as _ValidationError
 
-    from worker.errors import FapmError
-    from worker.evaluation.standalone import evaluate_model
-    from worker.spec import EvaluationSpec
-
     try:
-        settings = EvaluationSpec(
-            task=namespace.task,
-            general=namespace.general,
-            **({"max_examples": namespace.max_examples} if namespace.max_examples else {}),
-            **({"batch_size": namespace.batch_size} if namespace.batch_size else {}),
-        )
+        spec = _evaluation_spec(namespace)
     except _ValidationError as exc:
         print(f"fapm: error: {_one_line_validation_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    if namespace.submit:  # the same flags, measured by the service; no torch imported here
+        return _client_command(_submit_evaluation)(namespace)
+
+    from worker.errors import FapmError
+    from worker.evaluation.standalone import evaluate_model
+
+    settings = spec.evaluate
     try:
         result = evaluate_model(
             namespace.base, namespace.model, settings, namespace.device, namespace.finetuned
@@ -331,6 +348,25 @@ def _submit(client: FapmClient, namespace: argparse.Namespace) -> int:
     return 0
 
 
+def _submit_evaluation(client: FapmClient, namespace: argparse.Namespace) -> int:
+    body = _evaluation_spec(namespace).model_dump(mode="json", exclude_unset=True)
+    record = client.submit_evaluation(
+        body, labels=_labels(namespace.label), idempotency_key=namespace.idempotency_key
+    )
+    if namespace.json:
+        if not namespace.wait:
+            _print_json(record)
+    else:
+        print(record["id"], flush=True)
+    print(
+        f"fapm: evaluation job {record['id']} {record['status']} on queue {record.get('queue')}",
+        file=sys.stderr,
+    )
+    if namespace.wait:
+        return _follow(client, record["id"], namespace.json, record["status"])
+    return 0
+
+
 def _submit_handler(namespace: argparse.Namespace) -> int:
     # The spec is checked here first, so a typo costs no round trip and reads as `fapm prune`'s.
     try:
@@ -425,6 +461,8 @@ def _print_outcome(record: dict, quiet: bool = False) -> int:
 
 def _success_line(record: dict) -> str:
     result = record.get("result") or {}
+    if record.get("kind") == "evaluation":
+        return _evaluation_line(record)
     spec = record.get("spec") or {}
     report = result.get("report") or {}
     totals = report.get("totals") or {}
@@ -442,6 +480,37 @@ def _success_line(record: dict) -> str:
     return f"job {record.get('id')} wrote {result.get('output')} ({text})"
 
 
+def _evaluation_line(record: dict) -> str:
+    """An evaluation job's outcome: every point on stderr (as `fapm eval`), one line on stdout."""
+    evaluation = ((record.get("result") or {}).get("report") or {}).get("evaluation") or {}
+    _print_points(evaluation)
+    point = (evaluation.get("points") or [{}])[0]
+
+    def fmt(value: object) -> str:
+        return f"{value:.4g}" if isinstance(value, int | float) else "undefined"
+
+    model = (record.get("spec") or {}).get("model")
+    return (
+        f"job {record.get('id')} measured {model}: skill {fmt(point.get('skill'))}, "
+        f"perplexity {fmt(point.get('perplexity'))}, skill kept {fmt(point.get('skill_kept'))}, "
+        f"forgetting left {fmt(point.get('forgetting_left'))}"
+    )
+
+
+def _job_line(record: dict) -> str:
+    """What the job does, in one line, for either kind."""
+    spec = record.get("spec") or {}
+    if record.get("kind") == "evaluation":
+        against = spec.get("base")
+        if spec.get("finetuned"):
+            against += f" (reference {spec['finetuned']})"
+        return f"evaluation of {spec.get('model')} against {against}"
+    return (
+        f"{spec.get('method')} sparsity {spec.get('sparsity')}: {spec.get('base')} + "
+        f"{spec.get('finetuned') or spec.get('adapter')} -> {spec.get('output')}"
+    )
+
+
 def _wait(client: FapmClient, namespace: argparse.Namespace) -> int:
     return _follow(client, namespace.job_id, namespace.json)
 
@@ -456,7 +525,6 @@ def _status(client: FapmClient, namespace: argparse.Namespace) -> int:
     if namespace.json:
         _print_json(record)
         return 0
-    spec = record.get("spec") or {}
     progress = record.get("progress") or {}
     rows = [
         (
@@ -464,11 +532,7 @@ def _status(client: FapmClient, namespace: argparse.Namespace) -> int:
             f"{record.get('status')} (queue {record.get('queue')}, "
             f"attempts {record.get('attempts', 0)})",
         ),
-        (
-            "job",
-            f"{spec.get('method')} sparsity {spec.get('sparsity')}: {spec.get('base')} + "
-            f"{spec.get('finetuned') or spec.get('adapter')} -> {spec.get('output')}",
-        ),
+        ("job", _job_line(record)),
     ]
     if record.get("labels"):
         rows.append(("labels", ", ".join(f"{k}={v}" for k, v in record["labels"].items())))
@@ -520,7 +584,9 @@ def _jobs(client: FapmClient, namespace: argparse.Namespace) -> int:
     jobs = page.get("jobs") or []
     print(f"{'ID':<34} {'STATUS':<10} {'DONE':>5}  {'CREATED (UTC)':<19}  OUTPUT")
     for record in jobs:
-        output = (record.get("spec") or {}).get("output", "")
+        spec = record.get("spec") or {}
+        # An evaluation publishes nothing: the model it measures stands in for the output.
+        output = spec.get("output") or f"(evaluation of {spec.get('model')})"
         created = str(record.get("created_at", ""))[:19].replace("T", " ")
         print(
             f"{record.get('id', ''):<34} {record.get('status', ''):<10} "
@@ -619,10 +685,12 @@ def build_parser() -> argparse.ArgumentParser:
     prune.set_defaults(handler=_prune)
     evaluate = commands.add_parser(
         "eval",
+        parents=[api_url],
         help="measure a model's skill and forgetting against its base (no pruning)",
         description="Skill (exact match of the greedy completion) on --task, perplexity on "
         "--general, for --model and for --base, and the model's skill kept and forgetting left "
-        "relative to them. Prints the points on stderr and the JSON on stdout.",
+        "relative to them. Prints the points on stderr and the JSON on stdout. With --submit "
+        "the service measures (an evaluation job; locations are read by the service).",
     )
     evaluate.add_argument("--base", required=True, help="the base model (any location)")
     evaluate.add_argument("--model", required=True, help="the model to measure (any location)")
@@ -637,6 +705,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-examples", type=int, default=None)
     evaluate.add_argument("--batch-size", type=int, default=None)
     evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    evaluate.add_argument(
+        "--submit",
+        action="store_true",
+        help="submit it to the service as an evaluation job (prints its id) instead",
+    )
+    evaluate.add_argument("--wait", action="store_true", help="--submit: follow it to its end")
+    evaluate.add_argument(
+        "--label", action="append", metavar="KEY=VALUE", help="--submit: label the job"
+    )
+    evaluate.add_argument("--idempotency-key", help="--submit: resubmitting returns the same job")
+    evaluate.add_argument("--json", action="store_true", help="--submit: print the job record")
     evaluate.set_defaults(handler=_eval)
     demo = commands.add_parser(
         "demo", help="build a tiny base/fine-tuned pair and prune it end to end (a smoke test)"

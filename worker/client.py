@@ -205,6 +205,21 @@ class FapmClient:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return self._json("POST", "/v1/jobs", json=body, headers=headers)
 
+    def submit_evaluation(
+        self,
+        spec: Mapping[str, Any],
+        *,
+        labels: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict:
+        """POST /v1/evaluations: the EvaluationJobSpec fields (JSON-ready) plus labels; returns
+        the job record (kind "evaluation"), followed like any job with get/events/cancel."""
+        body: dict[str, Any] = dict(spec)
+        if labels:
+            body["labels"] = dict(labels)
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        return self._json("POST", "/v1/evaluations", json=body, headers=headers)
+
     def get(self, job_id: str) -> dict:
         return self._json("GET", f"/v1/jobs/{_segment(job_id)}")
 

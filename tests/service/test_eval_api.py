@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from tests.eval_models import EvalCase, build_eval_case
 from tests.service.conftest import client
 from tests.service.test_api_events import read_stream
+from tests.service.test_cli_client import fapm
 from tests.service.test_worker_jobs import Jobs
 from worker.evaluation.standalone import NO_REFERENCE_NOTE, evaluate_model
 from worker.spec import EvaluationSpec
@@ -221,3 +222,23 @@ def test_idempotency_key_spans_both_endpoints(service, case, halfway):
         other = api.post("/v1/jobs", json=prune, headers={"Idempotency-Key": "eval-api-idem-1"})
         assert other.status_code == 422 and other.json()["code"] == "idempotency_key_reused"
     Jobs(service).wait(first["id"], timeout=180)
+
+
+def test_fapm_eval_submit_waits_for_the_evaluation_job(service, case, halfway):
+    """`fapm eval --submit --wait`: the same flags as `fapm eval`, measured by the service."""
+    args = ["--base", str(case.base), "--model", str(halfway), "--finetuned", str(case.finetuned)]
+    args += ["--task", str(case.task), "--general", str(case.general), "--device", "cpu"]
+    args += ["--max-examples", str(EVALUATE["max_examples"])]
+    result = fapm(
+        "eval", *args, "--submit", "--wait", "--label", "suite=eval-cli", url=service.api_url
+    )
+    assert result.returncode == 0, result.stderr
+    job_id, line = result.stdout.strip().splitlines()
+    assert line.startswith(f"job {job_id} measured {halfway}: skill ")
+    assert "skill kept" in line and "forgetting left" in line
+    assert "finetuned" in result.stderr  # the points, as `fapm eval` prints them
+    status = fapm("status", job_id, url=service.api_url)
+    assert status.returncode == 0, status.stderr
+    assert f"evaluation of {halfway} against {case.base}" in status.stdout
+    listed = fapm("jobs", "--label", "suite=eval-cli", url=service.api_url)
+    assert f"(evaluation of {halfway})" in listed.stdout
