@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 from app.jobs.store import JobStore, events_key, job_key, new_job_id
 
 
 def _create(store: JobStore, tenant: str) -> str:
+    time.sleep(0.002)  # ids sort by creation millisecond; within one, the order is arbitrary
     job_id = new_job_id()
     outcome = store.create(
         job_id=job_id,
