@@ -1,4 +1,5 @@
-"""Request dependencies: the shared services and the authenticated tenant.
+"""Request dependencies: the shared services, the authenticated tenant, and the pieces the
+submission routes share.
 
 Both security schemes are declared with `auto_error=False` so that FastAPI lists them in the
 OpenAPI document while the 401 stays ours (a problem+json body, one message for "missing" and
@@ -9,11 +10,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Header, Request, Response, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from app.api.services import Services
+from app.api.submission import Submitted
 from app.core.problems import ProblemError
+from app.jobs.records import JobRecord
 
 bearer_scheme = HTTPBearer(
     auto_error=False,
@@ -56,3 +59,21 @@ async def current_tenant(
 
 
 TenantDep = Annotated[str, Depends(current_tenant)]
+
+
+# The Idempotency-Key header of the submission routes (POST /v1/jobs, POST /v1/evaluations).
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description='A unique key per intended job, e.g. a UUID (`"..."` quoting optional).',
+    ),
+]
+
+
+def accepted(submitted: Submitted, response: Response) -> JobRecord:
+    """The 202 answer of a submission: the record, its Location, and whether it is a replay."""
+    response.headers["Location"] = f"/v1/jobs/{submitted.record.id}"
+    if submitted.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return submitted.record

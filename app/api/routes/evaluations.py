@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Header, Response
+from fastapi import APIRouter, Body, Response
 
 from app.api import examples
-from app.api.deps import ServicesDep, TenantDep
+from app.api.deps import IdempotencyKeyHeader, ServicesDep, TenantDep, accepted
 from app.api.submission import normalize_idempotency_key
 from app.core.problems import problem_responses
 from app.jobs.records import EvaluationRequest, JobRecord
@@ -66,17 +66,7 @@ def submit_evaluation(
     evaluation: Annotated[
         EvaluationRequest, Body(openapi_examples=examples.EVALUATION_REQUEST_EXAMPLES)
     ],
-    idempotency_key: Annotated[
-        str | None,
-        Header(
-            alias="Idempotency-Key",
-            description='A unique key per intended job, e.g. a UUID (`"..."` quoting optional).',
-        ),
-    ] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobRecord:
     key = normalize_idempotency_key(idempotency_key)
-    submitted = services.submitter.submit(tenant, evaluation, key)
-    response.headers["Location"] = f"/v1/jobs/{submitted.record.id}"
-    if submitted.replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    return submitted.record
+    return accepted(services.submitter.submit(tenant, evaluation, key), response)

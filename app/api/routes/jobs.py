@@ -13,11 +13,11 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Path, Query, Response
+from fastapi import APIRouter, Body, Path, Query, Response
 from pydantic import BaseModel, Field
 
 from app.api import examples
-from app.api.deps import ServicesDep, TenantDep
+from app.api.deps import IdempotencyKeyHeader, ServicesDep, TenantDep, accepted
 from app.api.submission import normalize_idempotency_key
 from app.core.problems import ProblemError, problem_responses
 from app.jobs.records import JobRecord, JobRequest, JobStatus
@@ -102,20 +102,10 @@ def submit_job(
     tenant: TenantDep,
     response: Response,
     job: Annotated[JobRequest, Body(openapi_examples=examples.JOB_REQUEST_EXAMPLES)],
-    idempotency_key: Annotated[
-        str | None,
-        Header(
-            alias="Idempotency-Key",
-            description='A unique key per intended job, e.g. a UUID (`"..."` quoting optional).',
-        ),
-    ] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobRecord:
     key = normalize_idempotency_key(idempotency_key)
-    submitted = services.submitter.submit(tenant, job, key)
-    response.headers["Location"] = f"/v1/jobs/{submitted.record.id}"
-    if submitted.replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    return submitted.record
+    return accepted(services.submitter.submit(tenant, job, key), response)
 
 
 @router.get(
