@@ -23,7 +23,7 @@ from app.jobs.store import JobStore, new_job_id
 from tests.service.conftest import client
 from worker.celery_app import RUN_JOB_TASK, celery_app
 from worker.engine.pipeline import REPORT_FILE, Progress, run_prune
-from worker.engine.staging import STAGING_MARK
+from worker.io.staging import STAGING_MARK
 from worker.localstack import LocalStack
 from worker.spec import JobSpec
 from worker.tasks.progress import ProgressReporter

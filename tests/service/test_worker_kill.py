@@ -21,8 +21,8 @@ from tests.service.test_worker_jobs import (
     write_big_pair,
 )
 from worker.engine.pipeline import REPORT_FILE, run_prune
-from worker.engine.staging import job_staging_prefix
 from worker.errors import OutputExists
+from worker.io.staging import job_staging_prefix
 from worker.localstack import LocalStack
 from worker.spec import JobSpec
 

@@ -65,7 +65,7 @@ class LocalTarget(OutputTarget):
     """A local directory, published by renaming a hidden sibling staging directory."""
 
     def __init__(self, uri: str, path: Path, overwrite: bool, job_id: str | None) -> None:
-        from worker.engine.staging import StagingDir
+        from worker.io.staging import StagingDir
 
         self.uri = uri
         self.path = path
