@@ -5,6 +5,7 @@ AWS environment. Outputs are compared byte for byte with a local run of the same
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import boto3
@@ -146,4 +147,48 @@ def test_cancel_mid_upload_leaves_nothing_in_the_bucket(remote_stack, s3, models
     assert record.status == "cancelled"
     # Neither the output nor its staging prefix (out/.cancelled.fapm-staging-<job>/) holds a byte.
     assert [k for k in _objects(s3, "models", "out/") if "cancelled" in k] == []
+    assert s3.list_multipart_uploads(Bucket="models").get("Uploads", []) == []
+
+
+def test_worker_killed_mid_upload_reruns_to_the_same_objects(
+    make_stack, s3, models_bucket, tmp_path
+):
+    """SIGKILL while shards are being uploaded to S3: nothing is ever published at the output
+    until the re-run's manifest, the re-run publishes the uninterrupted run's bytes, and no
+    multipart upload or staging object is left. (The module's moto server is shared.)"""
+    from worker.localstack import s3_env as env_for
+
+    stack = make_stack(FAPM_LEASE_SECONDS="3", FAPM_VISIBILITY_TIMEOUT_SECONDS="5")
+    stack.env.update(env_for(s3.meta.endpoint_url))
+    stack.start_redis()
+    stack.start_api()
+    first = stack.start_worker("first")
+    jobs = Jobs(stack)
+    spec = {
+        "base": "s3://models/big/base/",
+        "finetuned": "s3://models/big/ft/",
+        "output": "s3://models/out/killed/",
+        "shard_size": "600KB",
+        "kernel": "torch",
+    }
+    job_id = jobs.submit(spec)
+    jobs.wait(job_id, until=lambda r: r.progress.tensors_done >= 4, timeout=120, every=0.01)
+    first.kill(signal.SIGKILL)
+    first.popen.wait(10)
+    # Shards of the dead attempt sit under the staging prefix; nothing is at the output.
+    assert [k for k in _objects(s3, "models", "out/killed/")] == []
+    stack.start_worker("second")
+    record = jobs.wait(job_id, timeout=120)
+    assert record.status == "succeeded", record.error
+    assert record.attempts == 2
+
+    uninterrupted = jobs.wait(jobs.submit({**spec, "output": "s3://models/out/uninterrupted/"}))
+    assert uninterrupted.status == "succeeded"
+    killed = _objects(s3, "models", "out/killed/")
+    clean = _objects(s3, "models", "out/uninterrupted/")
+    assert set(killed) == set(clean)
+    for name in killed:
+        if name.endswith(".safetensors") or name == "model.safetensors.index.json":
+            assert killed[name] == clean[name], name
+    assert [k for k in _objects(s3, "models", "out/") if "fapm-staging" in k] == []
     assert s3.list_multipart_uploads(Bucket="models").get("Uploads", []) == []
