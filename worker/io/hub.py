@@ -21,7 +21,7 @@ from huggingface_hub import HfApi, constants, errors, hf_hub_download, snapshot_
 from huggingface_hub.utils import build_hf_headers, get_session
 
 from worker.errors import AccessDenied, FapmError, SourceNotFound, SourceUnavailable
-from worker.io.source import ModelSource
+from worker.io.source import ListedSource, byte_view, pread_exactly
 
 # Reads up to this size of a file not yet in the cache go over HTTP ranges (headers, index
 # files); anything larger downloads the file into the cache first.
@@ -48,10 +48,8 @@ def hub_error(exc: Exception, where: str) -> FapmError:
     return SourceUnavailable(f"{where}: the Hub did not answer: {exc}")
 
 
-class HubSource(ModelSource):
+class HubSource(ListedSource):
     """One model repo at one commit; files at its top level."""
-
-    remote = True
 
     def __init__(self, uri: str, repo_id: str, revision: str | None) -> None:
         self.uri = uri
@@ -100,15 +98,6 @@ class HubSource(ModelSource):
 
     # -- ModelSource -------------------------------------------------------------------------
 
-    def files(self) -> list[str]:
-        return sorted(self._sizes)
-
-    def size(self, name: str) -> int:
-        try:
-            return self._sizes[name]
-        except KeyError:
-            raise SourceNotFound(f"{self.uri}: no file {name} in the repo") from None
-
     def identity(self) -> dict[str, object]:
         return {"uri": self.uri, "revision": self.commit, "repo": self.repo_id}
 
@@ -116,23 +105,14 @@ class HubSource(ModelSource):
         return self._digests.get(name, f"commit:{self.commit}")
 
     def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
-        view = buffer.cast("B") if buffer.format != "B" else buffer
-        if offset + len(view) > self.size(name):
-            raise SourceNotFound(
-                f"{self.uri}/{name}: file ends at byte {self.size(name)}, "
-                f"expected {offset + len(view)} (truncated?)"
-            )
+        view = byte_view(buffer)
+        self.check_range(name, offset, len(view))
         fd = self._fds.get(name)
         if fd is None and len(view) <= RANGE_READ_LIMIT and not self._cached_path(name):
             self._range_get(name, offset, view)
             return
         fd = fd if fd is not None else self._open(name)
-        done = 0
-        while done < len(view):
-            got = os.preadv(fd, [view[done:]], offset + done)
-            if got == 0:
-                raise SourceNotFound(f"{self.uri}/{name}: the cached file is truncated")
-            done += got
+        pread_exactly(fd, offset, view, f"{self.uri}/{name} (cached)")
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -18,7 +18,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from worker.errors import AccessDenied, FapmError, SourceNotFound, SourceUnavailable
-from worker.io.source import ModelSource
+from worker.io.source import ListedSource, byte_view
 
 # A tensor larger than this is fetched as parallel part GETs of this size.
 PART_BYTES = 16 * 2**20
@@ -59,10 +59,8 @@ def split_s3_uri(path: str) -> tuple[str, str]:
     return bucket, f"{prefix}/" if prefix else ""
 
 
-class S3Source(ModelSource):
+class S3Source(ListedSource):
     """The objects directly under `s3://bucket/prefix/`, read by byte ranges."""
-
-    remote = True
 
     def __init__(self, uri: str, bucket: str, prefix: str, client=None) -> None:
         self.uri = uri
@@ -89,15 +87,6 @@ class S3Source(ModelSource):
         if not self._sizes:
             raise SourceNotFound(f"{uri}: no objects under this prefix")
 
-    def files(self) -> list[str]:
-        return sorted(self._sizes)
-
-    def size(self, name: str) -> int:
-        try:
-            return self._sizes[name]
-        except KeyError:
-            raise SourceNotFound(f"{self.uri.rstrip('/')}/{name}: no such object") from None
-
     def stored_digest(self, name: str) -> str:
         return f"etag:{self._etags.get(name, '')}"
 
@@ -106,12 +95,8 @@ class S3Source(ModelSource):
         return {"uri": self.uri, "revision": None, "bytes_fetched": self.bytes_fetched}
 
     def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
-        view = buffer.cast("B") if buffer.format != "B" else buffer
-        if offset + len(view) > self.size(name):
-            raise SourceNotFound(
-                f"{self.uri.rstrip('/')}/{name}: object ends at byte {self.size(name)}, "
-                f"expected {offset + len(view)} (truncated?)"
-            )
+        view = byte_view(buffer)
+        self.check_range(name, offset, len(view))
         if len(view) <= PART_BYTES:
             self._get_range(name, offset, view)
             return

@@ -57,6 +57,48 @@ class ModelSource(ABC):
         """Release handles; the default holds none."""
 
 
+class ListedSource(ModelSource):
+    """A remote directory whose file names and sizes are listed once, when it opens (an S3
+    prefix, a Hub repo at one commit): subclasses fill `_sizes`."""
+
+    remote = True
+    _sizes: dict[str, int]
+
+    def files(self) -> list[str]:
+        return sorted(self._sizes)
+
+    def size(self, name: str) -> int:
+        try:
+            return self._sizes[name]
+        except KeyError:
+            raise SourceNotFound(f"{self.uri.rstrip('/')}/{name}: no such file") from None
+
+    def check_range(self, name: str, offset: int, length: int) -> None:
+        """Refuse a read past the listed size before asking the store for it."""
+        if offset + length > self.size(name):
+            raise SourceNotFound(
+                f"{self.uri.rstrip('/')}/{name}: file ends at byte {self.size(name)}, "
+                f"expected {offset + length} (truncated?)"
+            )
+
+
+def byte_view(buffer: memoryview) -> memoryview:
+    return buffer.cast("B") if buffer.format != "B" else buffer
+
+
+def pread_exactly(fd: int, offset: int, view: memoryview, where: str) -> None:
+    """Fill `view` from `fd` at `offset` with pread (no shared file position between threads)."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise SourceNotFound(
+                f"{where}: file ended at byte {offset + done}, "
+                f"expected {offset + len(view)} (truncated?)"
+            )
+        done += got
+
+
 class LocalDirSource(ModelSource):
     """A directory on local disk, read with pread so no file position is shared between threads."""
 
@@ -87,17 +129,7 @@ class LocalDirSource(ModelSource):
         return fd
 
     def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
-        fd = self._fd(name)
-        view = buffer.cast("B") if buffer.format != "B" else buffer
-        done = 0
-        while done < len(view):
-            got = os.preadv(fd, [view[done:]], offset + done)
-            if got == 0:
-                raise SourceNotFound(
-                    f"{self.path / name}: file ended at byte {offset + done}, "
-                    f"expected {offset + len(view)} (truncated?)"
-                )
-            done += got
+        pread_exactly(self._fd(name), offset, byte_view(buffer), str(self.path / name))
 
     def close(self) -> None:
         for fd in self._fds.values():
