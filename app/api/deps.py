@@ -71,6 +71,16 @@ IdempotencyKeyHeader = Annotated[
 ]
 
 
+# The 202 answer's headers, as the OpenAPI document declares them for both submission routes.
+ACCEPTED_HEADERS = {
+    "Location": {"description": "/v1/jobs/{id}", "schema": {"type": "string"}},
+    "Idempotent-Replayed": {
+        "description": "`true` when an earlier job with this Idempotency-Key is returned.",
+        "schema": {"type": "string"},
+    },
+}
+
+
 def accepted(submitted: Submitted, response: Response) -> JobRecord:
     """The 202 answer of a submission: the record, its Location, and whether it is a replay."""
     response.headers["Location"] = f"/v1/jobs/{submitted.record.id}"

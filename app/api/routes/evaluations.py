@@ -18,7 +18,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Response
 
 from app.api import examples
-from app.api.deps import IdempotencyKeyHeader, ServicesDep, TenantDep, accepted
+from app.api.deps import ACCEPTED_HEADERS, IdempotencyKeyHeader, ServicesDep, TenantDep, accepted
 from app.api.submission import normalize_idempotency_key
 from app.core.problems import problem_responses
 from app.jobs.records import EvaluationRequest, JobRecord
@@ -47,14 +47,7 @@ router = APIRouter(prefix="/v1/evaluations", tags=["jobs"])
     responses={
         202: {
             "description": "Accepted: the evaluation job is queued.",
-            "headers": {
-                "Location": {"description": "/v1/jobs/{id}", "schema": {"type": "string"}},
-                "Idempotent-Replayed": {
-                    "description": "`true` when an earlier job with this Idempotency-Key "
-                    "is returned.",
-                    "schema": {"type": "string"},
-                },
-            },
+            "headers": ACCEPTED_HEADERS,
         },
         **problem_responses(400, 401, 409, 413, 422, 429, 503),
     },

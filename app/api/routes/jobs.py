@@ -17,7 +17,7 @@ from fastapi import APIRouter, Body, Path, Query, Response
 from pydantic import BaseModel, Field
 
 from app.api import examples
-from app.api.deps import IdempotencyKeyHeader, ServicesDep, TenantDep, accepted
+from app.api.deps import ACCEPTED_HEADERS, IdempotencyKeyHeader, ServicesDep, TenantDep, accepted
 from app.api.submission import normalize_idempotency_key
 from app.core.problems import ProblemError, problem_responses
 from app.jobs.records import JobRecord, JobRequest, JobStatus
@@ -80,14 +80,7 @@ def _owned(services: ServicesDep, tenant: str, job_id: str) -> JobRecord:
     responses={
         202: {
             "description": "Accepted: the job is queued.",
-            "headers": {
-                "Location": {"description": "/v1/jobs/{id}", "schema": {"type": "string"}},
-                "Idempotent-Replayed": {
-                    "description": "`true` when an earlier job with this Idempotency-Key "
-                    "is returned.",
-                    "schema": {"type": "string"},
-                },
-            },
+            "headers": ACCEPTED_HEADERS,
             "content": {
                 "application/json": {
                     "examples": {"queued": _record_example(examples.QUEUED_RECORD, "Queued")}
