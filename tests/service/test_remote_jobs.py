@@ -130,16 +130,20 @@ def test_missing_bucket_fails_with_a_stable_code(remote_stack, models_bucket, lo
     assert not (local_root / "never").exists()
 
 
-def test_cancel_mid_upload_leaves_nothing_in_the_bucket(remote_stack, s3, models_bucket):
-    jobs = Jobs(remote_stack)
-    # 32 shards of one 512 KiB tensor each: the upload of early shards overlaps later compute.
-    spec = {
+def big_s3_spec(output: str) -> dict:
+    """32 shards of one 512 KiB tensor each: early shards upload while later ones compute."""
+    return {
         "base": "s3://models/big/base/",
         "finetuned": "s3://models/big/ft/",
-        "output": "s3://models/out/cancelled/",
+        "output": output,
         "shard_size": "600KB",
         "kernel": "torch",
     }
+
+
+def test_cancel_mid_upload_leaves_nothing_in_the_bucket(remote_stack, s3, models_bucket):
+    jobs = Jobs(remote_stack)
+    spec = big_s3_spec("s3://models/out/cancelled/")
     job_id = jobs.submit(spec)
     jobs.wait(job_id, until=lambda r: r.progress.tensors_done >= 4, timeout=120, every=0.01)
     assert jobs.cancel(job_id) == "requested"
@@ -150,12 +154,10 @@ def test_cancel_mid_upload_leaves_nothing_in_the_bucket(remote_stack, s3, models
     assert s3.list_multipart_uploads(Bucket="models").get("Uploads", []) == []
 
 
-def test_worker_killed_mid_upload_reruns_to_the_same_objects(
-    make_stack, s3, models_bucket, tmp_path
-):
-    """SIGKILL while shards are being uploaded to S3: nothing is ever published at the output
-    until the re-run's manifest, the re-run publishes the uninterrupted run's bytes, and no
-    multipart upload or staging object is left. (The module's moto server is shared.)"""
+def test_worker_killed_mid_upload_reruns_to_the_same_objects(make_stack, s3, models_bucket):
+    """SIGKILL while the job streams shards to S3: nothing is at the output after the kill, the
+    re-run publishes the uninterrupted run's bytes, and no multipart upload or staging object is
+    left. (The module's moto server is shared.)"""
     from worker.localstack import s3_env as env_for
 
     stack = make_stack(FAPM_LEASE_SECONDS="3", FAPM_VISIBILITY_TIMEOUT_SECONDS="5")
@@ -164,19 +166,12 @@ def test_worker_killed_mid_upload_reruns_to_the_same_objects(
     stack.start_api()
     first = stack.start_worker("first")
     jobs = Jobs(stack)
-    spec = {
-        "base": "s3://models/big/base/",
-        "finetuned": "s3://models/big/ft/",
-        "output": "s3://models/out/killed/",
-        "shard_size": "600KB",
-        "kernel": "torch",
-    }
+    spec = big_s3_spec("s3://models/out/killed/")
     job_id = jobs.submit(spec)
     jobs.wait(job_id, until=lambda r: r.progress.tensors_done >= 4, timeout=120, every=0.01)
     first.kill(signal.SIGKILL)
     first.popen.wait(10)
-    # Shards of the dead attempt sit under the staging prefix; nothing is at the output.
-    assert [k for k in _objects(s3, "models", "out/killed/")] == []
+    assert _objects(s3, "models", "out/killed/") == {}  # staged, never published
     stack.start_worker("second")
     record = jobs.wait(job_id, timeout=120)
     assert record.status == "succeeded", record.error
