@@ -647,3 +647,31 @@ def test_oversized_chunked_body_is_413(api_stack, body):
             "/v1/jobs", content=chunks(), headers={"Content-Type": "application/json"}
         )
     assert_problem(response, 413, "content_too_large")
+
+
+@pytest.mark.parametrize(
+    ("content", "headers"),
+    [
+        (b"", {}),
+        (b"not json", {}),
+        (b"[]", {}),
+        (b"null", {}),
+        (b'{"base": 1, "output": []}', {}),
+        (b'{"base": "/x", "finetuned": "/y", "output": "/z", "sparsity": "lots"}', {}),
+        (b'{"base": "ftp://x/", "finetuned": "s3://", "output": "hf://only-a-name"}', {}),
+        (b'{"base": "/x", "finetuned": "/y", "output": "/z", "webhook": {"url": "no"}}', {}),
+        (b'{"base": "\\u0000", "finetuned": "/y", "output": "/z", "shard_size": "9ZB"}', {}),
+        (b"{" * 5000, {}),
+        (b'{"base": "/x", "finetuned": "/y", "output": "/z"}', {"Idempotency-Key": ""}),
+        (b'{"base": "/x", "finetuned": "/y", "output": "/z"}', {"Content-Type": "text/plain"}),
+    ],
+)
+def test_malformed_submissions_get_a_problem_not_a_500(api_stack, content, headers):
+    with client(api_stack) as http:
+        response = http.post(
+            "/v1/jobs", content=content, headers={"Content-Type": "application/json", **headers}
+        )
+    assert 400 <= response.status_code < 500, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["status"] == response.status_code and body["code"] and body["detail"]
