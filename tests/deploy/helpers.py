@@ -20,6 +20,7 @@ DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
 # Environment variables the deployment may set that are not fapm Settings: each one is read by
 # something named here.
 OTHER_ENV = {
+    "UVICORN_WORKERS": "uvicorn (API worker processes)",
     "AWS_ENDPOINT_URL": "boto3/botocore (S3)",
     "AWS_ACCESS_KEY_ID": "boto3/botocore (S3)",
     "AWS_SECRET_ACCESS_KEY": "boto3/botocore (S3)",
