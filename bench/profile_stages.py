@@ -104,10 +104,14 @@ def install() -> None:
 
     nbytes_buffer = lambda self, name, offset, buffer: len(buffer)  # noqa: E731
     patch(source.LocalDirSource, "read_into", "read: preadv into buffers", nbytes_buffer)
+    nbytes_range = lambda self, name, offset, length: length  # noqa: E731
+    patch(source.LocalDirSource, "map_range", "read: map the page cache", nbytes_range)
     feed_bytes = lambda self, offset, data: len(data)  # noqa: E731
     patch(checkpoint._FileDigest, "feed", "read: sha256 of inputs", feed_bytes)
     patch(tensor_pruner.TensorPruner, "run", "compute: TensorPruner.run (kernel)")
     patch(os, "fsync", "write: fsync")
+    patch(writer, "preallocate", "write: fallocate")
+    patch(writer, "start_writeback", "write: start writeback")
 
     original_open = getattr(writer.ShardedWriter, "_open_shard", None)
     if original_open is None:

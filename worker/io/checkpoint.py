@@ -155,6 +155,16 @@ class SafetensorsCheckpoint:
         with self._lock:
             self._digests[location.file].feed(entry.begin, buffer)
 
+    def map(self, name: str) -> memoryview | None:
+        """A zero-copy view of a tensor's raw bytes where the source can map them, else None."""
+        location = self.tensors[name]
+        entry = location.entry
+        view = self.source.map_range(location.file, entry.begin, entry.nbytes)
+        if view is not None:
+            with self._lock:
+                self._digests[location.file].feed(entry.begin, view)
+        return view
+
     def shard_digests(self) -> dict[str, str]:
         """sha256 of every weight file; reads only what the engine's reads did not cover (for a
         remote source whose reads skipped bytes, the store's own digest, e.g. `etag:...`)."""

@@ -7,6 +7,7 @@ bytes are copied once, from the file into the tensor that the engine computes on
 
 from __future__ import annotations
 
+import mmap
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -32,6 +33,12 @@ class ModelSource(ABC):
     @abstractmethod
     def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
         """Fill `buffer` with the file's bytes starting at `offset`; raise on a short read."""
+
+    def map_range(self, name: str, offset: int, length: int) -> memoryview | None:
+        """A zero-copy, writable (copy-on-write) view of a byte range where the store allows one
+        (a local file: pages come straight from the page cache, no copy into a fresh buffer);
+        None where it does not, and the caller reads into a buffer instead."""
+        return None
 
     def read_range(self, name: str, offset: int, length: int) -> bytes:
         buffer = bytearray(length)
@@ -130,6 +137,25 @@ class LocalDirSource(ModelSource):
 
     def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
         pread_exactly(self._fd(name), offset, byte_view(buffer), str(self.path / name))
+
+    def map_range(self, name: str, offset: int, length: int) -> memoryview | None:
+        # Private mapping: the engine never writes its inputs, and a stray write would stay in
+        # this process. The view keeps the mapping alive; it is unmapped when the last user goes.
+        # The size check comes first because a mapping past the end of a file faults (SIGBUS) on
+        # access; a file truncated while a job reads it can still do that, as with safetensors.
+        fd = self._fd(name)
+        size = os.fstat(fd).st_size
+        if offset + length > size:
+            raise SourceNotFound(
+                f"{self.path / name}: file ended at byte {size}, "
+                f"expected {offset + length} (truncated?)"
+            )
+        if length == 0:
+            return None
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        mapped = mmap.mmap(fd, offset + length - start, offset=start, access=mmap.ACCESS_COPY)
+        mapped.madvise(mmap.MADV_WILLNEED)  # a cold file: start reading it all now
+        return memoryview(mapped)[offset - start :]
 
     def close(self) -> None:
         for fd in self._fds.values():

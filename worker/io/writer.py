@@ -8,6 +8,8 @@ Tensors are written straight to their place in the file: no output shard is buff
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import math
@@ -20,6 +22,40 @@ from worker.io.safetensors_format import DTYPE_SIZES, build_header
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range, do not wait for it
+
+
+def _linux_file_calls() -> tuple[Callable | None, Callable | None]:
+    """libc's fallocate and sync_file_range where the platform has them (Linux)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fallocate, sync_file_range = libc.fallocate, libc.sync_file_range
+    except (OSError, AttributeError):
+        return None, None
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fallocate, sync_file_range
+
+
+_FALLOCATE, _SYNC_FILE_RANGE = _linux_file_calls()
+
+
+def preallocate(fd: int, size: int) -> None:
+    """Reserve a file's blocks up front (a hint: skipped where the filesystem cannot).
+
+    On ext4 this makes the writes that follow about 3x cheaper than letting every page allocate
+    its block as it is written (bench/RESULTS.md). Not os.posix_fallocate: glibc emulates that
+    by writing zeros where the filesystem lacks fallocate, which would double the writes.
+    """
+    if _FALLOCATE is not None and size > 0:
+        _FALLOCATE(fd, 0, 0, size)  # an error (EOPNOTSUPP, ENOSPC) leaves plain writes to fail
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start flushing a written range now, without waiting for it, so the disk
+    works while the next tensors compute and the shard's final fsync has little left to do."""
+    if _SYNC_FILE_RANGE is not None and length > 0:
+        _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 @dataclass(frozen=True)
@@ -112,14 +148,20 @@ class ShardedWriter:
     def _open_shard(self, index: int) -> None:
         shard = self.shards[index]
         header, _ = build_header([(t.name, t.dtype, t.shape) for t in shard.tensors], self.metadata)
-        self._file = open(self.directory / shard.file, "wb")
+        self._file = open(self.directory / shard.file, "wb", buffering=0)
+        preallocate(self._file.fileno(), len(header) + shard.nbytes)
         self._hasher = hashlib.sha256()
         self._shard_index = index
         self._emit(header)
 
     def _emit(self, data: bytes | memoryview) -> None:
         assert self._file is not None
-        self._file.write(data)
+        offset = self._file.tell()
+        view = memoryview(data)
+        done = 0
+        while done < len(view):  # an unbuffered write may be short
+            done += self._file.write(view[done:])
+        start_writeback(self._file.fileno(), offset, len(view))
         self._hasher.update(data)
 
     def _close_shard(self) -> None:
