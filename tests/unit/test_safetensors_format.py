@@ -177,3 +177,39 @@ def test_shard_digests_equal_sha256_of_the_files(tmp_path):
         read_tensor(checkpoint, name)
     expected = hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
     assert checkpoint.shard_digests() == {"model.safetensors": expected}
+
+
+@pytest.mark.parametrize("pad", [0, 1, 3], ids=["aligned", "odd-by-1", "odd-by-3"])
+def test_mapped_reads_equal_buffered_reads_at_any_alignment(tmp_path, pad):
+    """Local files are mapped, not copied; a header whose length leaves the data misaligned for
+    the dtype (legal in the format, though writers pad) must still give exact values."""
+    import hashlib
+
+    tensors = {
+        "x": torch.randn(9, 5, dtype=torch.float32),
+        "y": torch.randn(11, dtype=torch.bfloat16),
+        "z": torch.randn(4, 3, dtype=torch.float16),
+    }
+    entries, data, offset = {}, b"", 0
+    for name, tensor in tensors.items():
+        raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        tag = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[tensor.dtype]
+        entries[name] = {
+            "dtype": tag,
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
+        data, offset = data + raw, offset + len(raw)
+    body = json.dumps(entries).encode()
+    body += b" " * ((-(8 + len(body)) % 8 + pad) % 8)  # data starts at 8 + len(body)
+    _write_raw(tmp_path / "model.safetensors", body, data)
+    assert (8 + len(body)) % 8 == pad
+
+    mapped = SafetensorsCheckpoint(LocalDirSource(tmp_path))
+    for name, tensor in tensors.items():
+        got = read_tensor(mapped, name)
+        assert got.dtype == tensor.dtype and torch.equal(
+            got.view(torch.uint8), tensor.view(torch.uint8)
+        )
+    expected = hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
+    assert mapped.shard_digests() == {"model.safetensors": expected}

@@ -106,3 +106,51 @@ def test_writer_thread_writes_in_order_and_reports_errors(tmp_path):
             failing.write(name, tensor.numpy())
         failing.finish()
     failing.abort()  # idempotent after a failure
+
+
+@pytest.mark.parametrize("mappable", [True, False], ids=["mapped", "no-fallocate"])
+def test_computing_into_destinations_gives_the_same_files_and_digests(
+    tmp_path, monkeypatch, mappable
+):
+    """Tensors filled in place (through `destination`) and tensors handed over as bytes give
+    byte-identical shards, and each shard's recorded sha256 is that of the file on disk."""
+    import hashlib
+
+    from worker.io import writer as writer_module
+    from worker.io.torch_tensors import tensor_over
+
+    if not mappable:  # a filesystem without fallocate: no destination, plain writes
+        monkeypatch.setattr(writer_module, "preallocate", lambda fd, size: False)
+    tensors = {f"t{i}": torch.randn(i + 50, 33).to(torch.bfloat16) for i in range(7)}
+    planned = [PlannedTensor(n, "BF16", tuple(t.shape)) for n, t in tensors.items()]
+    shards = plan_shards(planned, max_shard_bytes=12_000)
+    assert len(shards) > 2
+
+    (tmp_path / "copied").mkdir()
+    copied = ShardedWriter(tmp_path / "copied", shards)
+    for name, tensor in tensors.items():
+        copied.write(name, tensor.view(torch.uint8).numpy())
+    expected = copied.finish()
+
+    (tmp_path / "inplace").mkdir()
+    inplace = writer_module.WriterThread(ShardedWriter(tmp_path / "inplace", shards))
+    used_destinations = 0
+    for i, (name, tensor) in enumerate(tensors.items()):
+        place = inplace.destination(name)
+        if place is None or i == 3:  # one tensor handed over from its own buffer anyway
+            inplace.write(name, tensor.view(torch.uint8).numpy())
+            continue
+        used_destinations += 1
+        target = tensor_over(place, "BF16", tuple(tensor.shape))
+        target.copy_(tensor)
+        inplace.write(name, target.reshape(-1).view(torch.uint8).numpy())
+    written = inplace.finish()
+    assert used_destinations == (len(tensors) - 1 if mappable else 0)
+
+    assert written == expected
+    for shard in written:
+        data = (tmp_path / "inplace" / shard.file).read_bytes()
+        assert data == (tmp_path / "copied" / shard.file).read_bytes()
+        assert shard.size == len(data) and shard.sha256 == hashlib.sha256(data).hexdigest()
+        for name, tensor in load_file(tmp_path / "inplace" / shard.file).items():
+            assert torch.equal(tensor, tensors[name])

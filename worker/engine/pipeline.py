@@ -26,6 +26,7 @@ from worker.engine.readers import CheckpointReader, LoraMergedReader
 from worker.engine.tensor_pruner import TensorPruner
 from worker.errors import JobCancelled
 from worker.io.publish import open_target, published_report
+from worker.io.torch_tensors import tensor_over
 from worker.io.uri import open_source
 from worker.io.writer import ShardedWriter, WriterThread, plan_shards
 from worker.spec import JobSpec
@@ -255,7 +256,12 @@ def _stream(
             if cancelled():
                 raise JobCancelled("the job was cancelled")
             tick = time.perf_counter()
-            out, stats = pruner.run(task, w, f)
+            # A pruned tensor is computed straight into its place in the (mapped) shard file
+            # where the kernel can; a copied one is written from the input by the writer thread.
+            place = writer.destination(task.name) if task.action != "copy" else None
+            target = None if place is None else tensor_over(place, task.planned.dtype, task.shape)
+            out, stats = pruner.run(task, w, f, out=target)
+            del place, target
             # The writer thread keeps `out` alive (through the numpy view) until it is written.
             writer.write(task.name, out.contiguous().reshape(-1).view(torch.uint8).numpy())
             record: dict[str, object] = {

@@ -232,9 +232,18 @@ class TensorPruner:
         return self._keys(task.name, w32, d32)
 
     def run(
-        self, task: TensorTask, w: torch.Tensor | None, f: torch.Tensor
+        self,
+        task: TensorTask,
+        w: torch.Tensor | None,
+        f: torch.Tensor,
+        out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, TensorStats | None]:
-        """Output tensor (CPU, task.out_dtype) and stats (None for a copied tensor)."""
+        """Output tensor (CPU, task.out_dtype) and stats (None for a copied tensor).
+
+        `out` (CPU, the output's dtype and shape), when given, is where the fused CPU kernel
+        computes straight into (the pipeline passes the tensor's place in the output file); the
+        other paths return their own tensor, which may or may not be `out`.
+        """
         out_dtype = task.out_torch_dtype
         if task.action == "copy":
             return f.to(out_dtype), None
@@ -242,12 +251,23 @@ class TensorPruner:
         if task.action == "prune_rows":
             rows = task.shared_rows
             assert rows is not None
-            shared, stats = self._prune(task.name, w, f[:rows], out_dtype)
-            return torch.cat([shared, f[rows:].to(out_dtype)]), stats
-        return self._prune(task.name, w, f, out_dtype)
+            if out is None:
+                shared, stats = self._prune(task.name, w, f[:rows], out_dtype)
+                return torch.cat([shared, f[rows:].to(out_dtype)]), stats
+            shared, stats = self._prune(task.name, w, f[:rows], out_dtype, out[:rows])
+            if shared.data_ptr() != out.data_ptr():  # a path that did not compute in place
+                out[:rows].copy_(shared)
+            out[rows:].copy_(f[rows:])
+            return out, stats
+        return self._prune(task.name, w, f, out_dtype, out)
 
     def _prune(
-        self, name: str, w: torch.Tensor, f: torch.Tensor, out_dtype: torch.dtype
+        self,
+        name: str,
+        w: torch.Tensor,
+        f: torch.Tensor,
+        out_dtype: torch.dtype,
+        out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, TensorStats]:
         triton_kernel = self.triton
         if (
@@ -259,7 +279,8 @@ class TensorPruner:
         ):
             return self._prune_triton(triton_kernel, name, w.contiguous(), f.contiguous())
         if self._fused_applies() and w.dtype == f.dtype and out_dtype == f.dtype:
-            out = torch.empty_like(f)
+            if out is None:
+                out = torch.empty_like(f)
             k = keep_count(f.numel(), self.spec.density)
             stats = self.fused.fused_prune(self.spec.method, w, f, k, self.spec.alpha, out)
             return out, stats

@@ -15,11 +15,15 @@ so a candidate's weights equal what `run_prune` would publish at that sparsity, 
 
 Memory on the device: W and F of every planned tensor, one int32 rank per pruned entry, and the
 work model: about 3x the model in its stored dtype plus 4 bytes per parameter.
+
+`should_cancel` is asked between tensors while they are read and ranked (minutes on a large
+remote pair), so a cancelled job stops there as it does in the engine.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +35,7 @@ from worker.engine.methods.breadcrumbs import Breadcrumbs
 from worker.engine.plan import TensorTask, build_plan
 from worker.engine.readers import CheckpointReader, LoraMergedReader
 from worker.engine.select import keep_count, order_keys
-from worker.errors import ArchitectureMismatch
+from worker.errors import ArchitectureMismatch, JobCancelled
 from worker.io.uri import open_source
 from worker.spec import JobSpec
 
@@ -61,9 +65,16 @@ def rank_of(keys: torch.Tensor) -> torch.Tensor:
 class CandidateBuilder:
     """Writes (method, sparsity) candidates of one base/fine-tuned pair into a work model."""
 
-    def __init__(self, spec: JobSpec, model: torch.nn.Module, device: torch.device) -> None:
+    def __init__(
+        self,
+        spec: JobSpec,
+        model: torch.nn.Module,
+        device: torch.device,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> None:
         self.spec = spec
         self.device = device
+        self.should_cancel = should_cancel or (lambda: False)
         self.rank_seconds: dict[str, float] = {}
         self._ranks: tuple[str, list[torch.Tensor | None]] | None = None
         params = dict(model.named_parameters())
@@ -84,7 +95,12 @@ class CandidateBuilder:
             for source in sources:
                 source.close()
 
+    def _cancel_point(self) -> None:
+        if self.should_cancel():
+            raise JobCancelled("the job was cancelled")
+
     def _load(self, task: TensorTask, base, finetuned, params) -> _Tensor:
+        self._cancel_point()
         param = params.get(task.name)
         if param is None or tuple(param.shape) != tuple(task.shape):
             raise ArchitectureMismatch(
@@ -122,6 +138,7 @@ class CandidateBuilder:
             if t.w is None:
                 ranks.append(None)
                 continue
+            self._cancel_point()
             w32 = t.w.to(torch.float32).reshape(t.rows, -1)
             d32 = t.f.to(torch.float32).reshape(t.rows, -1) - w32
             if isinstance(impl, ScoredMethod):

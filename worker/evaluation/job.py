@@ -31,7 +31,15 @@ from worker.evaluation.data import load_general, load_task
 from worker.evaluation.errors import SkillFloorUnreachable, SkillUndefined
 from worker.evaluation.measures import Reference, forgetting_left, skill_kept
 from worker.evaluation.metrics import Evaluator, encode_general, encode_task
-from worker.evaluation.model import free, load_causal_lm, local_model_dir
+from worker.evaluation.model import (
+    LoadedModel,
+    Vocabulary,
+    add_vocabulary,
+    added_vocabulary_note,
+    free,
+    load_causal_lm,
+    local_model_dir,
+)
 from worker.evaluation.plot import write_plot
 from worker.evaluation.search import (
     Point,
@@ -140,7 +148,21 @@ def evaluate_job(
     spec: JobSpec, report_progress: ProgressCallback, cancelled: Callable[[], bool]
 ) -> Evaluation:
     """Measure the references and the candidates; choose (sparsity "auto") or report the one
-    requested sparsity."""
+    requested sparsity. The models are freed however it ends (a worker runs many jobs)."""
+    loaded: list[LoadedModel] = []
+    try:
+        return _evaluate(spec, report_progress, cancelled, loaded)
+    finally:
+        for model in loaded:
+            free(model)
+
+
+def _evaluate(
+    spec: JobSpec,
+    report_progress: ProgressCallback,
+    cancelled: Callable[[], bool],
+    loaded: list[LoadedModel],
+) -> Evaluation:
     assert spec.evaluate is not None
     settings = spec.evaluate
     started = time.perf_counter()
@@ -163,25 +185,34 @@ def evaluate_job(
     # The work model: built from the fine-tune's directory (its tokenizer and shapes), or the
     # base's for an adapter; candidates are written into its parameters.
     work_uri = spec.finetuned or spec.base
-    with local_model_dir(work_uri) as directory:
+    with local_model_dir(work_uri, cancelled) as directory:
         work = load_causal_lm(directory, device, work_uri)
+    loaded.append(work)
     evaluator = Evaluator(
         encode_task(work.tokenizer, task, work.context, settings.task),
         encode_general(work.tokenizer, general, work.context, settings.general),
         settings.batch_size,
         _pad_id(work.tokenizer),
         device,
+        should_cancel=cancelled,
+        tokenizer_of=work_uri,
     )
     seconds["load"] = time.perf_counter() - started
 
-    with local_model_dir(spec.base) as directory:
+    # The sets are tokenized by the fine-tune's tokenizer, so with added vocabulary they may hold
+    # ids the base has no row for. The base is measured with the fine-tune's added rows (taken
+    # from the work model, which holds the fine-tune's weights until the builder writes into it):
+    # every candidate has those rows too (model.py, add_vocabulary).
+    with local_model_dir(spec.base, cancelled) as directory:
         base_model = load_causal_lm(directory, device, spec.base, with_tokenizer=False)
-    base_scores = _measure(evaluator, base_model.model)
+    loaded.append(base_model)
+    added = add_vocabulary(base_model.model, Vocabulary.of(work.model), spec.base)
+    base_scores = _measure(evaluator, base_model.model, spec.base)
     free(base_model)
     tick()
-    builder = CandidateBuilder(spec, work.model, device)
+    builder = CandidateBuilder(spec, work.model, device, cancelled)
     builder.write_finetuned()
-    ft_scores = _measure(evaluator, work.model)
+    ft_scores = _measure(evaluator, work.model, work_uri)
     tick()
     ref = Reference(base_scores[0], ft_scores[0], base_scores[2], ft_scores[2])
     floor = (spec.target.min_skill_kept if spec.target else 0.95) if spec.auto else None
@@ -213,7 +244,8 @@ def evaluate_job(
 
     def measure(method: str, sparsity: float) -> Point:
         build = builder.write(method, sparsity)
-        result = point(method, sparsity, _measure(evaluator, work.model), build)
+        where = f"the {method} candidate at sparsity {sparsity:g}"
+        result = point(method, sparsity, _measure(evaluator, work.model, where), build)
         tick()
         return result
 
@@ -226,13 +258,15 @@ def evaluate_job(
         chosen = points[0]
     seconds["rank"] = sum(builder.rank_seconds.values())
     seconds["total"] = time.perf_counter() - started
-    free(work)
     return Evaluation(
         references=references,
         points=points,
         chosen=chosen,
         floor=floor,
-        note=ref.forgetting_note,
+        note="; ".join(
+            n for n in (added_vocabulary_note(added, work_uri), ref.forgetting_note) if n
+        )
+        or None,
         tokens_per_second=evaluator.throughput.tokens_per_second,
         seconds=seconds,
         requested={
@@ -253,11 +287,13 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _measure(evaluator: Evaluator, model: torch.nn.Module) -> tuple[float, float, float, float]:
+def _measure(
+    evaluator: Evaluator, model: torch.nn.Module, where: str
+) -> tuple[float, float, float, float]:
     """(skill, completion loss, perplexity, seconds) of one model."""
     started = time.perf_counter()
-    skill = evaluator.skill(model)
-    general = evaluator.general(model)
+    skill = evaluator.skill(model, where)
+    general = evaluator.general(model, where)
     return skill.accuracy, skill.loss, general.perplexity, time.perf_counter() - started
 
 

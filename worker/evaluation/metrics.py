@@ -20,18 +20,29 @@ Definitions (tests/evaluation checks them against a plain one-example-at-a-time 
 Batches are right-padded (positions are then those of the unpadded sequence) and sorted by length
 so little padding is computed. NLL is summed in float64; log-softmax runs in float32 on the
 positions that count only.
+
+A model whose vocabulary does not cover every token id of the encoded sets is refused before its
+first batch (architecture_mismatch), not run into an index error (or, on CUDA, a device assert).
+`should_cancel` is asked between batches (at most every CANCEL_CHECK_SECONDS), so a cancelled job
+stops within one batch, not at the end of a model's evaluation.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from worker.errors import ArchitectureMismatch, JobCancelled
 from worker.evaluation.data import GeneralText, TaskExample
 from worker.evaluation.errors import EmptyEvalSet, EvalDataError
+from worker.evaluation.model import vocabulary_rows
+
+# Between batches, the cancellation flag (a Redis read in the worker) is read at most this often.
+CANCEL_CHECK_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -150,6 +161,8 @@ class Evaluator:
         batch_size: int,
         pad_id: int,
         device: torch.device,
+        should_cancel: Callable[[], bool] | None = None,
+        tokenizer_of: str = "the measured model",
     ) -> None:
         if not task:
             raise EmptyEvalSet("the task set has no examples")
@@ -159,12 +172,38 @@ class Evaluator:
         self.pad_id = pad_id
         self.device = device
         self.throughput = Throughput()
+        self.should_cancel = should_cancel or (lambda: False)
+        self.tokenizer_of = tokenizer_of  # for error messages
+        self.max_id = max(
+            [pad_id] + [max(e.prompt + e.completion) for e in task] + [max(w) for w in general if w]
+        )
+        self._checked_at = float("-inf")
 
-    def skill(self, model: torch.nn.Module) -> TaskScore:
+    def check_vocabulary(self, model: torch.nn.Module, where: str) -> None:
+        """Refuse a model that has no row for some token id of the sets."""
+        rows = vocabulary_rows(model)
+        if self.max_id >= rows:
+            raise ArchitectureMismatch(
+                f"{where}: its vocabulary has {rows} tokens but the evaluation sets, tokenized "
+                f"with the tokenizer of {self.tokenizer_of}, use token id {self.max_id}: are "
+                "these models of the same vocabulary?"
+            )
+
+    def _cancel_point(self) -> None:
+        now = time.monotonic()
+        if now - self._checked_at < CANCEL_CHECK_SECONDS:
+            return
+        self._checked_at = now
+        if self.should_cancel():
+            raise JobCancelled("the job was cancelled")
+
+    def skill(self, model: torch.nn.Module, where: str = "the model") -> TaskScore:
+        self.check_vocabulary(model, where)
         started = time.perf_counter()
         correct, nll_sum, count, tokens = 0, 0.0, 0, 0
         rows = [e.prompt + e.completion for e in self.task_set]
         for batch in _batches([len(r) for r in rows], self.batch_size):
+            self._cancel_point()
             logits = _forward(model, [rows[i] for i in batch], self.pad_id, self.device)
             for b, i in enumerate(batch):
                 example = self.task_set[i]
@@ -179,11 +218,13 @@ class Evaluator:
         self._timed(tokens, started)
         return TaskScore(correct / len(self.task_set), nll_sum / count, len(self.task_set), tokens)
 
-    def general(self, model: torch.nn.Module) -> GeneralScore:
+    def general(self, model: torch.nn.Module, where: str = "the model") -> GeneralScore:
+        self.check_vocabulary(model, where)
         started = time.perf_counter()
         nll_sum, predicted, tokens = 0.0, 0, 0
         windows = self.general_set
         for batch in _batches([len(w) for w in windows], self.batch_size):
+            self._cancel_point()
             logits = _forward(model, [windows[i] for i in batch], self.pad_id, self.device)
             for b, i in enumerate(batch):
                 window = windows[i]

@@ -7,6 +7,14 @@ is refused, never unpickled.
 
 Precision: float32 on CPU (bf16 matmuls on CPU are slow and round coarsely); on CUDA a 16-bit
 checkpoint runs in its own dtype (an 8B model in float32 would need twice the memory).
+
+Added vocabulary: a fine-tune whose embeddings (and lm_head) have more rows than the base's (tokens
+added with `resize_token_embeddings`) is measured with its own tokenizer, so the sets may hold ids
+the base has no row for. The base is then measured with its embeddings grown to the fine-tune's
+rows and the fine-tune's added rows copied in (`add_vocabulary`): every other weight is the base's,
+and those rows are what a prune publishes for them at any sparsity (ALGORITHMS.md: the shared rows
+are pruned, the added ones copied), so the base reference is the end of the candidates' line
+(sparsity 1) and nothing is clipped or re-tokenized.
 """
 
 from __future__ import annotations
@@ -15,13 +23,19 @@ import contextlib
 import json
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from worker.errors import CorruptCheckpoint, SourceNotFound, UnsupportedFormat
+from worker.errors import (
+    ArchitectureMismatch,
+    CorruptCheckpoint,
+    JobCancelled,
+    SourceNotFound,
+    UnsupportedFormat,
+)
 from worker.evaluation.errors import NotCausalLM
 from worker.io.source import LocalDirSource, ModelSource
 from worker.io.uri import open_source
@@ -54,26 +68,31 @@ def context_length(config: dict) -> int | None:
 
 
 @contextlib.contextmanager
-def local_model_dir(uri: str) -> Iterator[Path]:
-    """A local directory holding the model at `uri`: itself, or a temporary copy."""
+def local_model_dir(uri: str, should_cancel: Callable[[], bool] | None = None) -> Iterator[Path]:
+    """A local directory holding the model at `uri`: itself, or a temporary copy (a cancelled
+    job stops the copy between 64 MiB reads)."""
     source = open_source(uri)
     try:
         if isinstance(source, LocalDirSource):
             yield source.path
             return
         with tempfile.TemporaryDirectory(prefix="fapm-eval-") as tmp:
-            _copy_model_files(source, Path(tmp))
+            _copy_model_files(source, Path(tmp), should_cancel or (lambda: False))
             yield Path(tmp)
     finally:
         source.close()
 
 
-def _copy_model_files(source: ModelSource, directory: Path) -> None:
+def _copy_model_files(
+    source: ModelSource, directory: Path, should_cancel: Callable[[], bool]
+) -> None:
     for name in source.files():
         if name.endswith(".safetensors") or name.endswith(_SMALL_FILES_SUFFIXES):
             with open(directory / name, "wb") as out:
                 size, offset, chunk = source.size(name), 0, 64 * 2**20
                 while offset < size:
+                    if should_cancel():
+                        raise JobCancelled("the job was cancelled")
                     out.write(source.read_range(name, offset, min(chunk, size - offset)))
                     offset += chunk
 
@@ -121,6 +140,76 @@ def load_causal_lm(
     model.to(device).eval()
     tokenizer = load_tokenizer(directory, where) if with_tokenizer else None
     return LoadedModel(model, tokenizer, context_length(config))
+
+
+def vocabulary_rows(model: torch.nn.Module) -> int:
+    """How many token ids the model can both take and predict."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    output = model.get_output_embeddings()
+    if output is not None and getattr(output, "weight", None) is not None:
+        rows = min(rows, output.weight.shape[0])
+    return rows
+
+
+@dataclass
+class Vocabulary:
+    """A model's input and output embedding weights (references, not copies)."""
+
+    input: torch.Tensor
+    output: torch.Tensor | None
+    output_bias: torch.Tensor | None
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> Vocabulary:
+        output = model.get_output_embeddings()
+        weight = None if output is None else getattr(output, "weight", None)
+        bias = None if output is None else getattr(output, "bias", None)
+        return cls(
+            model.get_input_embeddings().weight.detach(),
+            None if weight is None else weight.detach(),
+            None if bias is None else bias.detach(),
+        )
+
+
+def add_vocabulary(model: torch.nn.Module, donor: Vocabulary, where: str) -> int:
+    """Grow `model`'s (the base's) embeddings and lm_head to the donor's (the fine-tune's) rows,
+    the added rows copied from the donor; returns how many rows were added (0: none missing)."""
+    embeddings = model.get_input_embeddings()
+    rows, target = embeddings.weight.shape[0], donor.input.shape[0]
+    if target <= rows:
+        return 0
+    if tuple(donor.input.shape[1:]) != tuple(embeddings.weight.shape[1:]):
+        raise ArchitectureMismatch(
+            f"{where}: its embeddings have shape {list(embeddings.weight.shape)} but the "
+            f"fine-tune's {list(donor.input.shape)}: different architectures?"
+        )
+    model.resize_token_embeddings(target, mean_resizing=False)
+    with torch.no_grad():
+        grown = model.get_input_embeddings().weight
+        grown[rows:] = donor.input[rows:].to(grown.device, grown.dtype)
+        output = model.get_output_embeddings()
+        weight = None if output is None else getattr(output, "weight", None)
+        if weight is not None and weight is not grown:  # untied: lm_head's own added rows
+            source = donor.output if donor.output is not None else donor.input
+            if source.shape[0] != weight.shape[0]:
+                raise ArchitectureMismatch(
+                    f"{where}: the fine-tune's lm_head has {source.shape[0]} rows and its "
+                    f"embeddings {target}: cannot give the base the same added vocabulary"
+                )
+            weight[rows:] = source[rows:].to(weight.device, weight.dtype)
+        bias = None if output is None else getattr(output, "bias", None)
+        if bias is not None and donor.output_bias is not None:
+            bias[rows:] = donor.output_bias[rows:].to(bias.device, bias.dtype)
+    return target - rows
+
+
+def added_vocabulary_note(rows: int, donor: str) -> str | None:
+    if not rows:
+        return None
+    return (
+        f"the base was measured with the {rows} vocabulary rows it lacks (added tokens) copied "
+        f"from {donor}, as a pruned model has them"
+    )
 
 
 def free(loaded: LoadedModel | None) -> None:

@@ -7,9 +7,15 @@ relative to it, as for a pruned candidate; without one, the model is its own fin
 kept 1, forgetting left 1) and the numbers to read are its skill and its perplexity against the
 base's. `note` says so, and says why a measure is undefined (null) when it is.
 
+The sets are tokenized with the measured model's tokenizer. When it has added vocabulary (more
+embedding rows than the base), the base is measured with the fine-tune's added rows copied into
+its grown embeddings (the `finetuned` reference's, else the model's own: model.py,
+`add_vocabulary`), as in an evaluated prune job; a reference with fewer rows than the sets' ids
+fails with architecture_mismatch.
+
 `evaluate_model` is the one implementation: the CLI calls it directly, the worker through
-`run_evaluation_job` (progress and cancellation between models, the job's report), so the two
-give the same numbers for the same inputs.
+`run_evaluation_job` (progress between models, cancellation between batches, the job's report),
+so the two give the same numbers for the same inputs.
 """
 
 from __future__ import annotations
@@ -23,7 +29,15 @@ from worker.errors import JobCancelled
 from worker.evaluation.data import load_general, load_task
 from worker.evaluation.measures import Reference, forgetting_left, skill_kept
 from worker.evaluation.metrics import Evaluator, encode_general, encode_task
-from worker.evaluation.model import free, load_causal_lm, local_model_dir
+from worker.evaluation.model import (
+    LoadedModel,
+    Vocabulary,
+    add_vocabulary,
+    added_vocabulary_note,
+    free,
+    load_causal_lm,
+    local_model_dir,
+)
 from worker.spec import EvaluationJobSpec, EvaluationSpec
 
 # The stage an evaluation job reports: tensors_done/tensors_total count measured models.
@@ -46,33 +60,49 @@ def evaluate_model(
     """The references and the model's point, as the report's "evaluation" section lays them.
 
     `progress` gets stage "evaluate" events counting the measured models; `should_cancel` is
-    asked before each model (a model's evaluation is not interrupted)."""
+    asked before each model and between its batches."""
     report_progress = progress or (lambda _p: None)
     cancelled = should_cancel or (lambda: False)
-    models = [(n, u) for n, u in (("model", model), ("base", base), ("finetuned", finetuned)) if u]
+    # The base last: it takes its added vocabulary rows, if any, from the fine-tune.
+    models = [(n, u) for n, u in (("model", model), ("finetuned", finetuned), ("base", base)) if u]
+    donor_name = "finetuned" if finetuned else "model"
     report_progress(Progress(EVALUATE_STAGE, 0, len(models)))
     dev = resolve_device(device)
     task = load_task(settings.task, settings.max_examples)
     general = load_general(settings.general, settings.max_examples)
     measured: dict[str, tuple[float, float, float, float]] = {}
     evaluator: Evaluator | None = None
+    donor: Vocabulary | None = None
+    vocabulary_note: str | None = None
     for done, (name, uri) in enumerate(models, start=1):
         if cancelled():
             raise JobCancelled("the job was cancelled")
-        with local_model_dir(uri) as directory:
-            loaded = load_causal_lm(directory, dev, uri, with_tokenizer=evaluator is None)
-        if evaluator is None:  # the measured model's tokenizer encodes the sets for all
-            evaluator = Evaluator(
-                encode_task(loaded.tokenizer, task, loaded.context, settings.task),
-                encode_general(loaded.tokenizer, general, loaded.context, settings.general),
-                settings.batch_size,
-                0,
-                dev,
-            )
-        started = time.perf_counter()
-        skill, ppl = evaluator.skill(loaded.model), evaluator.general(loaded.model)
+        loaded: LoadedModel | None = None
+        try:
+            with local_model_dir(uri, cancelled) as directory:
+                loaded = load_causal_lm(directory, dev, uri, with_tokenizer=evaluator is None)
+            if evaluator is None:  # the measured model's tokenizer encodes the sets for all
+                evaluator = Evaluator(
+                    encode_task(loaded.tokenizer, task, loaded.context, settings.task),
+                    encode_general(loaded.tokenizer, general, loaded.context, settings.general),
+                    settings.batch_size,
+                    0,
+                    dev,
+                    should_cancel=cancelled,
+                    tokenizer_of=uri,
+                )
+            if name == "base" and donor is not None:
+                added = add_vocabulary(loaded.model, donor, uri)
+                vocabulary_note = added_vocabulary_note(added, finetuned or model)
+            donor = None  # the base has what it needs: the donor's weights can go
+            if name == donor_name:  # references to its embeddings, kept for the base
+                donor = Vocabulary.of(loaded.model)
+            started = time.perf_counter()
+            skill = evaluator.skill(loaded.model, uri)
+            ppl = evaluator.general(loaded.model, uri)
+        finally:
+            free(loaded)
         measured[name] = (skill.accuracy, skill.loss, ppl.perplexity, time.perf_counter() - started)
-        free(loaded)
         report_progress(Progress(EVALUATE_STAGE, done, len(models)))
     assert evaluator is not None
     ft = measured.get("finetuned", measured["model"])
@@ -94,6 +124,7 @@ def evaluate_model(
         references["finetuned"] = {**point("finetuned", measured["finetuned"]), "sparsity": 0.0}
     notes = [
         None if finetuned else NO_REFERENCE_NOTE,
+        vocabulary_note,
         ref.skill_note,
         ref.forgetting_note,
     ]

@@ -22,7 +22,7 @@ from worker.io.safetensors_format import (
     parse_header,
     read_header_length,
 )
-from worker.io.source import ModelSource
+from worker.io.source import ModelSource, unmap_pages
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -163,6 +163,10 @@ class SafetensorsCheckpoint:
         if view is not None:
             with self._lock:
                 self._digests[location.file].feed(entry.begin, view)
+            # Hashing mapped every page into this process; hand them back (they stay in the page
+            # cache) so tensors waiting in the read-ahead hold no memory of their own. The
+            # kernel maps them again, cheaply, when it reads them.
+            unmap_pages(view)
         return view
 
     def shard_digests(self) -> dict[str, str]:

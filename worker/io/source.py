@@ -89,6 +89,14 @@ class ListedSource(ModelSource):
             )
 
 
+def unmap_pages(view: memoryview) -> None:
+    """Drop a `map_range` view's pages from this process (not from the page cache): reading
+    them again maps them back from the cache, for a private mapping never written."""
+    mapped = view.obj
+    if isinstance(mapped, mmap.mmap):
+        mapped.madvise(mmap.MADV_DONTNEED)
+
+
 def byte_view(buffer: memoryview) -> memoryview:
     return buffer.cast("B") if buffer.format != "B" else buffer
 

@@ -53,3 +53,9 @@ def read_tensor(checkpoint: SafetensorsCheckpoint, name: str) -> torch.Tensor:
         if entry.nbytes:
             checkpoint.read_into(name, memoryview(raw.numpy()))
     return raw.view(dtype).reshape(entry.shape)
+
+
+def tensor_over(buffer: memoryview, dtype_tag: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor whose storage is `buffer` (e.g. its place in a mapped output file)."""
+    raw = torch.from_numpy(np.frombuffer(buffer, dtype=np.uint8))
+    return raw.view(TORCH_DTYPES[dtype_tag]).reshape(shape)

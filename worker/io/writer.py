@@ -13,10 +13,14 @@ import ctypes.util
 import hashlib
 import json
 import math
+import mmap
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from worker.io.safetensors_format import DTYPE_SIZES, build_header
 
@@ -40,15 +44,17 @@ def _linux_file_calls() -> tuple[Callable | None, Callable | None]:
 _FALLOCATE, _SYNC_FILE_RANGE = _linux_file_calls()
 
 
-def preallocate(fd: int, size: int) -> None:
-    """Reserve a file's blocks up front (a hint: skipped where the filesystem cannot).
+def preallocate(fd: int, size: int) -> bool:
+    """Reserve a file's blocks up front; False where the filesystem cannot (plain writes then
+    allocate as they go, and fail with ENOSPC as usual).
 
     On ext4 this makes the writes that follow about 3x cheaper than letting every page allocate
     its block as it is written (bench/RESULTS.md). Not os.posix_fallocate: glibc emulates that
     by writing zeros where the filesystem lacks fallocate, which would double the writes.
     """
-    if _FALLOCATE is not None and size > 0:
-        _FALLOCATE(fd, 0, 0, size)  # an error (EOPNOTSUPP, ENOSPC) leaves plain writes to fail
+    if _FALLOCATE is None or size <= 0:
+        return False
+    return _FALLOCATE(fd, 0, 0, size) == 0  # EOPNOTSUPP, ENOSPC: plain writes will say so
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
@@ -120,8 +126,60 @@ def index_json(shards: list[ShardLayout]) -> dict[str, object] | None:
     }
 
 
+class _ShardFile:
+    """One open output shard: its descriptor, the running sha256 and whether it can be mapped.
+
+    The file is created at its final size (header written, data blocks reserved) so any planned
+    tensor can be placed at its offset; the hash is still fed in plan order, by the writer.
+    """
+
+    def __init__(self, path: Path, header: bytes, data_bytes: int) -> None:
+        self.path = path
+        self.header_len = len(header)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            # Mapping is only safe over reserved blocks: a store into a mapped hole that finds
+            # the disk full kills the process (SIGBUS) instead of raising ENOSPC.
+            self.mappable = preallocate(self.fd, len(header) + data_bytes)
+            pwrite_all(self.fd, memoryview(header), 0)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.hasher = hashlib.sha256(header)
+
+    def map(self, begin: int, nbytes: int) -> memoryview:
+        """A shared, writable view of data bytes [begin, begin + nbytes): stores land in the file."""
+        offset = self.header_len + begin
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        mapped = mmap.mmap(self.fd, offset + nbytes - start, offset=start)  # MAP_SHARED
+        return memoryview(mapped)[offset - start :]
+
+    def close(self) -> int:
+        os.fsync(self.fd)
+        size = os.fstat(self.fd).st_size
+        os.close(self.fd)
+        self.fd = -1
+        return size
+
+
+def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):  # a write may be short
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def _address(data: object) -> int:
+    return np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8).ctypes.data
+
+
 class ShardedWriter:
     """Writes planned shards into `directory`, tensor by tensor, in plan order.
+
+    Two ways to hand over a tensor: `write(name, bytes)` copies them into the file; or
+    `destination(name)` first gives a writable view of the tensor's place in the file (where the
+    filesystem can reserve the shard's blocks up front), the caller computes straight into it,
+    and `write(name, that_view)` then only hashes it and starts its writeback. `destination` may
+    be called from another thread than `write` (the compute thread, ahead of the writer thread).
 
     `on_shard_complete(WrittenShard)` is called as each file is closed (fsynced), e.g. to start its
     upload. Raises ValueError if tensors arrive out of plan order or with the wrong byte count.
@@ -140,44 +198,44 @@ class ShardedWriter:
         self.on_shard_complete = on_shard_complete
         self.written: list[WrittenShard] = []
         self._order = [(i, t) for i, s in enumerate(shards) for t in s.tensors]
+        # name -> (shard index, offset in the shard's data, byte count)
+        self._places: dict[str, tuple[int, int, int]] = {}
+        for index, shard in enumerate(shards):
+            begin = 0
+            for tensor in shard.tensors:
+                self._places[tensor.name] = (index, begin, tensor.nbytes)
+                begin += tensor.nbytes
         self._next = 0
-        self._file = None
-        self._hasher = hashlib.sha256()
-        self._shard_index = -1
+        self._open: dict[int, _ShardFile] = {}
+        self._destinations: dict[str, memoryview] = {}
+        self._lock = threading.Lock()
 
-    def _open_shard(self, index: int) -> None:
-        shard = self.shards[index]
-        header, _ = build_header([(t.name, t.dtype, t.shape) for t in shard.tensors], self.metadata)
-        self._file = open(self.directory / shard.file, "wb", buffering=0)
-        preallocate(self._file.fileno(), len(header) + shard.nbytes)
-        self._hasher = hashlib.sha256()
-        self._shard_index = index
-        self._emit(header)
+    def _shard(self, index: int) -> _ShardFile:
+        with self._lock:
+            shard = self._open.get(index)
+            if shard is None:
+                layout = self.shards[index]
+                header, _ = build_header(
+                    [(t.name, t.dtype, t.shape) for t in layout.tensors], self.metadata
+                )
+                shard = _ShardFile(self.directory / layout.file, header, layout.nbytes)
+                self._open[index] = shard
+            return shard
 
-    def _emit(self, data: bytes | memoryview) -> None:
-        assert self._file is not None
-        offset = self._file.tell()
-        view = memoryview(data)
-        done = 0
-        while done < len(view):  # an unbuffered write may be short
-            done += self._file.write(view[done:])
-        start_writeback(self._file.fileno(), offset, len(view))
-        self._hasher.update(data)
+    def destination(self, name: str) -> memoryview | None:
+        """A writable view of the planned tensor's bytes in its shard file, or None where the
+        file cannot be mapped safely (the caller then passes its own buffer to `write`)."""
+        index, begin, nbytes = self._places[name]
+        shard = self._shard(index)
+        if not shard.mappable or nbytes == 0:
+            return None
+        view = shard.map(begin, nbytes)
+        with self._lock:
+            self._destinations[name] = view
+        return view
 
-    def _close_shard(self) -> None:
-        assert self._file is not None
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        size = self._file.tell()
-        self._file.close()
-        self._file = None
-        shard = WrittenShard(self.shards[self._shard_index].file, size, self._hasher.hexdigest())
-        self.written.append(shard)
-        if self.on_shard_complete is not None:
-            self.on_shard_complete(shard)
-
-    def write(self, name: str, data: bytes | memoryview) -> None:
-        """Append the next tensor's raw little-endian bytes."""
+    def write(self, name: str, data: bytes | memoryview | object) -> None:
+        """Hand over the next tensor's raw little-endian bytes (or its filled destination)."""
         if self._next >= len(self._order):
             raise ValueError(f"tensor {name!r} was not planned (all planned tensors written)")
         shard_index, planned = self._order[self._next]
@@ -188,14 +246,27 @@ class ShardedWriter:
             raise ValueError(
                 f"tensor {name!r}: {len(view)} bytes written, {planned.nbytes} planned"
             )
-        if shard_index != self._shard_index:
-            if self._file is not None:
-                self._close_shard()
-            self._open_shard(shard_index)
-        self._emit(view)
+        shard = self._shard(shard_index)
+        offset = shard.header_len + self._places[name][1]
+        with self._lock:
+            destination = self._destinations.pop(name, None)
+        if destination is None or not view or _address(view) != _address(destination):
+            pwrite_all(shard.fd, view, offset)
+        del destination
+        shard.hasher.update(view)
+        start_writeback(shard.fd, offset, len(view))
         self._next += 1
         if self._next == len(self._order) or self._order[self._next][0] != shard_index:
-            self._close_shard()
+            self._close_shard(shard_index)
+
+    def _close_shard(self, index: int) -> None:
+        with self._lock:
+            shard = self._open.pop(index)
+        size = shard.close()
+        written = WrittenShard(self.shards[index].file, size, shard.hasher.hexdigest())
+        self.written.append(written)
+        if self.on_shard_complete is not None:
+            self.on_shard_complete(written)
 
     def finish(self) -> list[WrittenShard]:
         """Check everything planned was written, write the index, and return the shards."""
@@ -203,17 +274,19 @@ class ShardedWriter:
             missing = self._order[self._next][1].name
             raise ValueError(f"output incomplete: tensor {missing!r} was never written")
         if not self._order:  # a model with no tensors still gets its (empty) file
-            self._open_shard(0)
-            self._close_shard()
+            self._shard(0)
+            self._close_shard(0)
         index = index_json(self.shards)
         if index is not None:
             (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         return self.written
 
     def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        with self._lock:
+            shards, self._open = list(self._open.values()), {}
+            self._destinations.clear()
+        for shard in shards:
+            os.close(shard.fd)
 
 
 class WriterThread:
@@ -250,6 +323,11 @@ class WriterThread:
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise self._error
+
+    def destination(self, name: str) -> memoryview | None:
+        """`ShardedWriter.destination`, called on the caller's thread (fill it, then `write` it)."""
+        self._raise_if_failed()
+        return self.writer.destination(name)
 
     def write(self, name: str, data: object) -> None:
         self._raise_if_failed()
