@@ -8,6 +8,8 @@ bench/out/pair-<N>gb) and times, each as its own subprocess:
 
   (a)  copy-through: bench/copy_through.py reads every tensor of both checkpoints with safetensors
        and writes the fine-tuned tensors as a new checkpoint of 1 GB shards, fsyncing each shard
+  (a') the same copy-through with fapm's write path (--engine-io: shards preallocated, each
+       tensor's writeback started at once): how much of (b)'s standing against (a) is I/O
   (b)  `fapm prune --sparsity 0.9 --shard-size 1GB` (FAPM, --kernel auto: the fused numba kernel
        when worker/engine/kernels/cpu_fused.py is there); when that kernel is there, also
   (b') the same with --kernel torch (the reference torch path), at the first size only unless
@@ -239,6 +241,12 @@ def legs_for(size: str, pair: Path, with_torch: bool, with_mergekit: bool, work:
         Leg(size, "a", "copy-through (safetensors read both, write fine-tuned, fsync)", copy),
         Leg(
             size,
+            "a'",
+            "copy-through with fapm's write path (preallocate, early writeback)",
+            [*copy, "--engine-io"],
+        ),
+        Leg(
+            size,
             "b",
             "fapm prune, FAPM 0.9, --kernel auto",
             fapm_command(base, ft, work / "fapm", "auto"),
@@ -377,6 +385,9 @@ def markdown(results: list[Leg], sizes: dict[str, dict]) -> str:
             lines.append(
                 f"| {gb} | (b) peak RSS < 1.5 GB | {m:.2f} GB | {'yes' if m < 1.5 else 'no'} |"
             )
+        if "a'" in got and "b" in got:
+            r = got["b"].wall_s / got["a'"].wall_s
+            lines.append(f"| {gb} | (b)/(a'), for reference: against the same I/O | {r:.2f} | - |")
         if "b'" in got and "a" in got:
             r = got["b'"].wall_s / got["a"].wall_s
             lines.append(f"| {gb} | (b') torch path, for reference: (b')/(a) | {r:.2f} | - |")
@@ -390,6 +401,8 @@ def warm_up() -> None:
     work = OUT / "work-warmup"
     work.mkdir(parents=True, exist_ok=True)
     for leg in legs_for("warmup", pair, False, False, work):
+        if leg.leg == "a'":  # needs worker/ from 16ed349 on; a --commit before that fails it alone
+            continue
         code = subprocess.run(leg.command, cwd=REPO, env=CHILD_ENV, capture_output=True).returncode
         if code != 0:
             raise SystemExit(f"warm-up of ({leg.leg}) failed: {' '.join(leg.command)}")
@@ -457,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         print(f"{size} GB/model ({sizes[size]['bytes_per_model'] / 1e9:.2f} GB):", file=sys.stderr)
         for leg in legs_for(size, pair, with_torch, with_mergekit, work):
-            repeats = args.repeat if leg.leg in ("a", "b") else 1
+            repeats = args.repeat if leg.leg in ("a", "a'", "b") else 1
             results.append(run_leg(leg, pair, log_dir, args.quiet_wait, repeats))
     table = markdown(results, sizes)
     print(table)

@@ -11,6 +11,11 @@ To be a fair floor for fapm it writes the way fapm's writer does: the output's s
 planned from the headers, each tensor is written straight to its place in its shard as it is read
 (memory holds one pair of tensors), and each shard is fsynced when it is complete (--no-fsync
 leaves the data in the page cache, to show what the disk costs).
+
+--engine-io writes the way fapm's writer does since it learnt two tricks of its own: each shard's
+blocks are reserved up front (fallocate) and the writeback of each tensor is started as soon as it
+is written (sync_file_range), so the final fsync has little left. Leg (a') of bench_prune.py runs
+it, to show how much of fapm's edge over the plain copy-through is the I/O rather than the compute.
 """
 
 from __future__ import annotations
@@ -72,7 +77,9 @@ def header_bytes(tensors: list[tuple[str, str, list[int]]]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def copy_through(base: Path, finetuned: Path, out: Path, shard_size: int, fsync: bool) -> dict:
+def copy_through(
+    base: Path, finetuned: Path, out: Path, shard_size: int, fsync: bool, engine_io: bool = False
+) -> dict:
     started = time.perf_counter()
     # The fine-tuned model's tensors in storage order (file, then offset): the order that reads fastest.
     order: list[tuple[str, str, str, list[int], int]] = []
@@ -106,15 +113,24 @@ def copy_through(base: Path, finetuned: Path, out: Path, shard_size: int, fsync:
         with safe_open(str(path), framework="pt") as handle:
             return handle.get_tensor(name)
 
+    if engine_io:
+        from worker.io.writer import preallocate, start_writeback
     read_bytes = 0
     for shard_name, shard in zip(names, shards, strict=True):
         with open(out / shard_name, "wb") as sink:
-            sink.write(header_bytes([(name, dtype, shape) for _, name, dtype, shape, _ in shard]))
+            header = header_bytes([(name, dtype, shape) for _, name, dtype, shape, _ in shard])
+            if engine_io:
+                preallocate(sink.fileno(), len(header) + sum(item[4] for item in shard))
+            sink.write(header)
             for file, name, _dtype, _shape, size in shard:
                 w = read(base / base_file[name], name)
                 f = read(finetuned / file, name)
                 read_bytes += w.numel() * w.element_size() + size
+                offset = sink.tell()
                 sink.write(f.contiguous().view(-1).view(torch.uint8).numpy().data)
+                if engine_io:
+                    sink.flush()
+                    start_writeback(sink.fileno(), offset, size)
                 del w, f
             sink.flush()
             if fsync:
@@ -148,9 +164,19 @@ def main(argv: list[str] | None = None) -> int:
         "--shard-size", type=float, default=1e9, help="bytes of tensor data per shard"
     )
     parser.add_argument("--no-fsync", action="store_true", help="do not fsync the shards")
+    parser.add_argument(
+        "--engine-io",
+        action="store_true",
+        help="preallocate each shard and start each tensor's writeback at once, as fapm does",
+    )
     args = parser.parse_args(argv)
     result = copy_through(
-        args.base, args.finetuned, args.out, int(args.shard_size), not args.no_fsync
+        args.base,
+        args.finetuned,
+        args.out,
+        int(args.shard_size),
+        not args.no_fsync,
+        args.engine_io,
     )
     print(
         f"copied {result['written_bytes'] / 1e9:.2f} GB into {result['shards']} shards "
