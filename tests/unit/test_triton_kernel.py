@@ -6,6 +6,12 @@ module is imported (`triton.jit` picks compiled or interpreted then), so this mo
 with the number of tiles): tensors here are small, and `block` is small enough that most of them
 still span several tiles.
 
+The default selection is the sampled bracket (sample, one scan collecting the candidates inside
+the bracket, exact select among them); the radix select is its fallback. Every branch of both is
+checked against the torch path: the sampled path on its own (with `info` saying which path ran),
+brackets forced onto the k-th key, beside it, around it and past it (monkeypatched `_bracket` /
+`_rebracket`), the candidate buffer overflowing (`_cap`), and `select="radix"`.
+
 Triton also reads the variable while interpreted kernels run, so a fixture sets it again for
 each test of this file.
 
@@ -85,10 +91,27 @@ def torch_path(method: str, w: torch.Tensor, f: torch.Tensor, k: int, alpha: flo
     return keep.reshape(-1), out.reshape(-1), delta_stats(w32, f32, d32, keep)
 
 
-def assert_same(method, w, f, k, alpha=1.0, block=256, programs=3):
-    """The kernel's output bits and statistics equal the torch path's; returns its keep mask."""
+def ref_keys(method: str, w: torch.Tensor, f: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """The torch path's int32 order keys, flat."""
+    w32 = w.float().reshape(1, -1)
+    scorer = Fapm() if method == "fapm" else Magnitude()
+    scores = scorer.scores(w32, f.float().reshape(1, -1) - w32, MethodParams(0.5, alpha=alpha))
+    return order_keys(scores).reshape(-1)
+
+
+def kth_key(method, w, f, k, alpha=1.0) -> int:
+    return int(torch.sort(ref_keys(method, w, f, alpha), descending=True).values[k - 1])
+
+
+def assert_same(
+    method, w, f, k, alpha=1.0, block=256, programs=3, info=None, select="sampled", cap=None
+):
+    """The kernel's output bits and statistics equal the torch path's; returns its keep mask.
+    `info` (a dict) receives what the kernel did; `select` and `cap` are passed on."""
     out = torch.empty_like(f)
-    stats = triton_select.triton_prune(method, w, f, k, alpha, out, block=block, programs=programs)
+    stats = triton_select.triton_prune(
+        method, w, f, k, alpha, out, block, programs, select=select, info=info, _cap=cap
+    )
     keep, want, ref_stats = torch_path(method, w, f, k, alpha)
     bits = BITS[f.dtype]
     got = out.reshape(-1).view(bits)
@@ -104,6 +127,37 @@ def assert_same(method, w, f, k, alpha=1.0, block=256, programs=3):
     assert stats.kept == k == int(keep.sum())
     assert_stats(stats, ref_stats)
     return keep
+
+
+def levels_pair(n: int, dtype: torch.dtype, seed: int = 11):
+    """W and F from a few levels: zeros in W (huge FAPM ratio) and in D (score 0), -0.0 against
+    +0.0, and long tie groups everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    levels_w = torch.tensor([-0.02, -0.0, 0.0, 0.01, 0.02, 0.04])
+    levels_d = torch.tensor([0.0, 0.0, 0.0, 0.005, -0.005, 0.01])
+    w = levels_w[torch.randint(0, 6, (n,), generator=g)]
+    f = w + levels_d[torch.randint(0, 6, (n,), generator=g)]
+    w, f = w.to(dtype), f.to(dtype)
+    f[(w == 0) & (f == 0)] = -0.0
+    return w, f
+
+
+def nan_pair(n: int, dtype: torch.dtype, seed: int = 5):
+    """A random pair with NaN and +-inf scattered in F (one in W would make mean|W| and so
+    every fapm score non-finite: test_nan_inf has that): NaN and finite scores mixed."""
+    w, f = pair(n, dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype)
+    idx = torch.randint(0, n, (n // 10,), generator=g)
+    f[idx] = specials[torch.randint(0, 3, idx.shape, generator=g)]
+    return w, f
+
+
+def equal_pair(n: int, dtype: torch.dtype):
+    """Every |D| (and so every score) equal: one tie group of n."""
+    w = torch.full((n,), 0.5, dtype=dtype)
+    f = torch.where(torch.arange(n) % 2 == 0, 0.75, 0.25).to(dtype)
+    return w, f
 
 
 @interpreted
@@ -124,13 +178,7 @@ def test_ties_and_zeros(method, dtype):
     """Values from a tiny set: long tie groups at the threshold split across tiles, zeros in W
     (huge FAPM ratio) and in D (score 0), -0.0 against +0.0."""
     n = 1001
-    g = torch.Generator().manual_seed(11)
-    levels_w = torch.tensor([-0.02, -0.0, 0.0, 0.01, 0.02, 0.04])
-    levels_d = torch.tensor([0.0, 0.0, 0.0, 0.005, -0.005, 0.01])
-    w = levels_w[torch.randint(0, 6, (n,), generator=g)]
-    f = w + levels_d[torch.randint(0, 6, (n,), generator=g)]
-    w, f = w.to(dtype), f.to(dtype)
-    f[(w == 0) & (f == 0)] = -0.0
+    w, f = levels_pair(n, dtype)
     assert int((w == 0).sum()) > n // 4 and int((f == w).sum()) > n // 3
     for k in sorted({*ks_for(n), n // 3, n // 4, n // 7, 2 * n // 3}):
         assert_same(method, w, f, k, block=512)
@@ -142,11 +190,17 @@ def test_one_tie_group_keeps_the_lowest_flat_indices(dtype):
     """Every score equal: exactly the first k entries in flat order are kept, whatever the tile
     boundaries (an independent check of the tie rank across tiles)."""
     n = 300
-    w = torch.full((n,), 0.5, dtype=dtype)
-    f = torch.where(torch.arange(n) % 2 == 0, 0.75, 0.25).to(dtype)  # |D| = 0.25 everywhere
+    w, f = equal_pair(n, dtype)  # |D| = 0.25 everywhere
+    t = int(ref_keys("magnitude", w, f)[0])
     for k in (1, 64, 65, 299):
-        keep = assert_same("magnitude", w, f, k, block=64)
+        info = {}
+        keep = assert_same("magnitude", w, f, k, block=64, info=info)
         assert torch.equal(keep, torch.arange(n) < k)
+        # The sample sees one key: it is a bound of the bracket (the other is the int32
+        # extreme where k is near the end), the split comes from the scan's per-tile counts
+        # (no candidates, no extra pass).
+        assert info["path"] == "sampled" and t in info["brackets"][0]
+        assert info["passes"] == ["sample", "scan", "write"]
     keep = assert_same("fapm", w, f, 150, block=64)
     assert torch.equal(keep, torch.arange(n) < 150)
 
@@ -219,13 +273,226 @@ def test_tile_size_and_grid_do_not_change_the_result():
     w, f = pair(700, torch.bfloat16, seed=21, noise=5e-4)
     k = keep_count(w.numel(), 0.2)
     outs = []
-    for block, programs in ((64, 1), (128, 3), (1024, 2)):
-        out = torch.empty_like(f)
-        stats = triton_select.triton_prune("fapm", w, f, k, 1.0, out, block, programs)
-        outs.append((out.view(torch.int16), stats))
-    for out, stats in outs[1:]:
+    for block, programs, select in ((64, 1, "sampled"), (128, 3, "radix"), (1024, 2, "sampled")):
+        out, info = torch.empty_like(f), {}
+        stats = triton_select.triton_prune(
+            "fapm", w, f, k, 1.0, out, block, programs, select=select, info=info
+        )
+        outs.append((out.view(torch.int16), stats, info))
+    for out, stats, _ in outs[1:]:
         assert torch.equal(out, outs[0][0])
         assert stats == outs[0][1]
+    # The sample does not depend on the tiles either: the same bracket.
+    assert outs[0][2]["brackets"] == outs[2][2]["brackets"] and outs[1][2]["path"] == "radix"
+
+
+# ------------------------------------------------------------------------------------------------
+# the sampled bracket: every branch, and the radix fallback
+# ------------------------------------------------------------------------------------------------
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+def neighbours(keys: torch.Tensor, t: int) -> tuple[int, int]:
+    """The largest key below t and the smallest above it (the int32 extremes when none)."""
+    below, above = keys[keys < t], keys[keys > t]
+    return (
+        int(below.max()) if below.numel() else INT32_MIN,
+        int(above.min()) if above.numel() else INT32_MAX,
+    )
+
+
+def force_bracket(monkeypatch, lo: int, hi: int) -> None:
+    """The kernel's first bracket becomes [lo, hi] (the sample is still taken)."""
+    monkeypatch.setattr(triton_select, "_bracket", lambda keys, n, k: (lo, hi, float(n)))
+
+
+SELECT_CASES = {  # small: the interpreter's cost grows with the tiles (block 256 below: 3)
+    "random": lambda dtype: pair(601, dtype, seed=4),
+    "levels": lambda dtype: levels_pair(601, dtype),
+    "nan": lambda dtype: nan_pair(601, dtype),
+    "equal": lambda dtype: equal_pair(300, dtype),
+}
+
+
+def select_cases(offset: int = 0):
+    """(name, dtype, w, f) for each case, the dtypes rotating with `offset` so that every
+    case meets every dtype across a test's parameters."""
+    for i, (name, make) in enumerate(SELECT_CASES.items()):
+        dtype = DTYPES[(i + offset) % len(DTYPES)]
+        yield name, dtype, *make(dtype)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", METHODS)
+def test_sampled_path_scans_once(method, dtype):
+    """n = 1001 (not a multiple of the tile), every k: for 0 < k < n the sampled bracket holds
+    the k-th key and decides (no histogram or tie pass: one scan before the write), and across
+    the k it is found among the candidates as well as at a bound of the bracket."""
+    n = 1001
+    w, f = pair(n, dtype, seed=4)
+    inside = 0
+    for k in sorted({*ks_for(n), 2, n // 3, n // 5, n - 2}):
+        info = {}
+        assert_same(method, w, f, k, info=info)
+        if k in (0, n):
+            assert info["path"] == ("none" if k == 0 else "all")
+            assert info["passes"] == ["write"]
+            continue
+        assert info["path"] == "sampled", (k, info)
+        want = ["abs sum"] * (method == "fapm") + ["sample", "scan"]
+        assert info["passes"][: len(want)] == want and info["passes"][-1] == "write"
+        inside += "sort candidates" in info["passes"]
+        assert info["bytes"] > 0 and info["fallback"] is None
+    assert inside > 0
+
+
+WHERE = ("single", "t_at_hi", "t_at_lo", "t_inside", "everything", "t_at_hi_only_ties")
+
+
+@interpreted
+@pytest.mark.parametrize("where", WHERE)
+def test_brackets_on_and_around_the_kth_key(monkeypatch, where):
+    """Brackets forced onto the k-th key t and beside it, on tensors full of ties, zeros, NaN
+    and inf: t at hi (tie rank from the scan's counts of key == hi), at lo (key == lo), or
+    inside (the candidates' sort gives t and the index of the last kept tie), split tie groups
+    in every position. Always the torch path's bytes, never a fallback."""
+    for name, _dtype, w, f in select_cases(WHERE.index(where)):
+        n = w.numel()
+        for method in METHODS:
+            keys = ref_keys(method, w, f)
+            for k in (1, n // 10, n // 3, n - 1):
+                t = kth_key(method, w, f, k)
+                below, above = neighbours(keys, t)
+                lo, hi = {
+                    "single": (t, t),
+                    "t_at_hi": (below, t),
+                    "t_at_lo": (t, above),
+                    "t_inside": (below, above),
+                    "everything": (INT32_MIN, INT32_MAX),
+                    "t_at_hi_only_ties": (max(t - 1, INT32_MIN), t),
+                }[where]
+                force_bracket(monkeypatch, lo, hi)
+                info = {}
+                assert_same(method, w, f, k, info=info)
+                assert info["path"] == "sampled" and info["brackets"] == [(lo, hi)], (name, k)
+                if lo < t < hi:
+                    assert "sort candidates" in info["passes"], (name, k)
+
+
+@interpreted
+@pytest.mark.parametrize("side", ["t_above", "t_below"])
+def test_a_missed_bracket_is_widened_from_the_sample(monkeypatch, side):
+    """A first bracket wholly below t (more than k keys above it) or wholly above t: the scan
+    says so, the second bracket comes from the same sample, _WIDEN times as wide, starting at
+    the old bound, and decides; one scan more, no radix pass."""
+    for offset in (0, 1):
+        for name, dtype, w, f in select_cases(offset + 2 * (side == "t_below")):
+            if name == "equal":
+                continue  # one key: no bracket can miss it
+            n = w.numel()
+            for method in METHODS:
+                keys = ref_keys(method, w, f)
+                for k in (1, n // 2, n - 1):
+                    t = kth_key(method, w, f, k)
+                    below, above = neighbours(keys, t)
+                    if (side == "t_above" and below == INT32_MIN) or (
+                        side == "t_below" and above == INT32_MAX
+                    ):
+                        continue  # no key on that side of t to put a bracket on
+                    lo, hi = (INT32_MIN, below) if side == "t_above" else (above, INT32_MAX)
+                    force_bracket(monkeypatch, lo, hi)
+                    info = {}
+                    assert_same(method, w, f, k, info=info)
+                    assert info["brackets"][0] == (lo, hi) and len(info["brackets"]) == 2
+                    assert info["passes"].count("scan") == 2
+                    if name == "random":  # the sample is representative: the second one holds
+                        assert info["path"] == "rebracketed", (name, dtype, k, info)
+                    else:  # tie groups can fool the sample: then the radix select decides
+                        assert info["path"] in ("rebracketed", "radix"), (name, dtype, k, info)
+
+
+@interpreted
+@pytest.mark.parametrize("method", METHODS)
+def test_bracket_missed_twice_falls_back_to_radix(monkeypatch, method):
+    for name, _dtype, w, f in select_cases(METHODS.index(method)):
+        if name == "equal":
+            continue
+        keys = ref_keys(method, w, f)
+        for k in (1, w.numel() // 2):
+            t = kth_key(method, w, f, k)
+            below, above = neighbours(keys, t)
+            wrong = (above, INT32_MAX) if above != INT32_MAX else (INT32_MIN, below)
+            force_bracket(monkeypatch, *wrong)
+            monkeypatch.setattr(triton_select, "_rebracket", lambda *a, wrong=wrong, **kw: wrong)
+            info = {}
+            assert_same(method, w, f, k, info=info)
+            assert info["path"] == "radix" and info["fallback"] == "bracket missed twice"
+            assert info["passes"].count("scan") == 2 and "histogram 1" in info["passes"]
+
+
+@interpreted
+@pytest.mark.parametrize("method", METHODS)
+def test_candidate_overflow_falls_back_to_radix(monkeypatch, method):
+    """More candidates inside the bracket than the buffer holds, with t among them: the radix
+    select decides (exactly); with t at a bound the overflow does not matter."""
+    for offset in (0, 1):
+        for name, dtype, w, f in select_cases(offset + 2 * METHODS.index(method)):
+            n = w.numel()
+            for k in (n // 10, n - 1):
+                t = kth_key(method, w, f, k)
+                for lo, hi in ((INT32_MIN, INT32_MAX), (t, INT32_MAX)):
+                    force_bracket(monkeypatch, lo, hi)
+                    info = {}
+                    assert_same(method, w, f, k, info=info, cap=2)
+                    if lo < t < hi:
+                        assert info["candidates"] > 2, (name, dtype, k, info)
+                        assert info["path"] == "radix", (name, dtype, k, info)
+                        assert info["fallback"] == "candidates overflowed"
+                    else:
+                        assert info["path"] == "sampled", (name, dtype, k, info)
+
+
+@interpreted
+def test_default_bracket_with_a_tiny_buffer_is_still_exact():
+    """The sample's own bracket with room for 3 candidates: whichever path that takes."""
+    paths = set()
+    for name, _dtype, w, f in select_cases():
+        n = w.numel()
+        for method in METHODS:
+            for k in (1, n // 10, n // 2, n - 1):
+                info = {}
+                assert_same(method, w, f, k, info=info, cap=3)
+                paths.add((name, info["path"]))
+    assert ("random", "radix") in paths, paths
+
+
+@interpreted
+@pytest.mark.parametrize("method", METHODS)
+def test_radix_select_alone(method):
+    """`select="radix"` (the fallback on its own) on the same tensors."""
+    for offset in (0, 1, 2):
+        for name, _dtype, w, f in select_cases(offset):
+            n = w.numel()
+            for k in (1, n // 10, n // 2) if offset else (0, n // 3, n):
+                info = {}
+                assert_same(method, w, f, k, info=info, select="radix")
+                assert info["path"] == ("none" if k == 0 else "all" if k == n else "radix")
+                assert "scan" not in info["passes"] and "sample" not in info["passes"], name
+
+
+@interpreted
+def test_sample_plan_stays_inside_the_tensor():
+    """Every run of the sample lies inside its window, and the sample is the whole tensor when
+    it is tiny."""
+    for n in (1, 7, 64, 65, 1000, 4096, 10**6, 10**9):
+        runs, stride, span, m = triton_select._sample_plan(n)
+        assert m == (n if n <= triton_select.FULL_SAMPLE else runs * triton_select.RUN)
+        assert span >= 1 and (runs - 1) * stride + span - 1 + triton_select.RUN <= max(
+            n, runs * triton_select.RUN
+        )
+        assert m <= max(n // 4, n if n <= triton_select.FULL_SAMPLE else 0)
 
 
 @interpreted
@@ -237,6 +504,8 @@ def test_bad_arguments_are_errors():
         triton_select.triton_prune("fapm", w, f.float(), 5, 1.0, torch.empty_like(f))
     with pytest.raises(ValueError, match="power of two"):
         triton_select.triton_prune("fapm", w, f, 5, 1.0, torch.empty_like(f), block=100)
+    with pytest.raises(ValueError, match="unknown select"):
+        triton_select.triton_prune("fapm", w, f, 5, 1.0, torch.empty_like(f), select="sort")
 
 
 @interpreted
