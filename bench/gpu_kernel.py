@@ -6,16 +6,23 @@ For the Llama-8B shapes 4096x4096 (q/o), 14336x4096 (gate/up/down) and 128256x40
 lm_head) in bf16, on one CUDA device, with W and F already on it:
 
   - torch: the engine's torch path on the GPU (scores, order keys, kthvalue, tie cumsum, where),
-  - triton: `triton_prune` (score + radix-histogram select + tie split + masked select),
+  - triton: `triton_prune` as the engine runs it (sampled bracket: fapm's |W| sum, the sample,
+    one fused scan collecting the candidates, their sort, the write; the radix select only
+    when the bracket fails),
+  - radix: `triton_prune(select="radix")` (|W| sum, up to three histogram passes, a tie pass
+    when the tie group at the k-th score is split, the write), the previous default,
   - copy: a device-to-device copy of W and F (`torch.Tensor.copy_`), the bandwidth reference.
 
 Bytes each must move at the least: read W and F, write the output (3 x 2 bytes per entry in
-bf16). GB/s below is those bytes over the time taken, for all three rows; the copy's GB/s is
-its own bytes read plus written (4 x 2 bytes per entry) over its time. "of copy" is a row's GB/s
-over the copy's. The kernel reads W and F once per pass (abs-sum of W, up to three histogram
-passes, a tie pass when the tie group at the k-th score is split, the write), so "of copy" also
-says how far it is from one pass. Targets (issue 5, on an H100): the kernel at >= 70% of the
-copy's bandwidth for the bytes it must move and >= 3x faster than the torch path.
+bf16). "GB/s" is those bytes over the time taken, for every row; the copy's GB/s is its own
+bytes read plus written (4 x 2 bytes per entry) over its time. "of copy" is a row's GB/s over
+the copy's: the issue's target, >= 70% for the kernel, with >= 3x the torch path's speed ("vs
+torch"), on an H100. For the kernel rows, "B/entry" is what the path it took actually moved per
+entry (`info["bytes"]`: every pass's loads and stores of W, F, O, sample keys, candidates and
+per-tile counts, sorts counted as one read and one write), and "moved" is that over the time,
+as a fraction of the copy's GB/s: how close the passes run to the copy's bandwidth. The path
+taken is printed after the kernel rows' names ("triton/sampled", "triton/rebracketed",
+"triton/radix").
 
 Each result is checked against the torch path's bytes before it is timed. Times are the median
 of --repeat runs after a warm-up, taken with CUDA events. Exits with a message without CUDA.
@@ -90,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name(device)}; torch {torch.__version__}")
     print(f"method {args.method}, density {args.density}, bf16, median of {args.repeat}")
-    header = f"{'shape':>14} {'path':>7} {'ms':>9} {'GB/s':>8} {'of copy':>8} {'vs torch':>9}"
+    header = (
+        f"{'shape':>14} {'path':>18} {'ms':>9} {'GB/s':>8} {'of copy':>8} {'vs torch':>9} "
+        f"{'B/entry':>8} {'moved':>6}"
+    )
     print(header)
     print("-" * len(header))
     gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -105,10 +115,18 @@ def main(argv: list[str] | None = None) -> int:
         out = torch.empty_like(f)
 
         want = torch_path(w, f, k)
-        triton_select.triton_prune(args.method, w, f, k, 1.0, out)
-        if not torch.equal(out.view(torch.int16), want.view(torch.int16)):
-            print(f"{rows}x{cols}: the kernel's output differs from the torch path: not timed")
-            return 1
+        infos = {}
+        for select in ("sampled", "radix"):
+            infos[select] = {}
+            out.fill_(0)
+            triton_select.triton_prune(
+                args.method, w, f, k, 1.0, out, select=select, info=infos[select]
+            )
+            if not torch.equal(out.view(torch.int16), want.view(torch.int16)):
+                print(
+                    f"{rows}x{cols}: the kernel ({select}) differs from the torch path: not timed"
+                )
+                return 1
         del want
 
         w_copy, f_copy = torch.empty_like(w), torch.empty_like(f)
@@ -119,22 +137,35 @@ def main(argv: list[str] | None = None) -> int:
 
         t_copy = _time(copy, args.repeat)
         del w_copy, f_copy
-        t_triton = _time(
-            lambda w=w, f=f, k=k, out=out: triton_select.triton_prune(
-                args.method, w, f, k, 1.0, out
-            ),
-            args.repeat,
-        )
+        times = {}
+        for select in ("sampled", "radix"):
+            times[select] = _time(
+                lambda w=w, f=f, k=k, out=out, select=select: triton_select.triton_prune(
+                    args.method, w, f, k, 1.0, out, select=select
+                ),
+                args.repeat,
+            )
         t_torch = _time(lambda w=w, f=f, k=k: torch_path(w, f, k), args.repeat)
 
         need = 3 * 2 * n  # read W and F, write the output
         copy_gbs = 4 * 2 * n / t_copy / 1e9
-        for name, t in (("torch", t_torch), ("triton", t_triton), ("copy", t_copy)):
+        rows_out = [("torch", t_torch, None)]
+        rows_out += [
+            (f"{'triton' if s == 'sampled' else 'radix'}/{infos[s]['path']}", times[s], infos[s])
+            for s in ("sampled", "radix")
+        ]
+        rows_out.append(("copy", t_copy, None))
+        for name, t, info in rows_out:
             gbs = (4 * 2 * n if name == "copy" else need) / t / 1e9
-            print(
-                f"{f'{rows}x{cols}':>14} {name:>7} {t * 1e3:9.2f} {gbs:8.1f} "
+            line = (
+                f"{f'{rows}x{cols}':>14} {name:>18} {t * 1e3:9.2f} {gbs:8.1f} "
                 f"{gbs / copy_gbs:8.0%} {t_torch / t:8.2f}x"
             )
+            if info is not None:
+                moved_gbs = info["bytes"] / t / 1e9
+                line += f" {info['bytes'] / n:8.2f} {moved_gbs / copy_gbs:6.0%}"
+            print(line)
+        print(f"{'':>14} passes (triton): {', '.join(infos['sampled']['passes'])}")
         del w, f, out
         torch.cuda.empty_cache()
     return 0
