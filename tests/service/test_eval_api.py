@@ -14,6 +14,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from tests.eval_models import EvalCase, build_eval_case
+from tests.evaluation.added_vocab import EXTRA, build_added_vocab_case
 from tests.service.conftest import client
 from tests.service.test_api_events import read_stream
 from tests.service.test_cli_client import fapm
@@ -107,6 +108,30 @@ def test_evaluation_job_equals_the_evaluation_module(service, case, halfway):
     assert stable(report["evaluation"]) == stable(section)
     assert report["spec"]["finetuned"] == str(case.finetuned)
     assert record.progress.stage == "done" and record.progress.fraction == 1.0
+
+
+def test_evaluation_of_a_finetune_with_added_vocabulary(service, case, local_root):
+    """The fine-tune's task set uses a token only it has a row for (it used to end in
+    internal_error): the base is measured with the fine-tune's added rows."""
+    added = build_added_vocab_case(case, local_root / "eval-api-vocab")
+    spec = body(case, added.finetuned, finetuned=str(added.finetuned))
+    spec["evaluate"] = {**spec["evaluate"], "task": str(added.task)}
+    with client(service) as api:
+        job_id = submit(api, spec)["id"]
+    record = Jobs(service).wait(job_id, timeout=180)
+    assert record.status == "succeeded", record.error
+    section = record.result.report["evaluation"]
+    assert section["references"]["finetuned"]["skill"] == 1.0
+    assert section["references"]["base"]["skill"] == 0.0
+    assert f"the {EXTRA} vocabulary rows it lacks" in section["note"]
+    expected = evaluate_model(
+        str(case.base),
+        str(added.finetuned),
+        EvaluationSpec(task=str(added.task), general=str(case.general), **EVALUATE),
+        "cpu",
+        str(added.finetuned),
+    )
+    assert stable(section) == stable(expected)
 
 
 def test_evaluation_job_is_listed_and_streamed_like_any_job(service, case, halfway):

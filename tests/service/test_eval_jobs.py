@@ -10,6 +10,8 @@ import json
 import pytest
 
 from tests.eval_models import EvalCase, build_eval_case
+from tests.evaluation.added_vocab import EXTRA, build_added_vocab_case
+from tests.models import load_state_dict
 from tests.service.conftest import client
 from tests.service.test_worker_jobs import Jobs
 from worker.evaluation.search import evaluations_per_method
@@ -52,6 +54,26 @@ def test_auto_job_through_the_api(service, case, local_root):
     assert "evaluate" in stages and stages.index("evaluate") < len(stages) - 1
     fractions = [r.progress.fraction for r in seen]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+def test_auto_job_with_added_vocabulary_through_the_api(service, case, local_root):
+    """A fine-tune with added tokens, a task set that uses one (it used to end in
+    internal_error): the job searches, publishes its choice with the added rows, and reports."""
+    added = build_added_vocab_case(case, local_root / "eval-jobs-vocab")
+    jobs = Jobs(service)
+    out = local_root / "eval-out-vocab"
+    spec = body(added, out, methods=["magnitude"], target={"min_skill_kept": 0.9})
+    record = jobs.wait(jobs.submit(spec), timeout=180)
+    assert record.status == "succeeded", record.error
+    evaluation = record.result.report["evaluation"]
+    assert evaluation["references"]["finetuned"]["skill"] == 1.0
+    assert evaluation["chosen"]["skill_kept"] >= 0.9
+    assert f"the {EXTRA} vocabulary rows it lacks" in evaluation["note"]
+    published = load_state_dict(out)
+    expected = load_state_dict(added.finetuned)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):  # the added rows are copied
+        assert published[name].shape == expected[name].shape
+        assert published[name][-EXTRA:].equal(expected[name][-EXTRA:])
 
 
 def test_unreachable_floor_through_the_api(service, case, local_root):
