@@ -5,7 +5,10 @@ A set's URI names one file: `/abs/task.jsonl`, `file:///abs/task.jsonl`,
 of a Hub repo). The file is read whole through the `ModelSource` of the directory that holds it,
 so credentials, endpoints, retries and the Hub cache work exactly as for checkpoints.
 
-Lines (blank lines are skipped, the rest are numbered from 1 as an editor shows them):
+Lines end at "\n" (a "\r" before it, a UTF-8 BOM at the start and blank lines are ignored), and
+are numbered from 1 as an editor shows them; with `max_examples`, lines after the first N examples
+are not read at all. JSON strings may hold U+2028, U+0085 and the like raw (JSON allows it, and
+`json.dumps(ensure_ascii=False)` writes them): they do not end a line. Each line is
   task:    {"prompt": str, "completion": str}  (completion not empty)
   general: {"text": str}
 Anything else fails the job with `bad_eval_data` naming the file and the line.
@@ -80,14 +83,16 @@ def read_file(uri: str) -> bytes:
         source.close()
 
 
-def _lines(uri: str, data: bytes) -> list[tuple[int, dict]]:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise EvalDataError(f"{uri} line {line}: not UTF-8") from None
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+def _lines(uri: str, data: bytes, limit: int | None = None) -> list[tuple[int, dict]]:
+    """(line number, object) of the first `limit` non-blank lines (all when None)."""
+    rows: list[tuple[int, dict]] = []
+    for number, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
+        if limit is not None and len(rows) >= limit:
+            break
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise EvalDataError(f"{uri} line {number}: not UTF-8") from None
         if not line.strip():
             continue
         try:
@@ -114,7 +119,7 @@ def _string_field(uri: str, number: int, row: dict, key: str, allow_empty: bool)
 def parse_task(uri: str, data: bytes, max_examples: int | None = None) -> list[TaskExample]:
     """Task examples from JSONL bytes (the first `max_examples` when given)."""
     examples = []
-    for number, row in _lines(uri, data)[:max_examples]:
+    for number, row in _lines(uri, data, max_examples):
         prompt = _string_field(uri, number, row, "prompt", allow_empty=True)
         completion = _string_field(uri, number, row, "completion", allow_empty=False)
         examples.append(TaskExample(prompt, completion, number))
@@ -125,7 +130,7 @@ def parse_general(uri: str, data: bytes, max_examples: int | None = None) -> lis
     """General texts from JSONL bytes (the first `max_examples` when given)."""
     return [
         GeneralText(_string_field(uri, number, row, "text", allow_empty=False), number)
-        for number, row in _lines(uri, data)[:max_examples]
+        for number, row in _lines(uri, data, max_examples)
     ]
 
 
