@@ -15,6 +15,7 @@ publishing it would not prune anything.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -69,8 +70,12 @@ def search_method(method: str, measure: Callable[[str, float], Point]) -> list[P
 
 
 def choose(points: list[Point]) -> Point | None:
-    """The point with the least forgetting among those that keep the floor, or None."""
-    keeping = [p for p in points if p.meets_floor and 0.0 < p.sparsity]
+    """The point with the least forgetting among those that keep the floor, or None. A point
+    whose perplexity is NaN (a candidate that overflowed, e.g. in float16) is never chosen: NaN
+    compares false both ways, so `min` would otherwise pick it or not by position."""
+    keeping = [
+        p for p in points if p.meets_floor and 0.0 < p.sparsity and not math.isnan(p.perplexity)
+    ]
     if not keeping:
         return None
     return min(keeping, key=lambda p: (p.perplexity, p.sparsity))
