@@ -628,17 +628,24 @@ def test_gpu_kernel_matches_the_cpu_torch_path(dtype):
     tiny = torch.finfo(dtype).smallest_normal
     w = (torch.randn(20_000, generator=g) * tiny).to(dtype)
     cases.append((w, (w.float() + torch.randn(20_000, generator=g) * tiny * 0.25).to(dtype)))
+    cases.append(nan_pair(200_003, dtype))
+    # The default (sampled bracket), the radix select alone, and the sampled bracket with a
+    # candidate buffer too small (the radix fallback wherever t is inside the bracket).
+    variants = ({}, {"select": "radix"}, {"_cap": 2})
     for w, f in cases:
         n = w.numel()
+        wd, fd = w.cuda(), f.cuda()
         for method in METHODS:
             for k in sorted({*ks_for(n), n // 3}):
                 _, want, ref_stats = torch_path(method, w, f, k, 1.0)  # on the CPU
-                wd, fd = w.cuda(), f.cuda()
-                out = torch.empty_like(fd)
-                stats = triton_select.triton_prune(method, wd, fd, k, 1.0, out)
-                got = out.cpu().reshape(-1).view(BITS[dtype])
-                assert torch.equal(got, want), (method, dtype, n, k)
-                assert_stats(stats, ref_stats)
+                for kw in variants:
+                    out, info = torch.empty_like(fd), {}
+                    stats = triton_select.triton_prune(method, wd, fd, k, 1.0, out, info=info, **kw)
+                    got = out.cpu().reshape(-1).view(BITS[dtype])
+                    assert torch.equal(got, want), (method, dtype, n, k, kw, info)
+                    assert_stats(stats, ref_stats)
+                    if not kw and n == 1_000_003 and 0 < k < n:
+                        assert info["path"] == "sampled", (method, dtype, k, info)
 
 
 @pytest.mark.gpu

@@ -41,9 +41,10 @@ O = F's bits where kept, W's bits elsewhere (a select on the raw bits: exact, Na
 kept), and per-tile statistics for the report.
 
 Per entry of a bf16 tensor (2 bytes) the sampled path moves 2 (fapm's |W| sum) + 4 (scan) + 6
-(write: W, F in, O out) bytes, plus the sample and the candidates (well under 1%): ~12 bytes
-(magnitude ~10), against 2 + 3 x 4 (+ 4 for a split tie group) + 6 = 20-24 for the radix path,
-and 6 at the least. `triton_prune(..., info={})` reports the path taken and the bytes moved.
+(write: W, F in, O out) bytes, plus the sample and the candidates (at 10% density about 0.4
+byte per entry at 4096 x 4096, 0.1 at 128256 x 4096): ~12.4-12.1 bytes (magnitude 2 fewer),
+against 2 + 3 x 4 (+ 4 for a split tie group) + 6 = 20-24 for the radix path, and 6 at the
+least. `triton_prune(..., info={})` reports the path taken and the bytes moved.
 
 Score arithmetic is float32 in the torch path's order: D = F - W, a = |D|,
 S = a - div_rn(c * a, max(|W|, 1e-12)) (NaN |W| propagates), S = 0 where D == 0. `div_rn` is
@@ -77,12 +78,17 @@ _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 # Sampled bracket (see the module docstring). The sample is RUN consecutive entries per window;
 # its size grows with the tensor between SAMPLE_MIN and SAMPLE_MAX (n / SAMPLE_DIV), at most a
-# quarter of the tensor; a tensor of at most FULL_SAMPLE entries is sampled whole.
+# quarter of the tensor; a tensor of at most FULL_SAMPLE entries is sampled whole. Candidates
+# are ~9 sigma of the sample rank wide, a fraction ~3.8 sqrt(q (1 - q) / m) of the tensor
+# (q = k / n), and cost about 24 bytes each (written, sorted); a sampled entry costs about 16
+# (W and F read, its key written and sorted): m ~ (3 n)^(2/3) balances the two, which these
+# bounds follow (16Ki at 1M entries, 128Ki at 16M, 1Mi from 128M on): ~0.5 byte per entry or
+# less for the tensors that matter (4096 x 4096 and up).
 RUN = 8
 _RUNS_PER_PROGRAM = 128
-SAMPLE_MIN = 1 << 17
+SAMPLE_MIN = 1 << 14
 SAMPLE_MAX = 1 << 20
-SAMPLE_DIV = 256
+SAMPLE_DIV = 128
 FULL_SAMPLE = 8 * RUN
 _Z = 4.5  # bracket half-width in sample-rank standard deviations
 _WIDEN = 4.0  # the second bracket's half-width, in first-bracket half-widths
@@ -458,12 +464,16 @@ def _rebracket(sorted_keys: torch.Tensor, n: int, k: int, lo: int, hi: int, high
     return (v if v < lo else _INT32_MIN), lo
 
 
+def _max_capacity(n: int) -> int:
+    """At most max(64Ki, n / 16) candidates (an int64 each: n / 2 bytes, a quarter of a bf16
+    tensor; sorting more would cost about as much as the radix select's passes)."""
+    return max(1 << 16, n // 16)
+
+
 def _capacity(expected: float, n: int) -> int:
-    """Candidate slots for an expected count (1.5x plus six sigma plus a constant), at most
-    max(64Ki, n / 64) (an int64 each: n / 8 bytes; more would sort slower than the radix
-    select's passes)."""
+    """Candidate slots for an expected count: 1.5x plus six sigma plus a constant."""
     cap = int(1.5 * expected + 6.0 * math.sqrt(max(expected, 0.0)) + 1024)
-    return max(1, min(cap, n, max(1 << 16, n // 64)))
+    return max(1, min(cap, n, _max_capacity(n)))
 
 
 def _exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
@@ -570,7 +580,7 @@ class _Run:
                 break
             lo, hi = _rebracket(sorted_keys, n, k, lo, hi, high)
             # Only the `outside` entries beyond the old bound can be inside the new bracket.
-            cap = max(1, min(outside, max(1 << 16, n // 64)))
+            cap = max(1, min(outside, _max_capacity(n)))
         self.record["fallback"] = "bracket missed twice"
         return None
 
