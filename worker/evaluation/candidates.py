@@ -32,6 +32,7 @@ from worker.engine.compose import compose_output
 from worker.engine.methods import MethodParams, get_method
 from worker.engine.methods.base import ScoredMethod
 from worker.engine.methods.breadcrumbs import Breadcrumbs
+from worker.engine.pipeline import _tie_word_embeddings
 from worker.engine.plan import TensorTask, build_plan
 from worker.engine.readers import CheckpointReader, LoraMergedReader
 from worker.engine.select import keep_count, order_keys
@@ -86,7 +87,7 @@ class CandidateBuilder:
                 LoraMergedReader(base, sources[1]) if spec.adapter else CheckpointReader(sources[1])
             )
             config = finetuned.config()
-            tie = bool(config.get("tie_word_embeddings", True))
+            tie = _tie_word_embeddings(config)  # the engine's reading (text_config too)
             self.tensors = [
                 self._load(task, base, finetuned, params)
                 for task in build_plan(base, finetuned, spec, tie)
