@@ -108,6 +108,7 @@ def install() -> None:
     patch(source.LocalDirSource, "map_range", "read: map the page cache", nbytes_range)
     feed_bytes = lambda self, offset, data: len(data)  # noqa: E731
     patch(checkpoint._FileDigest, "feed", "read: sha256 of inputs", feed_bytes)
+    patch(checkpoint._BackgroundDigests, "_run", "digest thread: sha256 of inputs")
     patch(tensor_pruner.TensorPruner, "run", "compute: TensorPruner.run (kernel)")
     patch(os, "fsync", "write: fsync")
     patch(writer, "preallocate", "write: fallocate")

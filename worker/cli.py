@@ -14,6 +14,7 @@ reached or cannot do it now (409, 429, 5xx); each with a one-line message
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import typing
@@ -748,7 +749,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_runtime()
     parser = build_parser()
     namespace = parser.parse_args(argv)
-    return namespace.handler(namespace)
+    code = namespace.handler(namespace)
+    if argv is None:  # the `fapm` program (callers in a longer-lived process pass argv)
+        # About to exit: the interpreter would run a last full garbage collection over every
+        # object torch and numba created (about 0.5 s, bench/RESULTS.md); frozen ones are skipped.
+        gc.freeze()
+    return code
 
 
 if __name__ == "__main__":

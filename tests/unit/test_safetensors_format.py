@@ -168,11 +168,12 @@ def test_index_that_names_a_missing_tensor_is_corrupt(tmp_path):
         SafetensorsCheckpoint(LocalDirSource(tmp_path))
 
 
-def test_shard_digests_equal_sha256_of_the_files(tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["from-reads", "in-background"])
+def test_shard_digests_equal_sha256_of_the_files(tmp_path, background):
     import hashlib
 
     save_file(_tensors(), tmp_path / "model.safetensors")
-    checkpoint = SafetensorsCheckpoint(LocalDirSource(tmp_path))
+    checkpoint = SafetensorsCheckpoint(LocalDirSource(tmp_path), hash_in_background=background)
     for name in checkpoint.names()[:3]:  # partial, in-order reads; the rest is read at the end
         read_tensor(checkpoint, name)
     expected = hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
@@ -205,7 +206,7 @@ def test_mapped_reads_equal_buffered_reads_at_any_alignment(tmp_path, pad):
     _write_raw(tmp_path / "model.safetensors", body, data)
     assert (8 + len(body)) % 8 == pad
 
-    mapped = SafetensorsCheckpoint(LocalDirSource(tmp_path))
+    mapped = SafetensorsCheckpoint(LocalDirSource(tmp_path), hash_in_background=pad == 1)
     for name, tensor in tensors.items():
         got = read_tensor(mapped, name)
         assert got.dtype == tensor.dtype and torch.equal(
@@ -213,3 +214,23 @@ def test_mapped_reads_equal_buffered_reads_at_any_alignment(tmp_path, pad):
         )
     expected = hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
     assert mapped.shard_digests() == {"model.safetensors": expected}
+
+
+def test_background_digests_cover_many_chunks_and_stop_on_close(tmp_path, monkeypatch):
+    """Hashing in background maps the file chunk by chunk: a file of several chunks gives the
+    file's sha256; a checkpoint closed early stops the thread before its source closes."""
+    import hashlib
+
+    from worker.io import checkpoint as checkpoint_module
+
+    monkeypatch.setattr(checkpoint_module, "_HASH_CHUNK", 4096 + 8)  # many small, odd chunks
+    save_file({"big": torch.randn(64, 1000)}, tmp_path / "model.safetensors")
+    source = LocalDirSource(tmp_path)
+    checkpoint = SafetensorsCheckpoint(source, hash_in_background=True)
+    expected = hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
+    assert checkpoint.shard_digests() == {"model.safetensors": expected}
+
+    stopped = SafetensorsCheckpoint(source, hash_in_background=True)
+    stopped.close()
+    source.close()
+    assert not stopped._background._thread.is_alive()

@@ -111,19 +111,22 @@ def run_prune(
             return PruneResult(spec.output, published)
     target = open_target(spec.output, spec.overwrite, job_id)
     sources = []
+    readers: list[CheckpointReader | LoraMergedReader] = []
     writer: WriterThread | None = None
     try:
         report_progress(Progress("plan"))
         base_source = open_source(spec.base)
         sources.append(base_source)
-        base = CheckpointReader(base_source)
+        base = CheckpointReader(base_source, identify=True)
+        readers.append(base)
         update_source = open_source(spec.finetuned or spec.adapter or "")
         sources.append(update_source)
         finetuned = (
             LoraMergedReader(base, update_source)
             if spec.adapter
-            else CheckpointReader(update_source)
+            else CheckpointReader(update_source, identify=True)
         )
+        readers.append(finetuned)
         pruner = TensorPruner(spec)
         config = finetuned.config()
         tasks = build_plan(base, finetuned, spec, _tie_word_embeddings(config))
@@ -181,6 +184,8 @@ def run_prune(
         target.abort()
         raise
     finally:
+        for reader in readers:
+            reader.close()
         for source in sources:
             source.close()
     report_progress(Progress("done", len(tasks), len(tasks)))

@@ -33,9 +33,14 @@ class TensorInfo:
 class CheckpointReader:
     """A model directory's safetensors weights, tensor by tensor."""
 
-    def __init__(self, source: ModelSource) -> None:
+    def __init__(self, source: ModelSource, identify: bool = False) -> None:
+        """`identify`: the caller will ask for `identity()` (a job's report): local weight files
+        are then hashed in the background from now on."""
         self.source = source
-        self.checkpoint = SafetensorsCheckpoint(source)
+        self.checkpoint = SafetensorsCheckpoint(source, hash_in_background=identify)
+
+    def close(self) -> None:
+        self.checkpoint.close()
 
     def names(self) -> list[str]:
         return self.checkpoint.names()
@@ -197,3 +202,6 @@ class LoraMergedReader:
 
     def identity(self) -> dict[str, object]:
         return {**self.source.identity(), "shards": self.checkpoint.shard_digests()}
+
+    def close(self) -> None:
+        self.checkpoint.close()

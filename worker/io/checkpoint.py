@@ -4,8 +4,11 @@ Only safetensors weights are ever read: pickle checkpoints (`*.bin`, `*.pt`) are
 unpickled. Headers are parsed up front (cheap: a few KB per shard) so the engine can plan the whole
 job, including the output's shard layout, before reading a tensor.
 
-Each input shard's sha256 is computed from the very reads the engine makes when they arrive in file
-order (the usual case), so identifying the inputs costs no second read.
+Each input shard's sha256 identifies it in the report. A local file is hashed on a thread of its
+own, through the page cache, from the moment the checkpoint opens: the engine's mapped reads never
+wait for it, and on two cores the hash fills the time the kernel leaves. For other sources it is
+computed from the very reads the engine makes when they arrive in file order (the usual case), so
+identifying the inputs costs no second read.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from worker.io.safetensors_format import (
     parse_header,
     read_header_length,
 )
-from worker.io.source import ModelSource, unmap_pages
+from worker.io.source import ModelSource
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -49,11 +52,62 @@ class _FileDigest:
             self.next_offset += len(data)
 
 
+class _BackgroundDigests:
+    """sha256 of whole local files, computed on a daemon thread through mapped 64 MiB chunks (each
+    unmapped once hashed, so it holds no memory); `result()` waits for it."""
+
+    def __init__(self, source: ModelSource, files: list[str]) -> None:
+        self._source = source
+        self._files = files
+        self._digests: dict[str, str] = {}
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fapm-input-digests", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for file in self._files:
+                hasher = hashlib.sha256()
+                size = self._source.size(file)
+                for offset in range(0, size, _HASH_CHUNK):
+                    if self._stop.is_set():
+                        return
+                    length = min(_HASH_CHUNK, size - offset)
+                    chunk = self._source.map_range(file, offset, length)
+                    hasher.update(chunk if chunk is not None else b"")
+                    del chunk  # unmapped here
+                self._digests[file] = hasher.hexdigest()
+        except BaseException as exc:  # re-raised by result()
+            self._error = exc
+
+    def result(self) -> dict[str, str]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._stop.is_set():
+            raise RuntimeError("input digests were stopped")
+        return dict(self._digests)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self) -> None:
+        self._thread.join()
+
+
 class SafetensorsCheckpoint:
     """Tensor names -> byte ranges, over one `model.safetensors`, a sharded index, or the single
     `*.safetensors` file of a directory (e.g. `adapter_model.safetensors`)."""
 
-    def __init__(self, source: ModelSource, weights_file: str | None = None) -> None:
+    def __init__(
+        self,
+        source: ModelSource,
+        weights_file: str | None = None,
+        hash_in_background: bool = False,
+    ) -> None:
+        """`hash_in_background`: start hashing local weight files at once (for a job whose
+        report names them); otherwise `shard_digests` hashes what the reads did not cover."""
         self.source = source
         self.files = self._weight_files(weights_file)
         self.headers: dict[str, SafetensorsHeader] = {}
@@ -72,6 +126,11 @@ class SafetensorsCheckpoint:
                 self.tensors[entry.name] = TensorLocation(file, entry)
         if self._index_map is not None:
             self._check_index(self._index_map)
+        self._background = (
+            _BackgroundDigests(source, self.files)
+            if hash_in_background and source.can_map
+            else None
+        )
 
     # -- discovery -------------------------------------------------------------------------
 
@@ -159,19 +218,13 @@ class SafetensorsCheckpoint:
         """A zero-copy view of a tensor's raw bytes where the source can map them, else None."""
         location = self.tensors[name]
         entry = location.entry
-        view = self.source.map_range(location.file, entry.begin, entry.nbytes)
-        if view is not None:
-            with self._lock:
-                self._digests[location.file].feed(entry.begin, view)
-            # Hashing mapped every page into this process; hand them back (they stay in the page
-            # cache) so tensors waiting in the read-ahead hold no memory of their own. The
-            # kernel maps them again, cheaply, when it reads them.
-            unmap_pages(view)
-        return view
+        return self.source.map_range(location.file, entry.begin, entry.nbytes)
 
     def shard_digests(self) -> dict[str, str]:
         """sha256 of every weight file; reads only what the engine's reads did not cover (for a
         remote source whose reads skipped bytes, the store's own digest, e.g. `etag:...`)."""
+        if self._background is not None:
+            return self._background.result()
         result = {}
         for file in self.files:
             digest = self._digests[file]
@@ -187,6 +240,13 @@ class SafetensorsCheckpoint:
                 digest.feed(digest.next_offset, memoryview(chunk))
             result[file] = digest.hasher.hexdigest()
         return result
+
+    def close(self) -> None:
+        """Stop hashing in the background (a job that failed or was cancelled) and wait for the
+        thread, so that it is done with the source before the source closes its files."""
+        if self._background is not None:
+            self._background.stop()
+            self._background.join()
 
     def total_bytes(self) -> int:
         return sum(loc.entry.nbytes for loc in self.tensors.values())

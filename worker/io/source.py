@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -21,6 +22,8 @@ class ModelSource(ABC):
     uri: str
     # Remote sources pay for every byte read: the engine then never reads bytes only to hash them.
     remote = False
+    # map_range gives zero-copy views (local files).
+    can_map = False
 
     @abstractmethod
     def files(self) -> list[str]:
@@ -89,14 +92,6 @@ class ListedSource(ModelSource):
             )
 
 
-def unmap_pages(view: memoryview) -> None:
-    """Drop a `map_range` view's pages from this process (not from the page cache): reading
-    them again maps them back from the cache, for a private mapping never written."""
-    mapped = view.obj
-    if isinstance(mapped, mmap.mmap):
-        mapped.madvise(mmap.MADV_DONTNEED)
-
-
 def byte_view(buffer: memoryview) -> memoryview:
     return buffer.cast("B") if buffer.format != "B" else buffer
 
@@ -115,7 +110,10 @@ def pread_exactly(fd: int, offset: int, view: memoryview, where: str) -> None:
 
 
 class LocalDirSource(ModelSource):
-    """A directory on local disk, read with pread so no file position is shared between threads."""
+    """A directory on local disk, mapped or read with pread (no file position shared between
+    threads)."""
+
+    can_map = True
 
     def __init__(self, path: str | os.PathLike[str], uri: str | None = None) -> None:
         self.path = Path(path)
@@ -125,6 +123,7 @@ class LocalDirSource(ModelSource):
         if not self.path.is_dir():
             raise SourceNotFound(f"{self.path}: not a directory (give the model's directory)")
         self._fds: dict[str, int] = {}
+        self._fds_lock = threading.Lock()  # the engine and the input-digest thread both read
         self._files = sorted(p.name for p in self.path.iterdir() if p.is_file())
 
     def files(self) -> list[str]:
@@ -134,14 +133,15 @@ class LocalDirSource(ModelSource):
         return (self.path / name).stat().st_size
 
     def _fd(self, name: str) -> int:
-        fd = self._fds.get(name)
-        if fd is None:
-            try:
-                fd = os.open(self.path / name, os.O_RDONLY)
-            except FileNotFoundError:
-                raise SourceNotFound(f"{self.path / name}: no such file") from None
-            self._fds[name] = fd
-        return fd
+        with self._fds_lock:
+            fd = self._fds.get(name)
+            if fd is None:
+                try:
+                    fd = os.open(self.path / name, os.O_RDONLY)
+                except FileNotFoundError:
+                    raise SourceNotFound(f"{self.path / name}: no such file") from None
+                self._fds[name] = fd
+            return fd
 
     def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
         pread_exactly(self._fd(name), offset, byte_view(buffer), str(self.path / name))
@@ -166,6 +166,7 @@ class LocalDirSource(ModelSource):
         return memoryview(mapped)[offset - start :]
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        with self._fds_lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
