@@ -223,7 +223,7 @@ def test_background_digests_cover_many_chunks_and_stop_on_close(tmp_path, monkey
 
     from worker.io import checkpoint as checkpoint_module
 
-    monkeypatch.setattr(checkpoint_module, "_HASH_CHUNK", 4096 + 8)  # many small, odd chunks
+    monkeypatch.setattr(checkpoint_module, "_MAP_CHUNK", 4096 + 8)  # many small, odd chunks
     save_file({"big": torch.randn(64, 1000)}, tmp_path / "model.safetensors")
     source = LocalDirSource(tmp_path)
     checkpoint = SafetensorsCheckpoint(source, hash_in_background=True)

@@ -31,6 +31,8 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HASH_CHUNK = 64 * 2**20
+# The digest thread's mapped window: what it adds to the process's resident memory per file.
+_MAP_CHUNK = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,8 @@ class _FileDigest:
 
 
 class _BackgroundDigests:
-    """sha256 of whole local files, computed on a daemon thread through mapped 64 MiB chunks (each
-    unmapped once hashed, so it holds no memory); `result()` waits for it."""
+    """sha256 of whole local files, computed on a daemon thread through mapped 16 MiB chunks (each
+    unmapped once hashed, so it holds little memory); `result()` waits for it."""
 
     def __init__(self, source: ModelSource, files: list[str]) -> None:
         self._source = source
@@ -70,10 +72,10 @@ class _BackgroundDigests:
             for file in self._files:
                 hasher = hashlib.sha256()
                 size = self._source.size(file)
-                for offset in range(0, size, _HASH_CHUNK):
+                for offset in range(0, size, _MAP_CHUNK):
                     if self._stop.is_set():
                         return
-                    length = min(_HASH_CHUNK, size - offset)
+                    length = min(_MAP_CHUNK, size - offset)
                     chunk = self._source.map_range(file, offset, length)
                     hasher.update(chunk if chunk is not None else b"")
                     del chunk  # unmapped here
