@@ -6,7 +6,8 @@ Two models:
     fapm and magnitude, as a job runs it (the choice is published too);
   - "medium": a random Llama (hidden 512, 4 layers, vocab 8192, about 21M parameters) with a
     perturbed fine-tune, synthetic task/general sets; candidates at 5 sparsities per method,
-    each built then evaluated, to measure the build/evaluate ratio at a less toy size.
+    each built then evaluated, to measure the build/evaluate ratio at a less toy size; then
+    candidates built per tensor with no ranks held (the mode over FAPM_EVAL_RANK_BUDGET).
 
     .venv/bin/python bench/eval_auto.py [--device cpu|cuda] [--examples 64]
 """
@@ -63,6 +64,7 @@ def tiny(workdir: Path, device: str) -> dict:
         "build_seconds_mean": statistics.mean(p["build_seconds"] for p in points),
         "eval_seconds_mean": statistics.mean(p["seconds"] for p in points),
         "rank_seconds": ev["seconds"]["rank"],
+        "candidates": ev["candidates"],
         "tokens_per_second": ev["tokens_per_second"],
         "chosen": {k: ev["chosen"][k] for k in ("method", "sparsity", "skill_kept")},
         "forgetting_left": ev["chosen"]["forgetting_left"],
@@ -130,13 +132,27 @@ def medium(workdir: Path, device_name: str, examples: int) -> dict:
             rows.append((method, sparsity, build, time.perf_counter() - tick))
     builds = [r[2] for r in rows]
     evals = [r[3] for r in rows]
+    memory = builder.memory()
+    rank_seconds = {k: round(v, 3) for k, v in builder.rank_seconds.items()}
+    del builder
+    # The same candidates with no ranks held (a rank budget of 0): the engine's pruner per tensor.
+    per_tensor = CandidateBuilder(spec, work.model, device, rank_budget_bytes=0)
+    per_tensor.write("magnitude", 0.5)  # untimed: loads the kernels (a worker warms them up)
+    per_tensor_builds = [
+        per_tensor.write(method, sparsity)
+        for method in ("fapm", "magnitude")
+        for sparsity in COARSE[:2]
+    ]
     return {
         "parameters": sum(p.numel() for p in work.model.parameters()),
         "load_w_f_seconds": round(load_seconds, 3),
-        "rank_seconds": {k: round(v, 3) for k, v in builder.rank_seconds.items()},
+        "rank_seconds": rank_seconds,
         "build_seconds_mean": statistics.mean(builds),
         "eval_seconds_mean": statistics.mean(evals),
         "build_over_eval": statistics.mean(builds) / statistics.mean(evals),
+        "candidates": memory,
+        "per_tensor_build_seconds_mean": statistics.mean(per_tensor_builds),
+        "per_tensor_build_over_eval": statistics.mean(per_tensor_builds) / statistics.mean(evals),
         "tokens_per_evaluation": evaluator.throughput.tokens // len(rows),
         "tokens_per_second": evaluator.throughput.tokens_per_second,
     }

@@ -40,12 +40,15 @@ def spec_for(case, output: Path, **extra) -> JobSpec:
 @pytest.mark.parametrize(
     ("method", "scope"),
     [("fapm", "tensor"), ("magnitude", "row"), ("breadcrumbs", "tensor"), ("dare", "tensor"),
-     ("random", "tensor")],
+     ("random", "tensor"), ("magnitude", "tensor")],
 )  # fmt: skip
-def test_a_candidate_is_the_engines_output_bit_for_bit(eval_case, tmp_path, method, scope):
+@pytest.mark.parametrize("budget", [None, 0], ids=["ranks", "per-tensor"])
+def test_a_candidate_is_the_engines_output_bit_for_bit(eval_case, tmp_path, method, scope, budget):
     spec = spec_for(eval_case, tmp_path / "unused", sparsity="auto", scope=scope, gamma=0.05)
     work = load_causal_lm(eval_case.finetuned, CPU, "ft", with_tokenizer=False)
-    builder = CandidateBuilder(spec, work.model, CPU)
+    builder = CandidateBuilder(spec, work.model, CPU, rank_budget_bytes=budget)
+    # A budget of 0 bytes holds no ranks: the engine's pruner builds each candidate per tensor.
+    assert builder.mode == ("per-tensor" if budget == 0 else "ranks-host")
     for sparsity in (0.65, 0.3):  # the second reuses the first one's ranking
         builder.write(method, sparsity)
         out = tmp_path / f"{method}-{sparsity}"
@@ -56,6 +59,9 @@ def test_a_candidate_is_the_engines_output_bit_for_bit(eval_case, tmp_path, meth
         assert published.keys() == params.keys()
         for name, tensor in published.items():
             assert torch.equal(params[name].detach(), tensor), (method, sparsity, name)
+    held = builder.memory()["held_rank_bytes"]
+    ranked = budget is None and method != "dare"
+    assert held == (builder.rank_bytes if ranked else 0) and (held > 0) == ranked
     builder.write_finetuned()
     finetuned = load_state_dict(eval_case.finetuned)
     assert all(torch.equal(p.detach(), finetuned[n]) for n, p in work.model.named_parameters())

@@ -54,12 +54,14 @@ def test_the_case_adds_vocabulary_the_task_set_uses(vocab_case):
 @pytest.mark.parametrize(
     ("method", "scope"), [("fapm", "tensor"), ("magnitude", "row"), ("dare", "tensor")]
 )
+@pytest.mark.parametrize("budget", [None, 0], ids=["ranks", "per-tensor"])
 def test_a_candidate_with_added_rows_is_the_engines_output_bit_for_bit(
-    vocab_case, tmp_path, method, scope
+    vocab_case, tmp_path, method, scope, budget
 ):
     spec = spec_for(vocab_case, tmp_path / "unused", sparsity="auto", scope=scope)
     work = load_causal_lm(vocab_case.finetuned, CPU, "ft", with_tokenizer=False)
-    builder = CandidateBuilder(spec, work.model, CPU)
+    builder = CandidateBuilder(spec, work.model, CPU, rank_budget_bytes=budget)
+    assert builder.mode == ("per-tensor" if budget == 0 else "ranks-host")
     params = dict(work.model.named_parameters())
     for sparsity in (0.6, 1.0):
         builder.write(method, sparsity)

@@ -1,6 +1,7 @@
 """Cancellation inside the evaluation stage: the flag is read between batches of a model's
-evaluation and between tensors while candidates are read, so a cancelled job stops within a
-batch, not at the end of a model's (possibly hour-long) evaluation; nothing is published."""
+evaluation and between tensors while candidates are read (or built per tensor), so a cancelled
+job stops within a batch, not at the end of a model's (possibly hour-long) evaluation; nothing is
+published."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.models import load_state_dict
 from worker.engine.pipeline import Progress
 from worker.errors import JobCancelled
 from worker.evaluation import metrics
@@ -58,14 +60,14 @@ def test_an_evaluated_job_stops_inside_a_candidates_evaluation(eval_case, tmp_pa
             "finetuned": str(eval_case.finetuned),
             "output": str(out),
             "sparsity": "auto",
-            # dare draws its mask per candidate (no ranking pass, which checks the flag per
-            # tensor): the next reads of the flag are the first candidate's batches.
+            # dare draws its mask per candidate (no ranking pass): the first candidate is built
+            # by the engine's pruner, which reads the flag once per tensor, then its batches.
             "methods": ["dare"],
             "evaluate": {"task": str(eval_case.task), "general": str(eval_case.general),
                          "batch_size": 4},
         }
     )  # fmt: skip
-    flag = Flag(after=3)
+    flag = Flag(after=len(load_state_dict(eval_case.finetuned)) + 3)
     events: list[Progress] = []
 
     def progress(event: Progress) -> None:
@@ -102,4 +104,16 @@ def test_candidates_stop_between_tensors_while_they_are_read(eval_case, tmp_path
     flag.arm()
     with pytest.raises(JobCancelled):
         CandidateBuilder(spec, work.model, CPU, flag)
+    assert flag.calls == 3
+
+
+def test_a_candidate_built_per_tensor_stops_between_tensors(eval_case, tmp_path: Path):
+    spec = JobSpec(base=str(eval_case.base), finetuned=str(eval_case.finetuned),
+                   output=str(tmp_path / "unused"), method="magnitude", sparsity=0.5)  # fmt: skip
+    work = load_causal_lm(eval_case.finetuned, CPU, "ft", with_tokenizer=False)
+    flag = Flag(after=3)
+    builder = CandidateBuilder(spec, work.model, CPU, flag, rank_budget_bytes=0)
+    flag.arm()
+    with pytest.raises(JobCancelled):
+        builder.write("magnitude", 0.5)
     assert flag.calls == 3

@@ -2,26 +2,40 @@
 
 The engine's plan (worker/engine/plan.py) says what happens to every tensor; W and F of each are
 read once through the engine's readers (so LoRA adapters, remote sources and added vocabulary
-rows behave exactly as in a prune) and stay on the device. A candidate (method, sparsity) is then
-written straight into the parameters of one work model, which the evaluator runs.
+rows behave exactly as in a prune) and stay on the host. A candidate (method, sparsity) is then
+written into the parameters of one work model, which the evaluator runs: each tensor goes to the
+device only while its candidate is computed and copied into its parameter.
 
-Nested prefixes: for a method that keeps the top k of a fixed order (fapm, magnitude, random and
-breadcrumbs' window), the kept set at any sparsity is a prefix of one per-tensor ranking. The
-ranking (an int32 rank per entry, the order of `select.top_k_mask`: higher key first, ties to the
-lower index) is computed once per method, and each candidate is a comparison against it: no
-scoring or selection per candidate. DARE keeps a random count, not a prefix, so its mask is drawn
-per candidate with the engine's own method. Output bytes come from the engine's `compose_output`,
-so a candidate's weights equal what `run_prune` would publish at that sparsity, bit for bit.
+Nested prefixes ("ranks" modes): for a method that keeps the top k of a fixed order (fapm,
+magnitude, random and breadcrumbs' window), the kept set at any sparsity is a prefix of one
+per-tensor ranking. The ranking (an int32 rank per entry, the order of `select.top_k_mask`:
+higher key first, ties to the lower index) is computed once per method, and each candidate is a
+comparison against it: no scoring or selection per candidate. Output bytes come from the
+engine's `compose_output`, so a candidate's weights equal what `run_prune` would publish at that
+sparsity, bit for bit.
 
-Memory on the device: W and F of every planned tensor, one int32 rank per pruned entry, and the
-work model: about 3x the model in its stored dtype plus 4 bytes per parameter.
+Per-tensor mode: when the ranks (4 bytes per pruned entry) do not fit the rank budget
+(`FAPM_EVAL_RANK_BUDGET`: a byte size such as `8GB`, or a percentage of the host's available
+memory, default 25%), no ranking is held: each candidate runs the engine's own `TensorPruner`
+(the fused numba kernel on CPU, Triton on CUDA) tensor by tensor, at the candidate's method and
+sparsity. DARE keeps a random count, not a prefix, so it always takes this path.
+
+Memory: W and F of every planned tensor on the host (for local files a private map of the page
+cache, which the kernel can drop and re-read, not process memory; remote inputs, which an
+evaluated job copies to local directories first, and LoRA-merged tensors are ordinary host
+memory); the ranks of one method when they fit the budget (on the device when they also fit a
+quarter of its free memory, else on the host); one tensor's working set on the device while a
+candidate is written; and the work model, which the job owns. What the builder held is in
+`memory()` (the report's evaluation "candidates" section).
 
 `should_cancel` is asked between tensors while they are read and ranked (minutes on a large
-remote pair), so a cancelled job stops there as it does in the engine.
+remote pair) and while a candidate is built per tensor, so a cancelled job stops there as it
+does in the engine.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,21 +50,68 @@ from worker.engine.pipeline import _tie_word_embeddings
 from worker.engine.plan import TensorTask, build_plan
 from worker.engine.readers import CheckpointReader, LoraMergedReader
 from worker.engine.select import keep_count, order_keys
+from worker.engine.tensor_pruner import TensorPruner
 from worker.errors import ArchitectureMismatch, JobCancelled
 from worker.io.uri import open_source
-from worker.spec import JobSpec
+from worker.spec import JobSpec, parse_byte_size
 
 RANKED_METHODS = frozenset({"fapm", "magnitude", "random", "breadcrumbs"})
+RANK_BUDGET_ENV = "FAPM_EVAL_RANK_BUDGET"
+DEFAULT_RANK_BUDGET = "25%"  # of the host's available memory
+RANK_BYTES = 4  # one int32 rank per pruned entry
+
+MODE_RANKS_HOST = "ranks-host"
+MODE_RANKS_DEVICE = "ranks-device"
+MODE_PER_TENSOR = "per-tensor"
+
+
+def available_host_memory() -> int:
+    """Bytes the host can still give (MemAvailable); its physical memory where unreadable."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def rank_budget(value: str | None = None) -> int:
+    """The rank budget in bytes: `value`, else $FAPM_EVAL_RANK_BUDGET, else 25% of the host's
+    available memory. A byte size (`8GB`, `512MiB`, `0` for never) or a percentage (`25%`)."""
+    raw = value if value is not None else os.environ.get(RANK_BUDGET_ENV, "")
+    raw = raw.strip() or DEFAULT_RANK_BUDGET
+    try:
+        if raw.endswith("%"):
+            fraction = float(raw[:-1]) / 100
+            if not 0.0 <= fraction <= 1.0:
+                raise ValueError(raw)
+            return int(fraction * available_host_memory())
+        return 0 if raw == "0" else parse_byte_size(raw)
+    except ValueError:
+        raise ValueError(
+            f"{RANK_BUDGET_ENV}: {raw!r} is neither a byte size (8GB, 512MiB, 0) nor a "
+            "percentage of the available memory (25%)"
+        ) from None
 
 
 @dataclass
 class _Tensor:
     task: TensorTask
-    w: torch.Tensor | None  # stored dtype, on the device (None for a copied tensor)
-    f: torch.Tensor  # the shared rows only for prune_rows
-    extra_rows: torch.Tensor | None  # prune_rows: F's added rows, copied
+    w: torch.Tensor | None  # stored dtype, on the host (None for a copied tensor)
+    f: torch.Tensor  # the whole fine-tuned tensor (prune_rows: with its added rows), host
     rows: int  # 1 for tensor scope, the tensor's rows for row scope
     param: torch.Tensor
+
+    @property
+    def shared(self) -> torch.Tensor:
+        """F's entries that W has too: all of F but for prune_rows."""
+        return self.f[: self.task.shared_rows] if self.task.action == "prune_rows" else self.f
+
+    @property
+    def ranked_entries(self) -> int:
+        return 0 if self.w is None else self.shared.numel()
 
 
 def rank_of(keys: torch.Tensor) -> torch.Tensor:
@@ -64,7 +125,11 @@ def rank_of(keys: torch.Tensor) -> torch.Tensor:
 
 
 class CandidateBuilder:
-    """Writes (method, sparsity) candidates of one base/fine-tuned pair into a work model."""
+    """Writes (method, sparsity) candidates of one base/fine-tuned pair into a work model.
+
+    `rank_budget_bytes`: the most the ranks of one method may take (None: `rank_budget()`);
+    over it, every candidate is built per tensor by the engine's pruner and no rank is held.
+    """
 
     def __init__(
         self,
@@ -72,6 +137,7 @@ class CandidateBuilder:
         model: torch.nn.Module,
         device: torch.device,
         should_cancel: Callable[[], bool] | None = None,
+        rank_budget_bytes: int | None = None,
     ) -> None:
         self.spec = spec
         self.device = device
@@ -92,9 +158,50 @@ class CandidateBuilder:
                 self._load(task, base, finetuned, params)
                 for task in build_plan(base, finetuned, spec, tie)
             ]
+            # Local files are mapped (page cache); remote reads and merged LoRA updates are not.
+            self.inputs_mapped = spec.adapter is None and not any(
+                getattr(source, "remote", False) for source in sources
+            )
         finally:
             for source in sources:
                 source.close()
+        self.input_bytes = sum(
+            t.f.nbytes + (0 if t.w is None else t.w.nbytes) for t in self.tensors
+        )
+        self.rank_bytes = RANK_BYTES * sum(t.ranked_entries for t in self.tensors)
+        self.rank_budget_bytes = (
+            rank_budget() if rank_budget_bytes is None else max(0, rank_budget_bytes)
+        )
+        self.rank_device = self._rank_device()
+        self.held_rank_bytes = 0  # the most the ranks took at once
+
+    @property
+    def mode(self) -> str:
+        if self.rank_device is None:
+            return MODE_PER_TENSOR
+        return MODE_RANKS_DEVICE if self.rank_device.type != "cpu" else MODE_RANKS_HOST
+
+    def memory(self) -> dict[str, object]:
+        """What the builder holds (the report's evaluation "candidates" section)."""
+        return {
+            "mode": self.mode,
+            "rank_budget_bytes": self.rank_budget_bytes,
+            "rank_bytes_per_method": self.rank_bytes,
+            "held_rank_bytes": self.held_rank_bytes,
+            "input_bytes": self.input_bytes,
+            "inputs_mapped": self.inputs_mapped,
+        }
+
+    def _rank_device(self) -> torch.device | None:
+        """Where the ranks go: None when they do not fit the budget (per-tensor mode); the
+        device when they also fit a quarter of its free memory; else the host."""
+        if self.rank_bytes > self.rank_budget_bytes:
+            return None
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            if self.rank_bytes <= free // 4:
+                return self.device
+        return torch.device("cpu")
 
     def _cancel_point(self) -> None:
         if self.should_cancel():
@@ -110,18 +217,9 @@ class CandidateBuilder:
             )
         w = base.read(task.name) if task.action != "copy" else None
         f = finetuned.read(task.name, base=w)
-        extra = None
-        if task.action == "prune_rows":
-            f, extra = f[: task.shared_rows], f[task.shared_rows :].to(self.device)
-        rows = f.shape[0] if self.spec.scope == "row" and f.dim() >= 2 else 1
-        return _Tensor(
-            task,
-            None if w is None else w.to(self.device),
-            f.to(self.device),
-            extra,
-            rows,
-            param,
-        )
+        shared = f[: task.shared_rows] if task.action == "prune_rows" else f
+        rows = shared.shape[0] if self.spec.scope == "row" and shared.dim() >= 2 else 1
+        return _Tensor(task, w, f, rows, param)
 
     def _params(self, sparsity: float, name: str) -> MethodParams:
         s = self.spec
@@ -132,63 +230,95 @@ class CandidateBuilder:
         if self._ranks is not None and self._ranks[0] == method:
             return self._ranks[1]
         self._ranks = None  # free the previous method's ranks first
+        assert self.rank_device is not None
         started = time.perf_counter()
         impl = get_method(method)
         ranks: list[torch.Tensor | None] = []
+        held = 0
         for t in self.tensors:
             if t.w is None:
                 ranks.append(None)
                 continue
             self._cancel_point()
-            w32 = t.w.to(torch.float32).reshape(t.rows, -1)
-            d32 = t.f.to(torch.float32).reshape(t.rows, -1) - w32
+            w32 = t.w.to(self.device).to(torch.float32).reshape(t.rows, -1)
+            d32 = t.shared.to(self.device).to(torch.float32).reshape(t.rows, -1) - w32
             if isinstance(impl, ScoredMethod):
                 keys = order_keys(impl.scores(w32, d32, self._params(0.0, t.task.name)))
             else:  # breadcrumbs: the |D| order; its window is cut per candidate
                 keys = order_keys(d32.abs())
-            ranks.append(rank_of(keys))
+            del w32, d32
+            rank = rank_of(keys).to(self.rank_device)
+            held += rank.nbytes
+            ranks.append(rank)
+        self.held_rank_bytes = max(self.held_rank_bytes, held)
         self.rank_seconds[method] = time.perf_counter() - started
         self._ranks = (method, ranks)
         return ranks
 
-    def _mask(self, method: str, t: _Tensor, rank: torch.Tensor | None, s: float) -> torch.Tensor:
-        cols = t.f.numel() // t.rows
-        k = keep_count(cols, 1.0 - s)
-        if rank is None:  # dare: a fresh Bernoulli draw per sparsity, as the engine draws it
-            assert t.w is not None
-            w32 = t.w.to(torch.float32).reshape(t.rows, -1)
-            d32 = t.f.to(torch.float32).reshape(t.rows, -1) - w32
-            return get_method(method).mask(w32, d32, self._params(s, t.task.name))
-        if isinstance(get_method(method), Breadcrumbs):
-            skip = min(keep_count(cols, self.spec.gamma), cols - k)
-            return (rank >= skip) & (rank < skip + k)
-        return rank < k
-
     def write(self, method: str, sparsity: float) -> float:
         """Put the candidate's weights into the work model; returns the seconds it took
         (the one-time ranking of a method is counted in `rank_seconds`, not here)."""
-        ranks = self._ranking(method) if method in RANKED_METHODS else None
+        ranked = self.rank_device is not None and method in RANKED_METHODS
+        ranks = self._ranking(method) if ranked else None
         started = time.perf_counter()
-        factor = get_method(method).update_factor(self._params(sparsity, "")) * self.spec.scale
         with torch.no_grad():
-            for i, t in enumerate(self.tensors):
-                out_dtype = t.task.out_torch_dtype
-                if t.w is None:
-                    out = t.f.to(out_dtype)
-                else:
-                    keep = self._mask(method, t, None if ranks is None else ranks[i], sparsity)
-                    out = compose_output(t.w, t.f, keep.reshape(t.f.shape), factor, out_dtype)
-                    if t.extra_rows is not None:
-                        out = torch.cat([out, t.extra_rows.to(out_dtype)])
-                t.param.copy_(out.to(t.param.dtype))
+            if ranks is None:
+                self._write_per_tensor(method, sparsity)
+            else:
+                self._write_ranked(method, sparsity, ranks)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - started
+
+    def _write_ranked(self, method: str, sparsity: float, ranks: list[torch.Tensor | None]) -> None:
+        """Each kept set a prefix (or breadcrumbs' window) of the method's ranking."""
+        factor = get_method(method).update_factor(self._params(sparsity, "")) * self.spec.scale
+        window = isinstance(get_method(method), Breadcrumbs)
+        for t, rank in zip(self.tensors, ranks, strict=True):
+            out_dtype = t.task.out_torch_dtype
+            if t.w is None or rank is None:
+                t.param.copy_(t.f.to(self.device).to(out_dtype).to(t.param.dtype))
+                continue
+            w = t.w.to(self.device)
+            f = t.shared.to(self.device)
+            rank = rank.to(self.device)
+            cols = f.numel() // t.rows
+            k = keep_count(cols, 1.0 - sparsity)
+            if window:
+                skip = min(keep_count(cols, self.spec.gamma), cols - k)
+                keep = (rank >= skip) & (rank < skip + k)
+            else:
+                keep = rank < k
+            out = compose_output(w, f, keep.reshape(f.shape), factor, out_dtype)
+            if t.task.action == "prune_rows":
+                extra = t.f[t.task.shared_rows :].to(self.device).to(out_dtype)
+                out = torch.cat([out, extra])
+            t.param.copy_(out.to(t.param.dtype))
+
+    def _write_per_tensor(self, method: str, sparsity: float) -> None:
+        """The engine's own per-tensor pruning at (method, sparsity): no ranks held."""
+        concrete = self.spec.model_copy(
+            update={
+                "method": method,
+                "sparsity": sparsity,
+                "device": self.device.type,
+                "methods": None,
+                "target": None,
+                "evaluate": None,
+            }
+        )
+        pruner = TensorPruner(concrete)
+        params = {t.task.name: t.param for t in self.tensors}
+        pairs = ((t.task, (t.w, t.f)) for t in self.tensors)
+        for task, (w, f) in pruner.overlap_transfers(pairs):
+            self._cancel_point()
+            out, _stats = pruner.run(task, w, f)
+            param = params[task.name]
+            param.copy_(out.to(param.dtype))
 
     def write_finetuned(self) -> None:
         """The fine-tuned weights (sparsity 0 of any selecting method), as the output dtype
         stores them."""
         with torch.no_grad():
             for t in self.tensors:
-                f = t.f if t.extra_rows is None else torch.cat([t.f, t.extra_rows])
-                t.param.copy_(f.to(t.task.out_torch_dtype).to(t.param.dtype))
+                t.param.copy_(t.f.to(self.device).to(t.task.out_torch_dtype).to(t.param.dtype))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,7 @@ class Evaluation:
     tokens_per_second: float
     seconds: dict[str, float]
     requested: dict
+    candidates: dict  # CandidateBuilder.memory(): the mode used and what it held
 
     def as_dict(self) -> dict:
         return {
@@ -78,6 +80,7 @@ class Evaluation:
             "evaluations": len(self.points) + len(self.references),
             "tokens_per_second": self.tokens_per_second,
             "seconds": self.seconds,
+            "candidates": self.candidates,
         }
 
 
@@ -148,13 +151,15 @@ def evaluate_job(
     spec: JobSpec, report_progress: ProgressCallback, cancelled: Callable[[], bool]
 ) -> Evaluation:
     """Measure the references and the candidates; choose (sparsity "auto") or report the one
-    requested sparsity. The models are freed however it ends (a worker runs many jobs)."""
+    requested sparsity. The models are freed, and the local copies of remote inputs removed,
+    however it ends (a worker runs many jobs)."""
     loaded: list[LoadedModel] = []
-    try:
-        return _evaluate(spec, report_progress, cancelled, loaded)
-    finally:
-        for model in loaded:
-            free(model)
+    with ExitStack() as local_dirs:
+        try:
+            return _evaluate(spec, report_progress, cancelled, loaded, local_dirs)
+        finally:
+            for model in loaded:
+                free(model)
 
 
 def _evaluate(
@@ -162,6 +167,7 @@ def _evaluate(
     report_progress: ProgressCallback,
     cancelled: Callable[[], bool],
     loaded: list[LoadedModel],
+    local_dirs: ExitStack,
 ) -> Evaluation:
     assert spec.evaluate is not None
     settings = spec.evaluate
@@ -184,9 +190,12 @@ def _evaluate(
     general = load_general(settings.general, settings.max_examples)
     # The work model: built from the fine-tune's directory (its tokenizer and shapes), or the
     # base's for an adapter; candidates are written into its parameters.
+    # Remote inputs are copied to local directories, kept until the evaluation ends: the
+    # candidate builder then reads W and F from them as maps of the page cache, not as copies in
+    # the process's memory.
     work_uri = spec.finetuned or spec.base
-    with local_model_dir(work_uri, cancelled) as directory:
-        work = load_causal_lm(directory, device, work_uri)
+    work_dir = local_dirs.enter_context(local_model_dir(work_uri, cancelled))
+    work = load_causal_lm(work_dir, device, work_uri)
     loaded.append(work)
     evaluator = Evaluator(
         encode_task(work.tokenizer, task, work.context, settings.task),
@@ -203,14 +212,21 @@ def _evaluate(
     # ids the base has no row for. The base is measured with the fine-tune's added rows (taken
     # from the work model, which holds the fine-tune's weights until the builder writes into it):
     # every candidate has those rows too (model.py, add_vocabulary).
-    with local_model_dir(spec.base, cancelled) as directory:
-        base_model = load_causal_lm(directory, device, spec.base, with_tokenizer=False)
+    base_dir = (
+        work_dir
+        if spec.base == work_uri
+        else local_dirs.enter_context(local_model_dir(spec.base, cancelled))
+    )
+    base_model = load_causal_lm(base_dir, device, spec.base, with_tokenizer=False)
     loaded.append(base_model)
     added = add_vocabulary(base_model.model, Vocabulary.of(work.model), spec.base)
     base_scores = _measure(evaluator, base_model.model, spec.base)
     free(base_model)
     tick()
-    builder = CandidateBuilder(spec, work.model, device, cancelled)
+    local_inputs = {"base": str(base_dir)} | (
+        {"finetuned": str(work_dir)} if spec.finetuned else {}
+    )
+    builder = CandidateBuilder(spec.model_copy(update=local_inputs), work.model, device, cancelled)
     builder.write_finetuned()
     ft_scores = _measure(evaluator, work.model, work_uri)
     tick()
@@ -276,6 +292,7 @@ def _evaluate(
             "evaluate": settings.model_dump(),
             "device": device.type,
         },
+        candidates=builder.memory(),
     )
 
 
