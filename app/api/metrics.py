@@ -18,11 +18,9 @@ from prometheus_client.core import (
     Metric,
 )
 
-from app.jobs.records import JobStatus
+from app.jobs.records import ACTIVE_STATUSES, TERMINAL_STATUSES
 from app.jobs.store import DURATION_BUCKETS, JobStore
 
-STATES: tuple[str, ...] = JobStatus.__args__  # type: ignore[attr-defined]
-TERMINAL = ("succeeded", "failed", "cancelled")
 # Celery's Redis transport keeps each queue as a list named after it.
 DEPTH_QUEUES = ("cpu", "gpu", "webhooks")
 
@@ -40,15 +38,18 @@ class StoreCollector:
             depths = pipe.execute()
         workers = self.store.fresh_workers(self.fresh)
 
-        jobs = GaugeMetricFamily("fapm_jobs", "Jobs by current state.", labels=["state"])
-        for state in STATES:
+        # Active states only: finished jobs expire from the store after FAPM_JOB_TTL_SECONDS
+        # without touching the counts, so a gauge of them would only ever grow.
+        # fapm_jobs_finished counts them instead.
+        jobs = GaugeMetricFamily("fapm_jobs", "Jobs queued or running, by state.", labels=["state"])
+        for state in ACTIVE_STATUSES:
             jobs.add_metric([state], max(0.0, stats.get(f"state:{state}", 0.0)))
         yield jobs
 
         finished = CounterMetricFamily(
             "fapm_jobs_finished", "Jobs that ended, by final status.", labels=["status"]
         )
-        for status in TERMINAL:
+        for status in TERMINAL_STATUSES:
             finished.add_metric([status], stats.get(f"finished:{status}", 0.0))
         yield finished
 
