@@ -289,8 +289,6 @@ class JobSpec(BaseModel):
                 raise ValueError(
                     'evaluate: sparsity "auto" needs evaluate {task, general} to measure with'
                 )
-            if self.scope == "model":
-                raise ValueError('scope: sparsity "auto" works with scope tensor or row')
         else:
             if self.target is not None:
                 raise ValueError('target: applies to sparsity "auto" only')
@@ -298,6 +296,11 @@ class JobSpec(BaseModel):
                 raise ValueError('methods: applies to sparsity "auto" only (use method)')
         if self.methods is not None and len(set(self.methods)) != len(self.methods):
             raise ValueError("methods: each method once")
+        if self.evaluate is not None and self.scope == "model":
+            # Candidates are built per tensor; scope model's global threshold needs the engine's
+            # two counting passes, which the candidate builder does not run.
+            what = 'sparsity "auto"' if self.sparsity == "auto" else "evaluate"
+            raise ValueError(f"scope: {what} works with scope tensor or row, not model")
         return self
 
     @property

@@ -165,3 +165,22 @@ def test_a_model_that_is_not_a_causal_lm_is_refused(tmp_path):
     save_file({"w": torch.zeros(2)}, tmp_path / "model.safetensors")
     with pytest.raises(NotCausalLM, match="not a causal LM"):
         load_causal_lm(tmp_path, CPU, "vit-model")
+
+
+@pytest.mark.parametrize("sparsity", ["auto", 0.5])
+def test_scope_model_with_evaluation_is_refused_up_front(sparsity):
+    """Candidates are built tensor by tensor: a measured point at scope model would not be what
+    gets published, so the spec refuses the combination (a 422 at the API)."""
+    from worker.spec import JobSpec
+
+    with pytest.raises(ValueError, match=r"scope: .* works with scope tensor or row, not model"):
+        JobSpec(
+            base="/b",
+            finetuned="/f",
+            output="/o",
+            method="fapm",
+            scope="model",
+            sparsity=sparsity,
+            evaluate={"task": "/t.jsonl", "general": "/g.jsonl"},
+        )
+    JobSpec(base="/b", finetuned="/f", output="/o", scope="model", sparsity=0.5)  # no evaluate
