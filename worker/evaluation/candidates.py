@@ -59,6 +59,9 @@ RANKED_METHODS = frozenset({"fapm", "magnitude", "random", "breadcrumbs"})
 RANK_BUDGET_ENV = "FAPM_EVAL_RANK_BUDGET"
 DEFAULT_RANK_BUDGET = "25%"  # of the host's available memory
 RANK_BYTES = 4  # one int32 rank per pruned entry
+# Scratch while one tensor is ranked, per entry: float32 W and D (8), int32 keys (4), the stable
+# sort's values and int64 indices (12), the int32 rank (4).
+RANKING_SCRATCH_BYTES = 28
 
 MODE_RANKS_HOST = "ranks-host"
 MODE_RANKS_DEVICE = "ranks-device"
@@ -169,6 +172,10 @@ class CandidateBuilder:
             t.f.nbytes + (0 if t.w is None else t.w.nbytes) for t in self.tensors
         )
         self.rank_bytes = RANK_BYTES * sum(t.ranked_entries for t in self.tensors)
+        # Ranking one tensor also needs scratch for a moment, on top of the ranks already held.
+        self.ranking_scratch_bytes = RANKING_SCRATCH_BYTES * max(
+            (t.ranked_entries for t in self.tensors), default=0
+        )
         self.rank_budget_bytes = (
             rank_budget() if rank_budget_bytes is None else max(0, rank_budget_bytes)
         )
@@ -187,6 +194,7 @@ class CandidateBuilder:
             "mode": self.mode,
             "rank_budget_bytes": self.rank_budget_bytes,
             "rank_bytes_per_method": self.rank_bytes,
+            "ranking_scratch_bytes": self.ranking_scratch_bytes,
             "held_rank_bytes": self.held_rank_bytes,
             "input_bytes": self.input_bytes,
             "inputs_mapped": self.inputs_mapped,
@@ -195,7 +203,7 @@ class CandidateBuilder:
     def _rank_device(self) -> torch.device | None:
         """Where the ranks go: None when they do not fit the budget (per-tensor mode); the
         device when they also fit a quarter of its free memory; else the host."""
-        if self.rank_bytes > self.rank_budget_bytes:
+        if self.rank_bytes + self.ranking_scratch_bytes > self.rank_budget_bytes:
             return None
         if self.device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(self.device)
