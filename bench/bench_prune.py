@@ -64,12 +64,15 @@ from make_pair import make_pair  # noqa: E402
 
 # Offline: nothing may try the hub (mergekit/transformers look for tokenizers and configs).
 # NUMBA_DEBUG_CACHE makes numba log cache loads/saves: a save in a timed fapm leg means it compiled.
+# FAPM_DIGEST_CACHE=off: every fapm run hashes its inputs, as a job on a pair new to the machine
+# does (the repeats would otherwise take the digests from the cache of the first run).
 CHILD_ENV = {
     **os.environ,
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "TQDM_DISABLE": "1",
     "NUMBA_DEBUG_CACHE": "1",
+    "FAPM_DIGEST_CACHE": "off",
 }
 KERNEL = Path("worker") / "engine" / "kernels" / "cpu_fused.py"
 

@@ -11,6 +11,22 @@ import torch
 
 from tests.models import LoraCase, ModelPair, make_llama_pair, make_lora_adapter
 
+
+@pytest.fixture(scope="session", autouse=True)
+def _digest_cache_of_this_session(tmp_path_factory):
+    """Input digests that jobs remember (worker/io/digest_cache.py) go to a directory of this
+    session, for this process and the workers it starts, not to the user's ~/.cache."""
+    import os
+
+    previous = os.environ.get("FAPM_DIGEST_CACHE")
+    os.environ["FAPM_DIGEST_CACHE"] = str(tmp_path_factory.mktemp("digest-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("FAPM_DIGEST_CACHE", None)
+    else:
+        os.environ["FAPM_DIGEST_CACHE"] = previous
+
+
 # Each tensor of the tiny model is at most 128 x 32 entries (8 KiB in bf16), so a 12 KB shard
 # limit splits the bf16 checkpoint into several shards (6 with the default sizes).
 SMALL_SHARD_SIZE = "12KB"

@@ -234,3 +234,43 @@ def test_background_digests_cover_many_chunks_and_stop_on_close(tmp_path, monkey
     stopped.close()
     source.close()
     assert not stopped._background._thread.is_alive()
+
+
+def test_digest_cache_remembers_a_file_until_it_changes(tmp_path, monkeypatch):
+    """A second job on the same, unchanged file takes its sha256 from the machine's cache; a
+    write to the file (new mtime/ctime) or a cache turned off means hashing it again."""
+    import hashlib
+    import os
+
+    from worker.io import digest_cache
+
+    monkeypatch.setenv("FAPM_DIGEST_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "m").mkdir()
+    path = tmp_path / "m" / "model.safetensors"
+    save_file({"w": torch.randn(50, 20)}, path)
+    real = hashlib.sha256(path.read_bytes()).hexdigest()
+
+    def digest() -> str:
+        source = LocalDirSource(tmp_path / "m")
+        try:
+            checkpoint = SafetensorsCheckpoint(source, hash_in_background=True)
+            return checkpoint.shard_digests()["model.safetensors"]
+        finally:
+            source.close()
+
+    assert digest() == real  # hashed, then remembered
+    key = digest_cache.file_key(os.stat(path))
+    assert digest_cache.lookup(key) == real
+    # Proof that the next job reads the cache: plant a different digest under the file's key.
+    digest_cache.remember(key, "0" * 64)
+    assert digest() == "0" * 64
+    monkeypatch.setenv("FAPM_DIGEST_CACHE", "off")
+    assert digest() == real
+    monkeypatch.setenv("FAPM_DIGEST_CACHE", str(tmp_path / "cache"))
+    os.utime(path, ns=(1, 1))  # any change of the file's stat makes a new key
+    assert digest() == real
+    # A corrupt entry is ignored, not trusted.
+    digest_cache._entry(digest_cache.cache_dir(), digest_cache.file_key(os.stat(path))).write_text(
+        "{"
+    )
+    assert digest() == real

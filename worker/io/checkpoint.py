@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass
 
 from worker.errors import CorruptCheckpoint, SourceNotFound, UnsupportedFormat
+from worker.io import digest_cache
 from worker.io.safetensors_format import (
     SafetensorsHeader,
     TensorEntry,
@@ -56,7 +57,8 @@ class _FileDigest:
 
 class _BackgroundDigests:
     """sha256 of whole local files, computed on a daemon thread through mapped 16 MiB chunks (each
-    unmapped once hashed, so it holds little memory); `result()` waits for it."""
+    unmapped once hashed, so it holds little memory) unless the machine's digest cache already
+    knows the file (io/digest_cache.py); `result()` waits for it."""
 
     def __init__(self, source: ModelSource, files: list[str]) -> None:
         self._source = source
@@ -70,6 +72,12 @@ class _BackgroundDigests:
     def _run(self) -> None:
         try:
             for file in self._files:
+                before = self._source.stat(file)
+                key = None if before is None else digest_cache.file_key(before)
+                cached = None if key is None else digest_cache.lookup(key)
+                if cached is not None:
+                    self._digests[file] = cached
+                    continue
                 hasher = hashlib.sha256()
                 size = self._source.size(file)
                 for offset in range(0, size, _MAP_CHUNK):
@@ -80,6 +88,9 @@ class _BackgroundDigests:
                     hasher.update(chunk if chunk is not None else b"")
                     del chunk  # unmapped here
                 self._digests[file] = hasher.hexdigest()
+                after = self._source.stat(file)
+                if key is not None and after is not None and digest_cache.file_key(after) == key:
+                    digest_cache.remember(key, self._digests[file])  # unchanged while hashed
         except BaseException as exc:  # re-raised by result()
             self._error = exc
 

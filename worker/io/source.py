@@ -37,6 +37,10 @@ class ModelSource(ABC):
     def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
         """Fill `buffer` with the file's bytes starting at `offset`; raise on a short read."""
 
+    def stat(self, name: str) -> os.stat_result | None:
+        """The file's stat where the store has one (local files), else None."""
+        return None
+
     def map_range(self, name: str, offset: int, length: int) -> memoryview | None:
         """A zero-copy, writable (copy-on-write) view of a byte range where the store allows one
         (a local file: pages come straight from the page cache, no copy into a fresh buffer);
@@ -145,6 +149,9 @@ class LocalDirSource(ModelSource):
 
     def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
         pread_exactly(self._fd(name), offset, byte_view(buffer), str(self.path / name))
+
+    def stat(self, name: str) -> os.stat_result | None:
+        return os.fstat(self._fd(name))
 
     def map_range(self, name: str, offset: int, length: int) -> memoryview | None:
         # Private mapping: the engine never writes its inputs, and a stray write would stay in
