@@ -334,19 +334,7 @@ def _submit(client: FapmClient, namespace: argparse.Namespace) -> int:
         webhook_secret=secret,
         idempotency_key=namespace.idempotency_key,
     )
-    if namespace.json:
-        if not namespace.wait:  # with --wait, the one JSON document is the final record
-            _print_json(record)
-    else:
-        # The id alone on stdout, so `job=$(fapm submit ...)` works; the rest goes to stderr.
-        print(record["id"], flush=True)
-    print(
-        f"fapm: job {record['id']} {record['status']} on queue {record.get('queue')}",
-        file=sys.stderr,
-    )
-    if namespace.wait:
-        return _follow(client, record["id"], namespace.json, record["status"])
-    return 0
+    return _submitted(client, namespace, record, "job")
 
 
 def _submit_evaluation(client: FapmClient, namespace: argparse.Namespace) -> int:
@@ -354,13 +342,19 @@ def _submit_evaluation(client: FapmClient, namespace: argparse.Namespace) -> int
     record = client.submit_evaluation(
         body, labels=_labels(namespace.label), idempotency_key=namespace.idempotency_key
     )
+    return _submitted(client, namespace, record, "evaluation job")
+
+
+def _submitted(client: FapmClient, namespace: argparse.Namespace, record: dict, what: str) -> int:
+    """Say what a submission created; with --wait, follow it to its end."""
     if namespace.json:
-        if not namespace.wait:
+        if not namespace.wait:  # with --wait, the one JSON document is the final record
             _print_json(record)
     else:
+        # The id alone on stdout, so `job=$(fapm submit ...)` works; the rest goes to stderr.
         print(record["id"], flush=True)
     print(
-        f"fapm: evaluation job {record['id']} {record['status']} on queue {record.get('queue')}",
+        f"fapm: {what} {record['id']} {record['status']} on queue {record.get('queue')}",
         file=sys.stderr,
     )
     if namespace.wait:

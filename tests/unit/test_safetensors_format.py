@@ -218,7 +218,7 @@ def test_mapped_reads_equal_buffered_reads_at_any_alignment(tmp_path, pad):
 
 def test_background_digests_cover_many_chunks_and_stop_on_close(tmp_path, monkeypatch):
     """Hashing in background maps the file chunk by chunk: a file of several chunks gives the
-    file's sha256; a checkpoint closed early stops the thread before its source closes."""
+    file's sha256; a checkpoint closed early stops the thread between chunks."""
     import hashlib
 
     from worker.io import checkpoint as checkpoint_module
@@ -230,10 +230,32 @@ def test_background_digests_cover_many_chunks_and_stop_on_close(tmp_path, monkey
     expected = hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
     assert checkpoint.shard_digests() == {"model.safetensors": expected}
 
-    stopped = SafetensorsCheckpoint(source, hash_in_background=True)
-    stopped.close()
-    source.close()
-    assert not stopped._background._thread.is_alive()
+    # Stopping: the thread is held inside its first chunk until the checkpoint has been told to
+    # stop; it must then leave without mapping another chunk, and give no digests.
+    import threading
+
+    (tmp_path / "other").mkdir()
+    save_file({"big": torch.randn(64, 1000)}, tmp_path / "other" / "model.safetensors")
+    other = LocalDirSource(tmp_path / "other")
+    entered, gate, mapped = threading.Event(), threading.Event(), []
+    real_map = other.map_range
+
+    def gated_map(name, offset, length):
+        mapped.append(offset)
+        entered.set()
+        gate.wait(timeout=10)
+        return real_map(name, offset, length)
+
+    monkeypatch.setattr(other, "map_range", gated_map)
+    stopped = SafetensorsCheckpoint(other, hash_in_background=True)
+    assert entered.wait(timeout=10)
+    stopped._background.stop()
+    gate.set()
+    stopped.close()  # joins the thread, before the source closes its files
+    other.close()
+    assert mapped == [0]
+    with pytest.raises(RuntimeError, match="stopped"):
+        stopped.shard_digests()
 
 
 def test_digest_cache_remembers_a_file_until_it_changes(tmp_path, monkeypatch):

@@ -39,23 +39,21 @@ def read_tensor(checkpoint: SafetensorsCheckpoint, name: str) -> torch.Tensor:
     mapping whose bytes are not aligned for the dtype) read into a fresh buffer.
     """
     entry = checkpoint.entry(name)
-    dtype = TORCH_DTYPES[entry.dtype]
     mapped = checkpoint.map(name) if entry.nbytes else None
     if mapped is not None:
-        # numpy keeps the view (and so the mapping) alive for as long as the tensor lives.
-        array = np.frombuffer(mapped, dtype=np.uint8)
-        if array.ctypes.data % dtype.itemsize == 0:
-            raw = torch.from_numpy(array)
-        else:
-            raw = torch.from_numpy(array.copy())
-    else:
-        raw = torch.empty(entry.nbytes, dtype=torch.uint8)
-        if entry.nbytes:
-            checkpoint.read_into(name, memoryview(raw.numpy()))
-    return raw.view(dtype).reshape(entry.shape)
+        itemsize = TORCH_DTYPES[entry.dtype].itemsize
+        aligned = np.frombuffer(mapped, dtype=np.uint8).ctypes.data % itemsize == 0
+        return tensor_over(mapped if aligned else bytearray(mapped), entry.dtype, entry.shape)
+    raw = torch.empty(entry.nbytes, dtype=torch.uint8)
+    if entry.nbytes:
+        checkpoint.read_into(name, memoryview(raw.numpy()))
+    return raw.view(TORCH_DTYPES[entry.dtype]).reshape(entry.shape)
 
 
-def tensor_over(buffer: memoryview, dtype_tag: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """A tensor whose storage is `buffer` (e.g. its place in a mapped output file)."""
+def tensor_over(
+    buffer: memoryview | bytearray, dtype_tag: str, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """A tensor whose storage is `buffer` (a mapped input or its place in a mapped output file);
+    numpy keeps the buffer, and so the mapping, alive for as long as the tensor lives."""
     raw = torch.from_numpy(np.frombuffer(buffer, dtype=np.uint8))
     return raw.view(TORCH_DTYPES[dtype_tag]).reshape(shape)
