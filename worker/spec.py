@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from worker.exclude_pattern import MAX_EXCLUDE_CHARS, ExcludePattern
+
 # Method names are listed here, not imported from the engine, so this module stays torch-free;
 # tests/unit/test_methods.py checks that this list and the engine's registry agree.
 MethodName = Literal["fapm", "magnitude", "random", "dare", "breadcrumbs"]
@@ -213,8 +215,10 @@ class JobSpec(BaseModel):
     seed: int = Field(default=0, ge=0, description="Seed for the random and dare methods.")
     exclude: str | None = Field(
         default=None,
-        description="Regular expression on tensor names; matching tensors keep their whole "
-        "update (copied from the fine-tuned model). E.g. 'embed|norm|lm_head|bias'.",
+        max_length=MAX_EXCLUDE_CHARS,
+        description="Regular expression on tensor names (RE2 syntax: no backreferences or "
+        "lookaround), matched anywhere in the name; matching tensors keep their whole update "
+        "(copied from the fine-tuned model). E.g. 'embed|norm|lm_head|bias'.",
     )
     scope: Literal["tensor", "row", "model"] = Field(
         default="tensor",
@@ -255,10 +259,7 @@ class JobSpec(BaseModel):
     @classmethod
     def _exclude_compiles(cls, value: str | None) -> str | None:
         if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from exc
+            ExcludePattern(value)  # ValueError: too long, or not linear-time (RE2) syntax
         return value
 
     @field_validator("base", "output")

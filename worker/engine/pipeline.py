@@ -119,6 +119,7 @@ def run_prune(
         sources.append(base_source)
         base = CheckpointReader(base_source, identify=True)
         readers.append(base)
+        _stop_if_cancelled(cancelled)
         update_source = open_source(spec.finetuned or spec.adapter or "")
         sources.append(update_source)
         finetuned = (
@@ -127,10 +128,12 @@ def run_prune(
             else CheckpointReader(update_source, identify=True)
         )
         readers.append(finetuned)
+        _stop_if_cancelled(cancelled)
         pruner = TensorPruner(spec)
         config = finetuned.config()
-        tasks = build_plan(base, finetuned, spec, _tie_word_embeddings(config))
+        tasks = build_plan(base, finetuned, spec, _tie_word_embeddings(config), cancelled)
         shards = plan_shards([t.planned for t in tasks], spec.shard_size)
+        _stop_if_cancelled(cancelled)
         writer = WriterThread(
             ShardedWriter(target.local_dir, shards, on_shard_complete=target.shard_done)
         )
@@ -190,6 +193,12 @@ def run_prune(
             source.close()
     report_progress(Progress("done", len(tasks), len(tasks)))
     return PruneResult(location, report)
+
+
+def _stop_if_cancelled(cancelled: Callable[[], bool]) -> None:
+    """Planning reads headers of every shard (remote ones too): a cancel is read between steps."""
+    if cancelled():
+        raise JobCancelled("the job was cancelled")
 
 
 def _commit_message(spec: JobSpec, job_id: str | None) -> str:

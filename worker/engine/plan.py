@@ -10,13 +10,16 @@ a tied output embedding; any other shape mismatch is an error naming the tensor 
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
 
 from worker.engine.readers import TensorInfo
-from worker.errors import ArchitectureMismatch
+from worker.errors import ArchitectureMismatch, JobCancelled
+from worker.exclude_pattern import ExcludePattern
 from worker.io.safetensors_format import FLOAT_DTYPES
 from worker.io.torch_tensors import COMPUTE_DTYPES, DTYPE_TAGS
 from worker.io.writer import PlannedTensor
@@ -28,6 +31,9 @@ Action = Literal["prune", "prune_rows", "copy"]
 VOCAB_TENSOR = re.compile(r"(embed_tokens|embed_in|embed_out|lm_head|wte|word_embeddings)\b")
 TIED_OUTPUT_NAMES = frozenset({"lm_head.weight", "embed_out.weight", "output.weight"})
 OUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+# Planning a tensor takes microseconds, asking for a cancel may take a Redis round trip: between
+# tensors the flag is read at most this often.
+CANCEL_CHECK_SECONDS = 0.1
 
 
 class TensorSource(Protocol):
@@ -60,15 +66,47 @@ class TensorTask:
         return self.base_bytes + self.finetuned_bytes
 
 
+def cancel_point(
+    should_cancel: Callable[[], bool] | None, every_seconds: float = CANCEL_CHECK_SECONDS
+) -> Callable[[], None]:
+    """A function to call between steps: raises JobCancelled when `should_cancel()` says so,
+    asking it at most every `every_seconds` (the first call asks)."""
+    if should_cancel is None:
+        return lambda: None
+    asked_at = -float("inf")
+
+    def check() -> None:
+        nonlocal asked_at
+        now = time.monotonic()
+        if now - asked_at < every_seconds:
+            return
+        asked_at = now
+        if should_cancel():
+            raise JobCancelled("the job was cancelled")
+
+    return check
+
+
 def build_plan(
-    base: TensorSource, finetuned: TensorSource, spec: JobSpec, tie_word_embeddings: bool
+    base: TensorSource,
+    finetuned: TensorSource,
+    spec: JobSpec,
+    tie_word_embeddings: bool,
+    should_cancel: Callable[[], bool] | None = None,
 ) -> list[TensorTask]:
-    """One task per output tensor, in the fine-tuned checkpoint's storage order."""
-    exclude = re.compile(spec.exclude) if spec.exclude else None
+    """One task per output tensor, in the fine-tuned checkpoint's storage order.
+
+    `should_cancel` is asked between tensors (at most every CANCEL_CHECK_SECONDS): a checkpoint
+    can hold millions of tensors, and a cancelled job should not plan them all.
+    """
+    exclude = ExcludePattern(spec.exclude) if spec.exclude else None
+    check_cancel = cancel_point(should_cancel)
     base_names = set(base.names())
     ft_names = finetuned.names()
-    missing = [n for n in base.names() if n not in set(ft_names)]
+    ft_name_set = set(ft_names)  # once: a set per base name made this quadratic
+    missing = [n for n in base.names() if n not in ft_name_set]
     for name in missing:
+        check_cancel()
         if not (name in TIED_OUTPUT_NAMES and tie_word_embeddings):
             raise ArchitectureMismatch(
                 f"tensor {name!r} (shape {list(base.info(name).shape)}) is in the base but not in "
@@ -77,6 +115,7 @@ def build_plan(
 
     tasks = []
     for name in ft_names:
+        check_cancel()
         ft = finetuned.info(name)
         out_dtype = OUT_DTYPES.get(spec.dtype, ft.dtype) if ft.dtype in FLOAT_DTYPES else ft.dtype
         ft_bytes = finetuned.read_nbytes(name)
@@ -112,7 +151,7 @@ def build_plan(
                 )
         else:
             action = "prune"
-        if exclude is not None and exclude.search(name):
+        if exclude is not None and exclude.matches(name):
             tasks.append(copy("excluded"))
             continue
         if ft.dtype not in COMPUTE_DTYPES or w.dtype not in FLOAT_DTYPES:

@@ -159,7 +159,7 @@ class CandidateBuilder:
             tie = _tie_word_embeddings(config)  # the engine's reading (text_config too)
             self.tensors = [
                 self._load(task, base, finetuned, params)
-                for task in build_plan(base, finetuned, spec, tie)
+                for task in build_plan(base, finetuned, spec, tie, self.should_cancel)
             ]
             # Local files are mapped (page cache); remote reads and merged LoRA updates are not.
             self.inputs_mapped = spec.adapter is None and not any(
