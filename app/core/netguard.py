@@ -11,21 +11,71 @@ import socket
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-# Cloud metadata endpoints that are not covered by the private/link-local checks.
+# Cloud metadata endpoints that are not covered by the address checks.
 _METADATA_HOSTS = {"metadata.google.internal", "metadata", "instance-data"}
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# IPv6 forms that carry an IPv4 destination (a packet to them reaches that IPv4 host through a
+# relay or translator), so the IPv4 address inside must be public too.
+_IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+_SIXTOFOUR = ipaddress.ip_network("2002::/16")
+_NAT64_WELL_KNOWN = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: IPv4 in the last 32 bits
+_NAT64_LOCAL_USE = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215: a site's own translator
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated ::a.b.c.d (RFC 4291 2.5.5.1)
+_IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # SIIT ::ffff:0:a.b.c.d (RFC 2765)
+# Where the IPv4 address inside alone decides (newer Pythons count 2002::/16 as private; the
+# rule should not change with the patch release). Teredo, IPv4-compatible and SIIT addresses
+# must also pass as IPv6 addresses, which they never do (2001::/23 and ::/8 are not global).
+_IPV4_DECIDES = (_IPV4_MAPPED, _SIXTOFOUR, _NAT64_WELL_KNOWN)
+# Carrier-grade NAT (RFC 6598), where some clouds put their metadata service (100.100.100.200).
+# Named on its own: Python before 3.11.10 / 3.12.4 does not count it in is_private.
+_SHARED_ADDRESS_SPACE = ipaddress.ip_network("100.64.0.0/10")
 
-def _forbidden_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 transition address leads to (none for a plain IPv6 one)."""
+    if address.ipv4_mapped is not None:
+        return [address.ipv4_mapped]
+    if address.teredo is not None:
+        return list(address.teredo)  # the Teredo server and the (de-obfuscated) client
+    if address in _SIXTOFOUR:
+        return [ipaddress.IPv4Address((int(address) >> 80) & 0xFFFFFFFF)]
+    if address in _NAT64_WELL_KNOWN or address in _IPV4_TRANSLATED:
+        return [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
+    if address in _IPV4_COMPATIBLE and int(address) > 1:  # :: and ::1 are not IPv4-compatible
+        return [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
+    return []
+
+
+def _forbidden_address(address: IPAddress) -> str | None:
+    """Why a webhook may not connect to `address`, or None when it is globally routable.
+
+    Only `is_global` addresses pass; the checks before it name the usual reasons in the error.
+    An IPv6 address that embeds an IPv4 one (mapped, 6to4, Teredo, NAT64, IPv4-compatible) is
+    judged by the IPv4 address it leads to as well.
+    """
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in _NAT64_LOCAL_USE:
+            return "a local-use NAT64 address (it leads into a private network)"
+        embedded = _embedded_ipv4(address)
+        for inner in embedded:
+            reason = _forbidden_address(inner)
+            if reason:
+                return f"{reason} ({inner}) embedded in an IPv6 transition address"
+        if embedded and any(address in network for network in _IPV4_DECIDES):
+            return None
     if address.is_loopback:
         return "a loopback address"
     if address.is_link_local:
         return "a link-local (cloud metadata) address"
-    if address.is_private or address.is_reserved or address.is_multicast:
-        return "a private or reserved address"
     if address.is_unspecified:
         return "an unspecified address"
+    if address in _SHARED_ADDRESS_SPACE:
+        return "a carrier-grade NAT (100.64.0.0/10, cloud metadata) address"
+    if address.is_private or address.is_reserved or address.is_multicast:
+        return "a private or reserved address"
+    if not address.is_global:
+        return "an address that is not globally routable"
     return None
 
 

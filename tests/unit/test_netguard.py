@@ -3,6 +3,7 @@ literal addresses and `localhost` resolve locally)."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from pathlib import Path
 
@@ -78,6 +79,80 @@ def test_unresolvable_host_is_refused(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", fail)
     with pytest.raises(ValueError, match="does not resolve"):
         check_webhook_url("https://nowhere.invalid/", allow=[])
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        # Carrier-grade NAT (RFC 6598), with a cloud's metadata service at 100.100.100.200.
+        ("100.100.100.200", "carrier-grade NAT"),
+        ("100.64.0.1", "carrier-grade NAT"),
+        ("100.127.255.254", "carrier-grade NAT"),
+        # Not globally routable for other reasons.
+        ("198.18.0.1", "private"),  # benchmarking
+        ("192.0.2.1", "private"),  # documentation
+        ("240.0.0.1", "reserved"),
+        ("255.255.255.255", "reserved"),
+        ("[ff0e::1]", "reserved"),  # global-scope multicast
+        ("[2001:db8::1]", "reserved"),
+        # 6to4 (2002:AABB:CCDD::) of loopback, link-local metadata, private, CGNAT.
+        ("[2002:7f00:1::]", "loopback .* .127.0.0.1. embedded"),
+        ("[2002:a9fe:a9fe::]", "link-local .* .169.254.169.254. embedded"),
+        ("[2002:a00:1::1]", "private .* .10.0.0.1. embedded"),
+        ("[2002:6464:64c8::]", "carrier-grade NAT .* .100.100.100.200. embedded"),
+        # NAT64: the well-known prefix carries IPv4 in its last 32 bits; local-use is a site's.
+        ("[64:ff9b::7f00:1]", "loopback .* .127.0.0.1. embedded"),
+        ("[64:ff9b::a9fe:a9fe]", "link-local"),
+        ("[64:ff9b::169.254.169.254]", "link-local"),
+        ("[64:ff9b:1::808:808]", "local-use NAT64"),
+        # Teredo: server 65.54.227.120, client 127.0.2.45 (stored inverted: 80ff:fdd2).
+        ("[2001:0:4136:e378:8000:63bf:80ff:fdd2]", "loopback .* .127.0.2.45. embedded"),
+        ("[2001:0:4136:e378:8000:63bf:f7f7:f7f7]", "private"),  # Teredo is never global
+        # IPv4-compatible (::a.b.c.d, deprecated) and SIIT-translated (::ffff:0:a.b.c.d).
+        ("[::7f00:1]", "loopback .* .127.0.0.1. embedded"),
+        ("[::169.254.169.254]", "link-local"),
+        ("[::8.8.8.8]", "reserved"),  # deprecated form: not routable even to a public IPv4
+        ("[::ffff:0:a9fe:a9fe]", "link-local"),
+        # IPv4-mapped, in both spellings.
+        ("[::ffff:a9fe:a9fe]", "link-local"),
+        ("[::ffff:100.100.100.200]", "carrier-grade NAT"),
+    ],
+)
+def test_non_global_and_embedded_addresses_are_refused(address, message):
+    with pytest.raises(ValueError, match=message):
+        check_webhook_url(f"https://{address}/hook", allow=[])
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "8.8.8.8",
+        "100.128.0.1",  # just past 100.64.0.0/10
+        "100.63.255.255",  # just before it
+        "[2001:4860:4860::8888]",
+        "[2002:808:808::1]",  # 6to4 of a public address
+        "[64:ff9b::808:808]",  # NAT64 of a public address
+        "[::ffff:8.8.8.8]",
+    ],
+)
+def test_globally_routable_addresses_are_allowed(address):
+    resolved = check_webhook_url(f"https://{address}/hook", allow=[])
+    assert resolved == [str(ipaddress.ip_address(address.strip("[]")))]
+
+
+def test_a_name_resolving_to_an_embedded_private_address_is_refused(monkeypatch):
+    """AAAA records count too: a 6to4 address of the metadata service is refused."""
+
+    def resolve(host, port, *args, **kwargs):
+        return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("2002:a9fe:a9fe::", port, 0, 0))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    with pytest.raises(ValueError, match="link-local"):
+        check_webhook_url("https://innocent.example.com/", allow=[])
+
+
+def test_allow_listed_host_may_use_a_carrier_grade_nat_address():
+    assert check_webhook_url("https://100.100.100.200/h", allow=["100.100.100.200"]) == []
 
 
 # -- local paths -------------------------------------------------------------------------------
