@@ -16,7 +16,8 @@ job was submitted. The connection then goes to exactly the addresses that were c
 second lookup cannot be steered to a private address (DNS rebinding). No redirects are followed,
 and no proxy settings from the environment are used.
 
-The secret is never logged and never written to the job record.
+The secret is never logged and never written to the job record; the URL's query (often a
+token) is shown as REDACTED in the record, the delivered body and the logs.
 """
 
 from __future__ import annotations
@@ -30,16 +31,32 @@ import random
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
 
 import httpcore
 import httpx
 
 from app.core.config import Settings
 from app.core.netguard import check_webhook_url
-from app.jobs.records import WebhookEvent
+from app.jobs.records import REDACTED, WebhookEvent, redacted_url
 from app.jobs.store import JobStore
 
 log = logging.getLogger(__name__)
+
+
+class _RedactedRequestURLs(logging.Filter):
+    """httpx logs every request's URL at INFO ("HTTP Request: POST https://..."): a webhook
+    URL's query (often a token) must not reach the worker log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                redacted_url(str(arg)) if isinstance(arg, httpx.URL) else arg for arg in record.args
+            )
+        return True
+
+
+logging.getLogger("httpx").addFilter(_RedactedRequestURLs())
 
 SECRET_PREFIX = "whsec_"
 USER_AGENT = "fapm-service-webhooks/1"
@@ -160,6 +177,16 @@ def post_event(
     )
 
 
+def _without_url(error: str | None, url: str) -> str | None:
+    """An attempt's error as it is recorded and logged: an HTTP library may quote the URL, whose
+    query (often a token) is never shown."""
+    if error is None:
+        return None
+    error = error.replace(url, redacted_url(url))
+    query = urlsplit(url).query
+    return error.replace(query, REDACTED) if query else error
+
+
 def _retry_after(value: str | None) -> float | None:
     if value is None:
         return None
@@ -199,7 +226,9 @@ def deliver(
     )
     body = event.model_dump_json().encode()
     headers = signed_headers(store.webhook_secret(job_id), webhook_id, body)
-    outcome = post_event(record.webhook.url, body, headers, settings)
+    url = record.webhook.delivery_url  # the full URL; the record (and the body) show it redacted
+    outcome = post_event(url, body, headers, settings)
+    error = _without_url(outcome.error, url)
 
     delay = None
     if outcome.retry:
@@ -213,7 +242,7 @@ def deliver(
             "attempt": attempt,
             "at": now.isoformat(),
             "status_code": outcome.status_code,
-            "error": outcome.error,
+            "error": error,
             "delivered": outcome.delivered,
             "next_attempt_at": (now + timedelta(seconds=delay)).isoformat() if delay else None,
         },
@@ -226,7 +255,7 @@ def deliver(
             webhook_id,
             job_id,
             attempt,
-            outcome.error,
+            error,
         )
     else:
         log.info(
@@ -234,7 +263,7 @@ def deliver(
             webhook_id,
             job_id,
             attempt,
-            outcome.error,
+            error,
             delay,
         )
     return delay

@@ -13,9 +13,21 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 
+from app.core.unicode_text import scrub_surrogates
 from worker.spec import EvaluationJobSpec, JobKind, JobSpec
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -106,10 +118,49 @@ class WebhookDelivery(BaseModel):
     next_attempt_at: datetime | None = None
 
 
+REDACTED = "REDACTED"
+
+
+def redacted_url(url: str) -> str:
+    """A webhook URL as records and logs show it: scheme://host/path, each query value (often a
+    token) replaced by REDACTED, any user info and fragment dropped. The full URL is stored and
+    used for delivery only."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return REDACTED
+    if ":" in host:
+        host = f"[{host}]"
+    query = "&".join(
+        f"{item.split('=', 1)[0]}={REDACTED}" if "=" in item else REDACTED
+        for item in parts.query.split("&")
+        if item
+    )
+    return urlunsplit((parts.scheme, host + port, parts.path, query, ""))
+
+
 class WebhookInfo(BaseModel):
-    url: str
+    url: str = Field(
+        description="Where the job's end is POSTed; query values are shown as REDACTED."
+    )
     signed: bool
     deliveries: list[WebhookDelivery] = Field(default_factory=list)
+    # The URL as submitted: deliveries go there; it is never serialized.
+    _delivery_url: str = PrivateAttr(default="")
+
+    @model_validator(mode="after")
+    def _redact(self) -> WebhookInfo:
+        if not self._delivery_url:
+            self._delivery_url = self.url
+        self.url = redacted_url(self.url)
+        return self
+
+    @property
+    def delivery_url(self) -> str:
+        """The full URL (with its query) that the worker delivers to."""
+        return self._delivery_url
 
 
 class JobRecord(BaseModel):
@@ -133,15 +184,33 @@ class JobRecord(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
 
-    @model_validator(mode="before")
+    # Why the stored spec no longer validates (see _spec_of_kind); None for a valid spec.
+    _spec_error: str | None = PrivateAttr(default=None)
+
+    @model_validator(mode="wrap")
     @classmethod
-    def _spec_of_kind(cls, data: Any) -> Any:
+    def _read_stored(cls, data: Any, handler: ModelWrapValidatorHandler[JobRecord]) -> JobRecord:
+        # A stored record always reads, so one bad record cannot fail a tenant's list: strings
+        # that cannot be encoded (lone surrogates, stored before the API refused them) are
+        # scrubbed, and a spec that no longer validates (a rule tightened since it was stored)
+        # is kept as stored and flagged in `spec_error`, which the worker refuses to run.
         # The kind picks the spec's model, so a spec is never validated against the other
         # kind's fields (and a bad one fails with that kind's own errors).
-        if isinstance(data, dict) and isinstance(data.get("spec"), dict):
-            model = EvaluationJobSpec if data.get("kind") == "evaluation" else JobSpec
-            data = {**data, "spec": model.model_validate(data["spec"])}
-        return data
+        spec_error = None
+        if isinstance(data, dict):
+            data = scrub_surrogates(data)
+            if isinstance(data.get("spec"), dict):
+                model = EvaluationJobSpec if data.get("kind") == "evaluation" else JobSpec
+                try:
+                    spec = model.model_validate(data["spec"])
+                except ValidationError as exc:
+                    spec_error = _validation_summary(exc)
+                    known = {k: v for k, v in data["spec"].items() if k in model.model_fields}
+                    spec = model.model_construct(**known)
+                data = {**data, "spec": spec}
+        record = handler(data)
+        record._spec_error = spec_error
+        return record
 
     @model_validator(mode="after")
     def _kind_matches_spec(self) -> JobRecord:
@@ -149,6 +218,18 @@ class JobRecord(BaseModel):
         if not isinstance(self.spec, expected):
             raise ValueError(f"spec: a {self.kind} job carries a {expected.__name__}")
         return self
+
+    @property
+    def spec_error(self) -> str | None:
+        """Why the stored spec fails today's validation; None when it is valid (runnable)."""
+        return self._spec_error
+
+
+def _validation_summary(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    field = ".".join(str(part) for part in first.get("loc", ()))
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{field or 'spec'}: {first.get('msg', 'invalid')}{more}"
 
 
 WebhookEventType = Literal["job.succeeded", "job.failed", "job.cancelled"]

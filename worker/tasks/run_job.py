@@ -107,6 +107,13 @@ def execute(store: JobStore, settings: Settings, lease: Lease) -> str:
         log.exception("job %s: unreadable job record", job_id)
         store.finish(job_id, "failed", lease=lease, error=_internal_error(job_id))
         return "failed"
+    if record.spec_error is not None:
+        # Stored before a rule it breaks was added (the record reads, see JobRecord): never run.
+        message = f"the job's spec fails this version's validation: {record.spec_error}"
+        store.finish(
+            job_id, "failed", lease=lease, error={"code": "invalid_spec", "message": message}
+        )
+        return "failed"
     if isinstance(spec, EvaluationJobSpec):
         log.info("job %s: attempt %d, evaluation of %s", job_id, lease.attempt, spec.model)
         reporter = ProgressReporter(

@@ -19,11 +19,12 @@ from fastapi import APIRouter, Body, Response
 
 from app.api import examples
 from app.api.deps import ACCEPTED_HEADERS, IdempotencyKeyHeader, ServicesDep, TenantDep, accepted
+from app.api.strict_json import StrictJSONRoute
 from app.api.submission import normalize_idempotency_key
 from app.core.problems import problem_responses
 from app.jobs.records import EvaluationRequest, JobRecord
 
-router = APIRouter(prefix="/v1/evaluations", tags=["jobs"])
+router = APIRouter(prefix="/v1/evaluations", tags=["jobs"], route_class=StrictJSONRoute)
 
 
 @router.post(

@@ -13,14 +13,14 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, Header
+from fastapi import APIRouter, Body, Header, Request
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from app.api.deps import ServicesDep
+from app.api.services import Services
+from app.api.strict_json import StrictJSONRoute
 from app.core.problems import ProblemError, field_errors_from_pydantic, problem_responses
 from app.jobs.hub_rules import COMMIT_SHA, REPO_ID, HubRulesError
-
-router = APIRouter(prefix="/v1/hooks", tags=["webhooks in"])
 
 # Only pushes of content start jobs (the Hub's scope for commits is `repo.content`).
 TRIGGER_SCOPE = "repo.content"
@@ -86,21 +86,28 @@ HUB_EXAMPLE = {
 }
 
 
-async def verify_hub_secret(
-    services: ServicesDep,
-    secret: Annotated[
-        str | None,
-        Header(alias="X-Webhook-Secret", description="The secret set on the Hub webhook."),
-    ] = None,
-) -> None:
+def check_hub_secret(services: Services, given: str | None) -> None:
+    """401 unless `given` equals FAPM_HF_WEBHOOK_SECRET (compared in constant time)."""
     configured = services.settings.hf_webhook_secret
     expected = configured.get_secret_value().encode("utf-8") if configured else b""
     # An empty secret means "off", never "anything matches the empty string".
-    ok = bool(expected) and hmac.compare_digest((secret or "").encode("utf-8"), expected)
-    if not ok:
+    # Starlette decodes header bytes as latin-1: encoding back gives the bytes that were sent.
+    given_bytes = (given or "").encode("latin-1")
+    if not (expected and hmac.compare_digest(given_bytes, expected)):
         raise ProblemError(
             401, "unauthorized", "Missing or wrong X-Webhook-Secret (or Hub webhooks are off)."
         )
+
+
+class HubWebhookRoute(StrictJSONRoute):
+    """Checks X-Webhook-Secret before the body is read: an unauthenticated sender gets its 401
+    without the API reading, decoding or validating anything it sent."""
+
+    async def before_body(self, request: Request) -> None:
+        check_hub_secret(request.app.state.services, request.headers.get("x-webhook-secret"))
+
+
+router = APIRouter(prefix="/v1/hooks", tags=["webhooks in"], route_class=HubWebhookRoute)
 
 
 def _pushed_sha(payload: HubWebhookPayload, revision: str) -> str | HubWebhookAnswer | None:
@@ -151,7 +158,13 @@ def _pushed_sha(payload: HubWebhookPayload, revision: str) -> str | HubWebhookAn
 )
 def huggingface_webhook(
     services: ServicesDep,
-    _: Annotated[None, Depends(verify_hub_secret)],
+    _secret: Annotated[
+        str,
+        Header(
+            alias="X-Webhook-Secret",
+            description="The secret set on the Hub webhook (checked before the body is read).",
+        ),
+    ],
     payload: Annotated[HubWebhookPayload, Body(openapi_examples={"push": {"value": HUB_EXAMPLE}})],
 ) -> HubWebhookAnswer:
     repo = payload.repo.name

@@ -18,12 +18,13 @@ from pydantic import BaseModel, Field
 
 from app.api import examples
 from app.api.deps import ACCEPTED_HEADERS, IdempotencyKeyHeader, ServicesDep, TenantDep, accepted
+from app.api.strict_json import StrictJSONRoute
 from app.api.submission import normalize_idempotency_key
 from app.core.problems import ProblemError, problem_responses
 from app.jobs.records import JobRecord, JobRequest, JobStatus
 from worker.spec import JobKind
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=StrictJSONRoute)
 
 # Ids are lowercase hex (app.jobs.store.new_job_id); anything else is simply not found.
 JOB_ID_RE = re.compile(r"^[0-9a-f]{1,64}$")
