@@ -33,6 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.jobs.records import JobRequest
+from worker.io.uri import parse_uri
 
 PLACEHOLDERS = ("repo", "name", "sha", "short_sha", "revision")
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
@@ -114,7 +115,9 @@ def parse_rules(text: str, where: str) -> list[HubRule]:
     for number, item in enumerate(data, start=1):
         try:
             rule = HubRule.model_validate(item)
-            rule.job_request("org/name", "0" * 40)  # surfaces bad fields and templates now
+            request = rule.job_request("org/name", "0" * 40)  # bad fields and templates now
+            for location in (request.base, request.output):
+                parse_uri(location)  # bucket, repo and revision names by their services' rules
         except (ValidationError, ValueError) as exc:
             raise HubRulesError(f"{where}: rule {number}: {exc}") from exc
         rules.append(rule)

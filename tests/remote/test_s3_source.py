@@ -116,9 +116,13 @@ def test_unreachable_store_is_retried_then_source_unavailable(tmp_path, monkeypa
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
-    spec = JobSpec(base="s3://b/base/", finetuned="s3://b/ft/", output=str(tmp_path / "out"))
+    spec = JobSpec(
+        base="s3://unreachable-store/base/",
+        finetuned="s3://unreachable-store/ft/",
+        output=str(tmp_path / "out"),
+    )
     with pytest.raises(FapmError) as info:
         run_prune(spec)
     assert info.value.code == "source_unavailable"
-    assert "s3://b/base/" in info.value.message
+    assert "s3://unreachable-store/base/" in info.value.message
     assert not (tmp_path / "out").exists()

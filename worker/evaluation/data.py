@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from worker.errors import SourceNotFound
 from worker.evaluation.errors import EmptyEvalSet, EvalDataError
+from worker.io.location_names import check_file_name
 from worker.io.source import ModelSource
 from worker.io.uri import open_source, parse_uri
 
@@ -50,6 +51,10 @@ def split_file_uri(uri: str) -> tuple[str, str]:
         if not name or head.count("/") != 3:
             raise ValueError(f"{uri}: a Hub file is hf://org/name[@revision]/file.jsonl")
         parse_uri(head)
+        try:
+            check_file_name(name)
+        except ValueError as exc:
+            raise ValueError(f"{uri}: {exc}") from None
         return head, name
     parsed = parse_uri(uri)  # raises ValueError on unknown schemes
     if parsed.scheme == "file":

@@ -7,6 +7,12 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from worker.errors import UnsupportedFormat
+from worker.io.location_names import (
+    check_hub_repo_id,
+    check_hub_revision,
+    check_s3_bucket,
+    check_s3_key,
+)
 from worker.io.source import LocalDirSource, ModelSource
 
 REMOTE_SCHEMES = ("s3", "hf")
@@ -26,23 +32,39 @@ class ModelURI:
 
 
 def parse_uri(raw: str) -> ModelURI:
-    """Parse a model location. Raises ValueError for a malformed one."""
+    """Parse a model location. Raises ValueError for a malformed one, or for a bucket, key, Hub
+    repo id or revision that its service's naming rules refuse (worker/io/location_names.py)."""
     if "://" not in raw:
         return ModelURI("file", raw, raw)
-    parsed = urlparse(raw)
-    scheme = parsed.scheme.lower()
+    scheme, _, rest = raw.partition("://")
+    scheme = scheme.lower()
     if scheme == "file":
+        parsed = urlparse(raw)
         if parsed.netloc not in ("", "localhost"):
             raise ValueError(f"{raw}: file:// URIs must name a local path (file:///abs/path)")
         return ModelURI("file", raw, unquote(parsed.path))
+    # s3 and hf are split by hand, not by urlparse: it would drop a `?...` or `#...` part and
+    # take `user@` or `:port` as parts of a host, so the name checked would not be the one used.
     if scheme == "s3":
-        if not parsed.netloc:
+        bucket, _, key = rest.partition("/")
+        if not bucket:
             raise ValueError(f"{raw}: an s3 URI needs a bucket (s3://bucket/prefix/)")
-        return ModelURI("s3", raw, f"{parsed.netloc}/{parsed.path.lstrip('/')}")
+        try:
+            check_s3_bucket(bucket)
+            check_s3_key(key)
+        except ValueError as exc:
+            raise ValueError(f"{raw}: {exc}") from None
+        return ModelURI("s3", raw, f"{bucket}/{key}")
     if scheme == "hf":
-        repo, _, revision = f"{parsed.netloc}{parsed.path}".partition("@")
+        repo, at, revision = rest.partition("@")
         if repo.count("/") != 1 or not all(repo.split("/")):
             raise ValueError(f"{raw}: a Hub URI is hf://org/name[@revision]")
+        try:
+            check_hub_repo_id(repo)
+            if at:
+                check_hub_revision(revision)
+        except ValueError as exc:
+            raise ValueError(f"{raw}: {exc}") from None
         return ModelURI("hf", raw, repo, revision or None)
     raise ValueError(f"{raw}: unsupported scheme {scheme!r} (use a path, file://, s3:// or hf://)")
 
