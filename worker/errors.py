@@ -40,8 +40,34 @@ class OutputExists(FapmError):
     code = "output_exists"
 
 
+class OutputNotReplaceable(FapmError):
+    """`overwrite` met something that is not a model fapm published (no fapm report there)."""
+
+    code = "output_not_replaceable"
+
+
+class InvalidOutput(FapmError):
+    """An output that cannot exist (a name too long for the file system, a bare bucket)."""
+
+    code = "invalid_output"
+
+
+class InvalidLocation(FapmError):
+    """A location (or a file inside one) outside what the job's tenant may read or write."""
+
+    code = "invalid_location"
+
+
 class JobCancelled(FapmError):
     code = "cancelled"
+
+
+class DeviceUnavailable(FapmError, ValueError):
+    """The spec names a device or kernel this machine cannot run (`device: cuda` without a GPU,
+    `kernel: triton` on CPU without TRITON_INTERPRET). The spec is valid, only not here; also a
+    ValueError, so the CLI reports it as a bad flag value (exit 2)."""
+
+    code = "device_unavailable"
 
 
 class SourceUnavailable(FapmError):

@@ -19,20 +19,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from app.core.config import Settings
-from app.core.netguard import check_local_uri, check_webhook_url
+from app.core.locations import LocationsFileError, check_job_locations
+from app.core.netguard import check_webhook_url
 from app.core.problems import FieldError, ProblemError
 from app.jobs.records import AnyJobRequest, JobRecord, request_kind
 from app.jobs.routing import QueueRouter
 from app.jobs.store import PREFIX, JobStore, new_job_id
 from worker.celery_app import enqueue_job
-from worker.evaluation.data import split_file_uri
-from worker.io.uri import parse_uri
 
 log = logging.getLogger("app.submission")
-
-# Model locations of either kind of request (a prune job has no `model`, an evaluation none of
-# `adapter` and `output`): every one that is present is checked.
-LOCATION_FIELDS = ("base", "finetuned", "adapter", "output", "model")
 
 # Drop an Idempotency-Key only if it still names the given job (compare-and-delete).
 _FORGET_IDEMPOTENCY = """
@@ -100,31 +95,22 @@ class Submitter:
         self.enqueue = enqueue
         self._forget = store.redis.register_script(_FORGET_IDEMPOTENCY)
 
-    def check_locations(self, request: AnyJobRequest) -> None:
-        """422 unless every model location has a known scheme and every local path lies under
-        FAPM_LOCAL_ROOTS (after `..` and symlinks), and the webhook URL passes the SSRF rules."""
-        errors: list[FieldError] = []
-        for name in LOCATION_FIELDS:
-            raw = getattr(request, name, None)
-            if raw is None:
-                continue
-            try:
-                uri = parse_uri(raw)
-                if uri.scheme == "file":
-                    check_local_uri(raw, self.settings.local_roots)
-            except ValueError as exc:
-                errors.append(FieldError(field=name, location="body", message=str(exc)))
-        if request.evaluate is not None:
-            for name in ("task", "general"):
-                raw = getattr(request.evaluate, name)
-                try:
-                    split_file_uri(raw)  # a file at a known scheme (422 here, not a failed job)
-                    if "://" not in raw or raw.lower().startswith("file://"):
-                        check_local_uri(raw, self.settings.local_roots)
-                except ValueError as exc:
-                    errors.append(
-                        FieldError(field=f"evaluate.{name}", location="body", message=str(exc))
-                    )
+    def check_locations(self, tenant: str, request: AnyJobRequest) -> None:
+        """422 unless every location is one `tenant` may use (app/core/locations.py: known
+        schemes, local paths under its roots after `..` and symlinks, its S3 prefixes and Hub
+        namespaces, an output apart from roots and inputs) and the webhook URL passes the SSRF
+        rules; 503 if the tenant locations file is broken."""
+        try:
+            problems = check_job_locations(request, tenant, self.settings)
+        except LocationsFileError as exc:
+            log.error("tenant locations unusable: %s", exc)
+            raise ProblemError(
+                503,
+                "locations_unavailable",
+                "The server's tenant locations file cannot be read; retry later.",
+                headers={"Retry-After": str(self.settings.retry_after_seconds)},
+            ) from None
+        errors = [FieldError(field=p.field, location="body", message=p.message) for p in problems]
         if request.webhook is not None:
             try:
                 check_webhook_url(str(request.webhook.url), self.settings.webhook_allow)
@@ -152,7 +138,7 @@ class Submitter:
         `replay_any_body` (the Hub webhook): a repeated key always answers with the earlier job,
         even if it is not enqueued yet or the rule changed since.
         """
-        self.check_locations(request)
+        self.check_locations(tenant, request)
         body_print = fingerprint(request) if idempotency_key else None
         job_id = new_job_id()
         queue = self.router.queue_for(request)

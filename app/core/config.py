@@ -40,7 +40,14 @@ class Settings(BaseSettings):
     )
     local_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
-        description="Directories that file:// URIs and bare paths may name (none by default).",
+        description="Directories that file:// URIs and bare paths may name (none by default). "
+        "Shared by every tenant unless tenant_locations_file is set.",
+    )
+    tenant_locations_file: Path | None = Field(
+        default=None,
+        description="YAML or JSON file of the local roots, S3 prefixes and Hub namespaces each "
+        "tenant may read and write (app/core/locations.py). Without it all tenants share "
+        "local_roots and any bucket or repo: multi-tenant deployments must set it.",
     )
     webhook_allow: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -7,6 +7,7 @@ connects, because DNS can change between the two (rebinding).
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -120,13 +121,35 @@ def check_webhook_url(url: str, allow: list[str], resolve: bool = True) -> list[
     return [str(a) for a in addresses]
 
 
-def check_local_uri(raw: str, roots: list[Path]) -> Path | None:
+def check_local_uri(
+    raw: str, roots: list[Path] | tuple[Path, ...], setting: str = "FAPM_LOCAL_ROOTS"
+) -> Path | None:
     """For a `file://` URI or bare path: its real path if it lies under one of `roots`, else
     ValueError. Other schemes return None (checked elsewhere).
 
     `..` and symlinks are resolved first, so neither can lead out of a root. With no roots
-    configured, no local path is allowed.
+    configured, no local path is allowed. `setting` names where the roots come from, for the
+    message (FAPM_LOCAL_ROOTS, or a tenant's entry in FAPM_TENANT_LOCATIONS_FILE).
     """
+    path = local_path_of(raw)
+    if path is None:
+        return None
+    real = path.resolve()
+    for root in roots:
+        if real == root or real.is_relative_to(root):
+            return real
+    if not roots:
+        raise ValueError(f"{raw}: local paths are disabled on this server ({setting})")
+    raise ValueError(f"{raw}: not under an allowed local root ({setting})")
+
+
+# The longest file name (one path component) Linux file systems take, in bytes.
+NAME_MAX = 255
+
+
+def local_path_of(raw: str) -> Path | None:
+    """The absolute path a `file://` URI or bare path names (not resolved), None for another
+    scheme; ValueError for a relative path or a file:// URI with a host."""
     if "://" in raw:
         parts = urlsplit(raw)
         if parts.scheme.lower() != "file":
@@ -138,10 +161,41 @@ def check_local_uri(raw: str, roots: list[Path]) -> Path | None:
         path = Path(raw)
     if not path.is_absolute():
         raise ValueError(f"{raw}: local paths must be absolute")
-    real = path.resolve()
-    for root in roots:
-        if real == root or real.is_relative_to(root):
-            return real
-    if not roots:
-        raise ValueError(f"{raw}: local paths are disabled on this server (FAPM_LOCAL_ROOTS)")
-    raise ValueError(f"{raw}: not under an allowed local root (FAPM_LOCAL_ROOTS)")
+    return path
+
+
+def check_name_length(path: Path) -> None:
+    """ValueError unless the last component of `path` is a name a file system can hold."""
+    size = len(os.fsencode(path.name))
+    if size > NAME_MAX:
+        raise ValueError(
+            f"{path.name[:40]}...: the output's name is {size} bytes; a file name holds at most "
+            f"{NAME_MAX}"
+        )
+
+
+def check_local_output(
+    raw: str,
+    write_roots: list[Path] | tuple[Path, ...],
+    all_roots: list[Path] | tuple[Path, ...],
+    setting: str = "FAPM_LOCAL_ROOTS",
+) -> Path | None:
+    """For a local output: its real path if it lies strictly inside one of `write_roots` and is
+    neither one of `all_roots` (every configured root, of every tenant) nor an ancestor of one,
+    else ValueError. Other schemes return None.
+
+    Publishing replaces the output directory whole (with overwrite) and stages beside it, so an
+    output equal to or above a root would take the root's contents with it and stage outside
+    every root.
+    """
+    real = check_local_uri(raw, write_roots, setting)
+    if real is None:
+        return None
+    check_name_length(local_path_of(raw) or real)
+    check_name_length(real)
+    for root in all_roots:
+        if root == real:
+            raise ValueError(f"{raw}: is a local root itself; name a directory inside it")
+        if root.is_relative_to(real):
+            raise ValueError(f"{raw}: holds the local root {root}; name a directory inside it")
+    return real

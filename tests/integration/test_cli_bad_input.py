@@ -156,11 +156,29 @@ def test_existing_output_refused_unless_overwrite(pair):
     result = fapm("prune", "--base", str(base), "--finetuned", str(ft), "--out", str(out))
     _assert_failed(result, 1, "output_exists", "--overwrite")
     assert (out / "keep.txt").read_text() == "precious"
-    result = fapm(
-        "prune", "--base", str(base), "--finetuned", str(ft), "--out", str(out), "--overwrite"
-    )
+    # overwrite replaces only a model fapm published, never someone's directory
+    args = ("prune", "--base", str(base), "--finetuned", str(ft), "--out", str(out))
+    _assert_failed(fapm(*args, "--overwrite"), 1, "output_not_replaceable", "fapm published")
+    assert (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    assert fapm(*args).returncode == 0
+    (out / "extra.txt").write_text("beside a published model")
+    result = fapm(*args, "--overwrite")
     assert result.returncode == 0, result.stderr
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert not (out / "extra.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_output_names_long_and_too_long(pair):
+    """A 255-byte name publishes (staging names stay short); a 300-character one cannot exist."""
+    base, ft, out = pair
+    args = ("prune", "--base", str(base), "--finetuned", str(ft), "--out")
+    fits = out.parent / ("n" * 255)
+    assert fapm(*args, str(fits)).returncode == 0
+    assert (fits / "model.safetensors").exists()
+    too_long = out.parent / ("n" * 300)
+    _assert_failed(fapm(*args, str(too_long)), 1, "invalid_output", "at most 255")
+    assert not [p for p in out.parent.iterdir() if ".fapm-staging-" in p.name]
 
 
 def test_nan_and_inf_are_counted_not_a_crash(tmp_path):

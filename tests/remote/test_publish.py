@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from worker.errors import OutputExists
-from worker.io.publish import MANIFEST_FILE, HubTarget, S3Target
+from worker.errors import OutputExists, OutputNotReplaceable
+from worker.io.publish import MANIFEST_FILE, REPORT_FILE, HubTarget, S3Target
 from worker.io.writer import WrittenShard
 
 
@@ -62,6 +62,10 @@ def test_s3_refuses_an_existing_output_unless_overwrite(s3, bucket):
     s3.put_object(Bucket=bucket, Key="out/old.txt", Body=b"x")
     with pytest.raises(OutputExists):
         S3Target(f"s3://{bucket}/out/", bucket, "out/", False, "job3")
+    with pytest.raises(OutputNotReplaceable):  # overwrite replaces only what fapm published
+        S3Target(f"s3://{bucket}/out/", bucket, "out/", True, "job3")
+    report = json.dumps({"format": "fapm-pruning-report/1"}).encode()
+    s3.put_object(Bucket=bucket, Key=f"out/{REPORT_FILE}", Body=report)
     target = S3Target(f"s3://{bucket}/out/", bucket, "out/", True, "job3")
     _stage(target, FILES, SHARDS)
     target.commit("job job3")

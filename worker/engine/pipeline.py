@@ -25,7 +25,7 @@ from worker.engine.readahead import read_ahead
 from worker.engine.readers import CheckpointReader, LoraMergedReader
 from worker.engine.tensor_pruner import TensorPruner
 from worker.errors import JobCancelled
-from worker.io.publish import open_target, published_report
+from worker.io.publish import REPORT_FILE, open_target, published_report
 from worker.io.torch_tensors import tensor_over
 from worker.io.uri import open_source
 from worker.io.writer import ShardedWriter, WriterThread, plan_shards
@@ -50,7 +50,6 @@ SIDE_FILES = (
 )
 # Loaded tensors waiting behind the one being computed; one item always fits, however large.
 READ_AHEAD_BYTES = 128 * 2**20
-REPORT_FILE = "pruning_report.json"
 
 
 @dataclass
@@ -301,6 +300,8 @@ def _stream(
 
 
 def _copy_side_files(source, directory: Path, spec: JobSpec) -> None:
+    # Read through the source, never by path: in a service job each file must then lie in the
+    # tenant's roots (worker/io/source.py), so a symlink out of them fails the job, not copied.
     for name in SIDE_FILES:
         if not source.exists(name):
             continue

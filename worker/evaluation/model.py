@@ -20,7 +20,6 @@ are pruned, the added ones copied), so the base reference is the end of the cand
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import tempfile
 from collections.abc import Callable, Iterator
@@ -37,12 +36,19 @@ from worker.errors import (
     UnsupportedFormat,
 )
 from worker.evaluation.errors import NotCausalLM
-from worker.io.source import LocalDirSource, ModelSource
+from worker.io.checkpoint import CONFIG_FILE, CONFIG_LIMITS, parse_config
+from worker.io.safe_json import check_size
+from worker.io.source import LocalDirSource, ModelSource, also_readable
 from worker.io.uri import open_source
 
 log = logging.getLogger(__name__)
 
 _SMALL_FILES_SUFFIXES = (".json", ".model", ".txt", ".jinja")
+
+
+# What transformers raises for a config.json whose values it cannot use (a string where it
+# wants a number, an unknown model_type, a shape that does not match the weights).
+_CONFIG_ERRORS = (ValueError, KeyError, TypeError, AttributeError, OverflowError)
 
 
 @dataclass
@@ -74,9 +80,10 @@ def local_model_dir(uri: str, should_cancel: Callable[[], bool] | None = None) -
     source = open_source(uri)
     try:
         if isinstance(source, LocalDirSource):
+            source.verify_files()  # transformers opens them by path: none may lead out
             yield source.path
             return
-        with tempfile.TemporaryDirectory(prefix="fapm-eval-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="fapm-eval-") as tmp, also_readable(Path(tmp)):
             _copy_model_files(source, Path(tmp), should_cancel or (lambda: False))
             yield Path(tmp)
     finally:
@@ -98,13 +105,12 @@ def _copy_model_files(
 
 
 def read_config(directory: Path) -> dict:
-    path = directory / "config.json"
+    path = directory / CONFIG_FILE
     if not path.exists():
         raise SourceNotFound(f"{directory}: no config.json (a causal LM needs one to be evaluated)")
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        raise CorruptCheckpoint(f"{directory}: config.json is not valid JSON") from None
+    # Checked here, before transformers parses the same file with plain json.
+    check_size(path.stat().st_size, str(path), CONFIG_LIMITS, CorruptCheckpoint)
+    return parse_config(path.read_bytes(), str(path))
 
 
 def load_tokenizer(directory: Path, where: str):
@@ -127,16 +133,23 @@ def load_causal_lm(
         raise UnsupportedFormat(f"{where}: no safetensors weights (pickle files are never read)")
     try:
         auto_config = AutoConfig.from_pretrained(str(directory))
-    except (ValueError, KeyError) as exc:
+    except _CONFIG_ERRORS as exc:
         raise NotCausalLM(f"{where}: transformers does not know this config ({exc})") from None
     if type(auto_config) not in AutoModelForCausalLM._model_mapping:
         raise NotCausalLM(
-            f"{where}: model_type {config.get('model_type')!r} is not a causal LM "
+            f"{where}: model_type {str(config.get('model_type'))[:80]!r} is not a causal LM "
             "(AutoModelForCausalLM cannot build it)"
         )
-    model = AutoModelForCausalLM.from_pretrained(
-        str(directory), use_safetensors=True, dtype=eval_dtype(config, device)
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(directory), use_safetensors=True, dtype=eval_dtype(config, device)
+        )
+    except torch.OutOfMemoryError:
+        raise
+    except (*_CONFIG_ERRORS, RuntimeError) as exc:  # config values that build no model
+        raise CorruptCheckpoint(
+            f"{where}: transformers cannot build the model its config.json describes ({exc})"
+        ) from None
     model.to(device).eval()
     tokenizer = load_tokenizer(directory, where) if with_tokenizer else None
     return LoadedModel(model, tokenizer, context_length(config))

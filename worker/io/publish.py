@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -27,11 +29,58 @@ from abc import ABC, abstractmethod
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from worker.errors import FapmError, OutputExists
+from worker.errors import InvalidOutput, OutputExists, OutputNotReplaceable
 from worker.io.writer import WrittenShard
 
 MANIFEST_FILE = "fapm-manifest.json"
+# The report every fapm output carries (worker/engine/pipeline.py writes it); its `format` marks
+# a directory or prefix as a model fapm published, the only thing `overwrite` may replace.
+REPORT_FILE = "pruning_report.json"
+REPORT_FORMAT_PREFIX = "fapm-pruning-report/"
 _HASH_CHUNK = 8 * 2**20
+
+
+def is_fapm_report(data: bytes) -> bool:
+    """Whether `data` is a pruning report as fapm writes it."""
+    try:
+        report = json.loads(data)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(report, dict) and str(report.get("format", "")).startswith(
+        REPORT_FORMAT_PREFIX
+    )
+
+
+def _read_no_follow(path: Path) -> bytes:
+    """A regular file's bytes, never through a symlink (OSError otherwise)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path}: not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read()
+    finally:
+        os.close(fd)
+
+
+def check_replaceable(output: Path) -> None:
+    """OutputNotReplaceable unless the local `output` holds a model fapm published: a real
+    directory (not a symlink) of files only, with fapm's report among them. Anything else (a
+    root, a directory of models, someone's data) is never replaced."""
+    refusal = (
+        f"{output} is not a model fapm published (no {REPORT_FILE} of fapm's there); "
+        "overwrite replaces only those: choose another output"
+    )
+    try:
+        if not stat.S_ISDIR(os.lstat(output).st_mode):
+            raise OutputNotReplaceable(refusal)
+        with os.scandir(output) as entries:
+            if any(entry.is_dir(follow_symlinks=False) for entry in entries):
+                raise OutputNotReplaceable(f"{refusal} (it holds directories)")
+        if not is_fapm_report(_read_no_follow(output / REPORT_FILE)):
+            raise OutputNotReplaceable(refusal)
+    except OSError:
+        raise OutputNotReplaceable(refusal) from None
 
 
 def file_sha256(path: Path) -> str:
@@ -89,7 +138,7 @@ def published_report(uri: str, job_id: str, report_file: str) -> dict | None:
     target = parse_uri(uri)
     try:
         if target.scheme == "file":
-            report = json.loads((target.local_path / report_file).read_text())
+            report = json.loads(_read_no_follow(target.local_path / report_file))
         elif target.scheme == "s3":
             from worker.io.s3 import s3_client, split_s3_uri
 
@@ -173,7 +222,7 @@ class S3Target(OutputTarget):
         self.bucket = bucket
         self.prefix = prefix  # "a/b/" (never empty: a whole bucket is not a model directory)
         if not prefix:
-            raise FapmError(f"{uri}: give a prefix (s3://bucket/prefix/)", code="invalid_output")
+            raise InvalidOutput(f"{uri}: give a prefix (s3://bucket/prefix/)")
         self.overwrite = overwrite
         self.client = client or s3_client()
         parent, _, leaf = prefix.rstrip("/").rpartition("/")
@@ -208,6 +257,25 @@ class S3Target(OutputTarget):
             raise s3_error(exc, self.uri) from exc
         if existing and not self.overwrite:
             raise OutputExists(f"{self.uri} already holds objects; set overwrite to replace them")
+        if existing:
+            self._check_replaceable(existing)
+
+    def _check_replaceable(self, existing: list[dict]) -> None:
+        """OutputNotReplaceable unless the prefix holds a model fapm published: objects directly
+        under it (a published model is flat), fapm's report among them. Its report is there at
+        every moment of a publish, so a re-run after a kill mid-publish still qualifies."""
+        refusal = (
+            f"{self.uri} is not a model fapm published (no {REPORT_FILE} of fapm's there); "
+            "overwrite replaces only those: choose another output"
+        )
+        if any("/" in obj["Key"][len(self.prefix) :] for obj in existing):
+            raise OutputNotReplaceable(f"{refusal} (it holds deeper prefixes)")
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self.prefix + REPORT_FILE)
+        except self.client.exceptions.ClientError:
+            raise OutputNotReplaceable(refusal) from None
+        if not is_fapm_report(body["Body"].read()):
+            raise OutputNotReplaceable(refusal)
 
     def _abort_multipart_uploads(self) -> None:
         pages = self.client.get_paginator("list_multipart_uploads").paginate(
@@ -272,9 +340,12 @@ class S3Target(OutputTarget):
 
     def _promote(self, manifest: dict) -> None:
         """Copy staged objects to the final prefix; the manifest goes last (the commit point)."""
+        existing = self._keys(self.prefix)
+        if existing and self.overwrite:  # it may have changed while the job ran
+            self._check_replaceable(existing)
         if self.overwrite:  # consumers must not take the old manifest for the new files
             self.client.delete_object(Bucket=self.bucket, Key=self.prefix + MANIFEST_FILE)
-        elif self._keys(self.prefix):
+        elif existing:
             raise OutputExists(f"{self.uri} appeared while the job ran; not replaced")
         for name in self._uploaded:
             self.client.copy(
@@ -318,12 +389,15 @@ class HubTarget(OutputTarget):
     def __init__(self, uri: str, repo_id: str, branch: str | None, overwrite: bool, api=None):
         from huggingface_hub import HfApi
 
+        from worker.io.hub import hub_calls
+
         self.uri = uri
         self.repo_id = repo_id
         self.branch = branch
         self.api = api or HfApi()
-        self.api.create_repo(repo_id, private=True, exist_ok=True, repo_type="model")
-        existing = self.api.list_repo_files(repo_id, revision=branch)
+        with hub_calls(uri):
+            self.api.create_repo(repo_id, private=True, exist_ok=True, repo_type="model")
+            existing = self.api.list_repo_files(repo_id, revision=branch)
         if any(name.endswith(".safetensors") for name in existing) and not overwrite:
             raise OutputExists(f"{uri} already holds a model; set overwrite to replace it")
         self.local_dir = Path(tempfile.mkdtemp(prefix="fapm-out-"))
@@ -333,10 +407,13 @@ class HubTarget(OutputTarget):
     def _preupload(self, name: str) -> None:
         from huggingface_hub import CommitOperationAdd
 
+        from worker.io.hub import hub_calls
+
         operation = CommitOperationAdd(
             path_in_repo=name, path_or_fileobj=str(self.local_dir / name)
         )
-        self.api.preupload_lfs_files(self.repo_id, additions=[operation], revision=self.branch)
+        with hub_calls(f"{self.uri}/{name}"):
+            self.api.preupload_lfs_files(self.repo_id, additions=[operation], revision=self.branch)
         self._operations.append(operation)
 
     def shard_done(self, shard: WrittenShard) -> None:
@@ -349,6 +426,8 @@ class HubTarget(OutputTarget):
     def commit(self, message: str) -> str:
         from huggingface_hub import CommitOperationAdd
 
+        from worker.io.hub import hub_calls
+
         self._uploads.wait()
         staged = {op.path_in_repo for op in self._operations}
         for path in sorted(self.local_dir.iterdir()):
@@ -356,9 +435,13 @@ class HubTarget(OutputTarget):
                 self._operations.append(
                     CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
                 )
-        info = self.api.create_commit(
-            self.repo_id, operations=self._operations, commit_message=message, revision=self.branch
-        )
+        with hub_calls(self.uri):
+            info = self.api.create_commit(
+                self.repo_id,
+                operations=self._operations,
+                commit_message=message,
+                revision=self.branch,
+            )
         shutil.rmtree(self.local_dir, ignore_errors=True)
         oid = getattr(info, "oid", None)
         return f"hf://{self.repo_id}@{oid}" if oid else self.uri

@@ -3,17 +3,89 @@
 The engine reads checkpoints only through this interface, so S3 (ranged GETs) and the Hub can be
 added as sources without touching the engine. Reads fill caller-provided buffers so a tensor's
 bytes are copied once, from the file into the tensor that the engine computes on.
+
+A service job's local reads are confined to its tenant's roots: the worker calls
+`confine_local_reads` before the job opens anything, each LocalDirSource takes the roots when it
+is created, and every file it opens (weights, config, tokenizer and adapter files, evaluation
+sets) is checked by the real path of the open descriptor, so a symlink inside a root that leads
+out of it (or is swapped in after a check) fails the job with `invalid_location` naming the file
+before a byte of it is read. The CLI never confines: it reads the user's own disk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
+import stat
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 
-from worker.errors import SourceNotFound
+from worker.errors import InvalidLocation, SourceNotFound
+
+# The local roots the current job may read under; None: anywhere (the CLI).
+_READ_ROOTS: ContextVar[tuple[Path, ...] | None] = ContextVar("fapm_read_roots", default=None)
+
+
+def confine_local_reads(roots: Sequence[Path] | None) -> None:
+    """From now on in this context (the job being run), local sources open files only under
+    `roots` (real paths); None lifts the confinement."""
+    _READ_ROOTS.set(None if roots is None else tuple(Path(r) for r in roots))
+
+
+@contextlib.contextmanager
+def also_readable(directory: Path) -> Iterator[None]:
+    """Within the block, a confined job may also read under `directory`: a local copy the job
+    made itself (a remote model copied for evaluation)."""
+    roots = _READ_ROOTS.get()
+    if roots is None:
+        yield
+        return
+    token = _READ_ROOTS.set((*roots, Path(directory).resolve()))
+    try:
+        yield
+    finally:
+        _READ_ROOTS.reset(token)
+
+
+def _within(path: Path, roots: tuple[Path, ...]) -> bool:
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+def _opened_path(fd: int, path: Path) -> Path:
+    """The real path of the file open at `fd` (what is read, whatever symlinks led to it)."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:  # no /proc: the path as it resolves now, if that is still the opened file
+        real = Path(os.path.realpath(path))
+        if os.path.samestat(os.stat(real), os.fstat(fd)):
+            return real
+        raise InvalidLocation(f"{path}: changed while it was opened") from None
+
+
+def open_local_file(path: Path, roots: tuple[Path, ...] | None) -> int:
+    """A read-only descriptor of the regular file at `path`; with `roots`, InvalidLocation
+    (naming the file) unless what was opened lies under one of them. The check is on the open
+    descriptor, so nothing can be swapped in between the check and the reads."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK  # a FIFO must not block
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise SourceNotFound(f"{path}: no such file") from None
+    try:
+        if roots is not None and not _within(_opened_path(fd, path), roots):
+            raise InvalidLocation(
+                f"{path}: leads outside the locations this job may read (a symlink?); not read"
+            )
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SourceNotFound(f"{path}: not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class ModelSource(ABC):
@@ -122,6 +194,9 @@ class LocalDirSource(ModelSource):
     def __init__(self, path: str | os.PathLike[str], uri: str | None = None) -> None:
         self.path = Path(path)
         self.uri = uri or f"file://{self.path.resolve()}"
+        self.roots = _READ_ROOTS.get()  # kept: the reading threads have contexts of their own
+        if self.roots is not None and not _within(self.path.resolve(), self.roots):
+            raise InvalidLocation(f"{self.path}: outside the locations this job may read")
         if not self.path.exists():
             raise SourceNotFound(f"{self.path}: no such directory")
         if not self.path.is_dir():
@@ -134,18 +209,21 @@ class LocalDirSource(ModelSource):
         return list(self._files)
 
     def size(self, name: str) -> int:
-        return (self.path / name).stat().st_size
+        return os.fstat(self._fd(name)).st_size
 
     def _fd(self, name: str) -> int:
         with self._fds_lock:
             fd = self._fds.get(name)
             if fd is None:
-                try:
-                    fd = os.open(self.path / name, os.O_RDONLY)
-                except FileNotFoundError:
-                    raise SourceNotFound(f"{self.path / name}: no such file") from None
+                fd = open_local_file(self.path / name, self.roots)
                 self._fds[name] = fd
             return fd
+
+    def verify_files(self) -> None:
+        """Open (and so check) every file of the directory now: for readers that take the
+        directory's path rather than this source (transformers, in evaluation)."""
+        for name in self._files:
+            self._fd(name)
 
     def read_into(self, name: str, offset: int, buffer: memoryview) -> None:
         pread_exactly(self._fd(name), offset, byte_view(buffer), str(self.path / name))

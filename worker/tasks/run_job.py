@@ -26,14 +26,15 @@ import redis
 from celery import Task
 
 from app.core.config import Settings, get_settings
-from app.core.netguard import check_local_uri
+from app.core.locations import LocationsFileError, check_job_locations, readable_roots
 from app.jobs.records import TERMINAL_STATUSES
 from app.jobs.store import JobStore, Lease
 from worker.celery_app import RUN_JOB_TASK, celery_app, enqueue_webhook
-from worker.errors import FapmError, JobCancelled
+from worker.errors import FapmError, InvalidLocation, JobCancelled
 from worker.evaluation.job import run_job_spec
 from worker.evaluation.standalone import run_evaluation_job
 from worker.heartbeat import LeaseKeeper
+from worker.io.source import confine_local_reads
 from worker.spec import EvaluationJobSpec, JobSpec
 from worker.tasks.progress import ProgressReporter
 from worker.tasks.store import job_store
@@ -139,7 +140,7 @@ def execute(store: JobStore, settings: Settings, lease: Lease) -> str:
                 return False  # stops the job if Redis stays away for a whole lease
 
         try:
-            check_locations(spec, settings)
+            check_locations(spec, settings, record.tenant)
             output: str | None
             if isinstance(spec, EvaluationJobSpec):
                 # Measures only: nothing is published, so the result has no output.
@@ -184,35 +185,17 @@ def execute(store: JobStore, settings: Settings, lease: Lease) -> str:
     return outcome["status"]
 
 
-def check_locations(spec: JobSpec | EvaluationJobSpec, settings: Settings) -> None:
-    """Local paths again, as the worker sees them: the API checked them at submission, but a
-    symlink under a root can change before the job runs. Workers without FAPM_LOCAL_ROOTS (e.g.
-    ones that only see S3 and the Hub) leave the check to the API."""
-    if not settings.local_roots:
-        return
-    for field in ("base", "finetuned", "adapter", "output", "model"):
-        raw = getattr(spec, field, None)  # each kind has some of these
-        if raw is None:
-            continue
-        try:
-            check_local_uri(raw, settings.local_roots)
-        except ValueError as exc:
-            raise FapmError(f"{field}: {exc}", code="invalid_location") from None
-    for field in ("task", "general") if spec.evaluate is not None else ():
-        raw = getattr(spec.evaluate, field)
-        try:
-            if parse_uri_scheme(raw) == "file":
-                check_local_uri(raw, settings.local_roots)
-        except ValueError as exc:
-            raise FapmError(f"evaluate.{field}: {exc}", code="invalid_location") from None
-
-
-def parse_uri_scheme(raw: str) -> str:
-    """The scheme of a file location (an evaluation set), "file" for a bare path."""
-    from worker.evaluation.data import split_file_uri
-
-    split_file_uri(raw)  # ValueError for a malformed one
-    return raw.split("://", 1)[0].lower() if "://" in raw else "file"
+def check_locations(spec: JobSpec | EvaluationJobSpec, settings: Settings, tenant: str) -> None:
+    """The API's location check again, as the worker sees the paths (a symlink under a root can
+    change before the job runs), for the record's tenant (app/core/locations.py); then confine
+    every local file the job opens to that tenant's roots (worker/io/source.py)."""
+    try:
+        problems = check_job_locations(spec, tenant, settings)
+    except LocationsFileError as exc:
+        raise FapmError(str(exc), code="locations_unavailable") from None
+    if problems:
+        raise InvalidLocation("; ".join(f"{p.field}: {p.message}" for p in problems))
+    confine_local_reads(readable_roots(settings, tenant))
 
 
 def _internal_error(job_id: str) -> dict:
