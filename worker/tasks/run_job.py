@@ -140,7 +140,7 @@ def execute(store: JobStore, settings: Settings, lease: Lease) -> str:
                 return False  # stops the job if Redis stays away for a whole lease
 
         try:
-            check_locations(spec, settings, record.tenant)
+            check_locations(spec, settings, store.tenant_of(job_id) or "")
             output: str | None
             if isinstance(spec, EvaluationJobSpec):
                 # Measures only: nothing is published, so the result has no output.
