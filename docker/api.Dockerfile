@@ -36,4 +36,5 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
 # On SIGTERM uvicorn stops accepting, lets requests (and event streams) end for up to 20 s, exits.
-CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--timeout-graceful-shutdown", "20"]
+# h11 with the request head capped at 64 KiB (app/api/header_limit.py): httptools has no cap.
+CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--timeout-graceful-shutdown", "20", "--http", "h11", "--h11-max-incomplete-event-size", "65536"]

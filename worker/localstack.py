@@ -148,10 +148,16 @@ class LocalStack:
         self.processes.append(process)
         return process
 
+    def api_argv(self) -> list[str]:
+        """uvicorn as the images run it (request head capped in the parser), on api_port."""
+        from app.api.header_limit import UVICORN_HTTP_ARGS  # the API's own imports, not torch
+
+        argv = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1"]
+        return [*argv, "--port", str(self.api_port), "--no-access-log", *UVICORN_HTTP_ARGS]
+
     def start_api(self, extra_env: Mapping[str, str] | None = None) -> Process:
         self.api_port = self.api_port or free_port()
-        argv = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1"]
-        argv += ["--port", str(self.api_port), "--no-access-log"]
+        argv = self.api_argv()
         process = _spawn("api", argv, {**self.child_env(), **(extra_env or {})}, self.workdir)
         wait_for_port(self.api_port, 30, process.popen)
         self.processes.append(process)

@@ -7,12 +7,10 @@ HTTPException(413) from `receive` for chunked bodies, which the problem handlers
 
 from __future__ import annotations
 
-import json
-
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.core.problems import PROBLEM_MEDIA_TYPE
+from app.core.problems import send_problem
 
 
 class BodyLimitMiddleware:
@@ -45,28 +43,7 @@ class BodyLimitMiddleware:
         return f"Request bodies are limited to {self.max_bytes} bytes."
 
     async def _refuse(self, scope: Scope, send: Send) -> None:
-        body = json.dumps(
-            {
-                "type": "about:blank",
-                "title": "Content Too Large",
-                "status": 413,
-                "detail": self._detail(),
-                "instance": scope.get("path"),
-                "code": "content_too_large",
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_problem(scope, send, 413, "content_too_large", self._detail())
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -7,6 +7,7 @@ FastAPI's request validation, Starlette's 404/405/413, Redis outages and, as a l
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from http import HTTPStatus
@@ -18,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope, Send
 
 log = logging.getLogger("app.problems")
 
@@ -130,6 +132,33 @@ def problem_response(
         body["errors"] = [e.model_dump() for e in errors]
     body.update(extra)
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
+
+
+async def send_problem(scope: Scope, send: Send, status: int, code: str, detail: str) -> None:
+    """Answer a problem straight from an ASGI middleware (one that refuses a request before the
+    app, and so its exception handlers, sees it), and close the connection after it."""
+    body = json.dumps(
+        {
+            "type": "about:blank",  # plain HTTP semantics, as for Starlette's own errors
+            "title": _PHRASES.get(status) or HTTPStatus(status).phrase,
+            "status": status,
+            "detail": detail,
+            "instance": scope.get("path"),
+            "code": code,
+        }
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def field_errors_from_pydantic(errors: list[dict[str, Any]]) -> list[FieldError]:
