@@ -5,10 +5,11 @@ of the service's REST API (`--api-url` or FAPM_API_URL; the key only from FAPM_A
 lands in shell history or `ps`). The client commands import no torch: engine imports stay inside
 `_prune` and `_demo`.
 
-Exit codes: 0 success; 2 usage error (bad flags or values, a missing or refused API key, a request
-the API rejects as invalid, an unknown job); 1 a failed or cancelled job, an API that cannot be
-reached or cannot do it now (409, 429, 5xx); each with a one-line message
-`fapm: error [code]: message`.
+Exit codes: 0 success; 2 usage error (bad flags or values, a device or kernel this machine cannot
+run, a missing or refused API key, a request the API rejects as invalid, an unknown job); 1 a
+failed or cancelled job (bad input files included), an API that cannot be reached or cannot do it
+now (409, 429, 5xx); 3 an unexpected error (a bug: `fapm --debug ...` shows its traceback);
+130 interrupted. Each with a one-line message `fapm: error [code]: message`, never a traceback.
 """
 
 from __future__ import annotations
@@ -28,9 +29,18 @@ from worker.spec import JobSpec
 
 if TYPE_CHECKING:  # the client (and httpx) load only when a client command runs
     from worker.client import FapmClient
+    from worker.errors import FapmError
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+EXIT_UNEXPECTED = 3
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (its usage block is what --help is for)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _flag(name: str, field) -> str:
@@ -149,11 +159,11 @@ def _prune(namespace: argparse.Namespace) -> int:
     try:
         result = run_job_spec(spec, progress=_progress_bar())
     except FapmError as exc:
-        print(f"fapm: error [{exc.code}]: {exc.message}", file=sys.stderr)
+        status = _job_error(exc)
         evaluation = (getattr(exc, "report", None) or {}).get("evaluation")
         if evaluation:
             _print_points(evaluation)
-        return EXIT_FAILED
+        return status
     except ValueError as exc:  # a spec value only the engine can check (e.g. device)
         print(f"fapm: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -171,6 +181,13 @@ def _prune(namespace: argparse.Namespace) -> int:
         f"{result.report['seconds']['total']:.1f}s)"
     )
     return 0
+
+
+def _job_error(exc: FapmError) -> int:
+    """Print a job's typed error (a FapmError); its exit status: 2 for a setting this machine
+    cannot run (the error is also a ValueError), else 1."""
+    print(f"fapm: error [{exc.code}]: {exc.message}", file=sys.stderr)
+    return EXIT_USAGE if isinstance(exc, ValueError) else EXIT_FAILED
 
 
 def _print_points(evaluation: dict) -> None:
@@ -236,8 +253,7 @@ def _eval(namespace: argparse.Namespace) -> int:
             namespace.base, namespace.model, settings, namespace.device, namespace.finetuned
         )
     except FapmError as exc:
-        print(f"fapm: error [{exc.code}]: {exc.message}", file=sys.stderr)
-        return EXIT_FAILED
+        return _job_error(exc)
     except ValueError as exc:
         print(f"fapm: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -654,8 +670,13 @@ def _add_client_commands(commands, api_url: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fapm", description="Prune a fine-tuned model's task vector (FAPM and baselines)."
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an unexpected error (a bug), show its traceback instead of one line",
     )
     # --api-url works before or after the subcommand: the subcommands' copy defaults to SUPPRESS
     # so it does not overwrite a value given before the subcommand.
@@ -743,12 +764,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_runtime()
     parser = build_parser()
     namespace = parser.parse_args(argv)
-    code = namespace.handler(namespace)
+    code = _run(namespace)
     if argv is None:  # the `fapm` program (callers in a longer-lived process pass argv)
         # About to exit: the interpreter would run a last full garbage collection over every
         # object torch and numba created (about 0.5 s, bench/RESULTS.md); frozen ones are skipped.
         gc.freeze()
     return code
+
+
+def _run(namespace: argparse.Namespace) -> int:
+    """The command's handler; what it did not turn into a message and a status becomes one."""
+    from worker.errors import FapmError
+
+    try:
+        return namespace.handler(namespace)
+    except FapmError as exc:
+        return _job_error(exc)
+    except KeyboardInterrupt:
+        print("fapm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if namespace.debug:
+            raise
+        detail = (str(exc).splitlines() or [""])[0][:300]
+        print(
+            f"fapm: error [internal_error]: unexpected {type(exc).__name__}: {detail} "
+            "(a bug in fapm: run it again with --debug for the traceback, and report it)",
+            file=sys.stderr,
+        )
+        return EXIT_UNEXPECTED
 
 
 if __name__ == "__main__":

@@ -296,3 +296,77 @@ def test_digest_cache_remembers_a_file_until_it_changes(tmp_path, monkeypatch):
         "{"
     )
     assert digest() == real
+
+
+def _entry(dtype: object = "F32", shape: object = (2,), offsets: object = (0, 8)) -> dict:
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ({"t": _entry(dtype=["F32"])}, "unknown dtype"),
+        ({"t": _entry(dtype={"F32": 1})}, "unknown dtype"),
+        ({"t": _entry(shape=[2**63])}, "invalid shape"),
+        ({"t": _entry(shape=[0, 2**61, 2**61], offsets=[0, 0])}, "invalid shape"),
+        ({"t": _entry(shape=[1] * 33)}, "invalid shape"),
+        ({"t": _entry(shape=[True, 2])}, "invalid shape"),
+        ({"t": _entry(shape=[2.0])}, "invalid shape"),
+        ({"t": _entry(offsets=[0.0, 8])}, "invalid data_offsets"),
+        ({"t": _entry(offsets=[8, 0])}, "out of range"),
+        ({"t": _entry(offsets=[-8, 0])}, "out of range"),
+        ({"t": _entry(offsets=[0, 2**64])}, "out of range"),
+        ({"t": 5}, "is not an object"),
+        ({"__metadata__": [], **GOOD}, "__metadata__"),
+        (
+            b'{"t": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 8]}}',
+            "more than 20 digits",
+        ),
+        (b'{"t": {"dtype": "F32", "shape": [[[[[2]]]]], "data_offsets": [0, 8]}}', "deeper"),
+        (b'{"t": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "deeper"),
+        (b'{"\\ud800": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', "surrogate"),
+    ],
+)
+def test_malformed_entries_are_named_errors(tmp_path, header, message):
+    """The campaign's crashes (a list as dtype, a dimension of 2**63, deep nesting, a 5000-digit
+    number, a lone surrogate) and their neighbours: each a CorruptCheckpoint, never a TypeError,
+    RecursionError or ValueError."""
+    _write_raw(tmp_path / "model.safetensors", header, b"\0" * 8)
+    with pytest.raises(CorruptCheckpoint, match=message) as info:
+        SafetensorsCheckpoint(LocalDirSource(tmp_path))
+    assert "model.safetensors" in str(info.value)
+
+
+def test_zero_size_tensors_may_share_an_offset():
+    body = json.dumps(
+        {"a": _entry(shape=[0, 4], offsets=[0, 0]), "b": _entry(shape=[0], offsets=[0, 0]), **GOOD}
+    ).encode()
+    header = parse_header(body, 8 + len(body) + 8, "f")
+    assert sorted(t.name for t in header.tensors) == ["a", "b", "t"]
+
+
+def test_a_header_listing_more_tensors_than_the_cap_is_refused_before_it_is_built():
+    """The campaign's worst header: 1.5M zero-size tensors just under the 100 MB cap cost 1.4 GB
+    and 14-20 s to parse. Now it is counted first and refused in well under a second."""
+    import resource
+    import time
+
+    from worker.io.safetensors_format import MAX_TENSORS
+
+    entry = '{"dtype":"F32","shape":[0],"data_offsets":[0,0]}'
+    body = ("{" + ",".join(f'"t{i:07d}":{entry}' for i in range(1_500_000)) + "}").encode()
+    assert len(body) < 100_000_000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    with pytest.raises(CorruptCheckpoint, match=f"at most {MAX_TENSORS:,} tensors"):
+        parse_header(body, 8 + len(body), "f")
+    assert time.perf_counter() - started < 3
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # KiB
+
+
+def test_a_header_at_the_tensor_cap_still_parses():
+    from worker.io.safetensors_format import MAX_TENSORS
+
+    entry = '{"dtype":"F32","shape":[0],"data_offsets":[0,0]}'
+    body = ("{" + ",".join(f'"t{i}":{entry}' for i in range(MAX_TENSORS)) + "}").encode()
+    assert len(parse_header(body, 8 + len(body), "f").tensors) == MAX_TENSORS

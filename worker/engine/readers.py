@@ -7,7 +7,6 @@ float32, one module at a time, so the rest of the engine never knows it came fro
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -15,7 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from worker.errors import CorruptCheckpoint, SourceNotFound, UnsupportedFormat
-from worker.io.checkpoint import SafetensorsCheckpoint
+from worker.exclude_pattern import ExcludePattern
+from worker.io.checkpoint import CONFIG_LIMITS, SafetensorsCheckpoint, read_config
+from worker.io.safe_json import check_size, load_json
 from worker.io.source import ModelSource
 from worker.io.torch_tensors import read_tensor
 
@@ -58,12 +59,7 @@ class CheckpointReader:
 
     def config(self) -> dict:
         """The model's config.json, or {} when it has none."""
-        if not self.source.exists("config.json"):
-            return {}
-        try:
-            return json.loads(self.source.read_file("config.json"))
-        except ValueError:
-            raise CorruptCheckpoint(f"{self.source.uri}: config.json is not valid JSON") from None
+        return read_config(self.source) or {}
 
     def identity(self) -> dict[str, object]:
         return {**self.source.identity(), "shards": self.checkpoint.shard_digests()}
@@ -82,6 +78,12 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 
 
+def _alpha_number(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise CorruptCheckpoint(f"{where}: lora_alpha and alpha_pattern values must be numbers")
+    return float(value)
+
+
 class LoraMergedReader:
     """A base model plus a PEFT LoRA adapter, read as the merged fine-tuned model."""
 
@@ -96,10 +98,11 @@ class LoraMergedReader:
                     "adapter_model.safetensors is read"
                 )
             raise SourceNotFound(f"{adapter_source.uri}: no {ADAPTER_CONFIG} (not a PEFT adapter)")
-        try:
-            self.adapter_config = json.loads(adapter_source.read_file(ADAPTER_CONFIG))
-        except ValueError:
-            raise CorruptCheckpoint(f"{adapter_source.uri}: {ADAPTER_CONFIG} is not JSON") from None
+        where = f"{adapter_source.uri.rstrip('/')}/{ADAPTER_CONFIG}"
+        check_size(adapter_source.size(ADAPTER_CONFIG), where, CONFIG_LIMITS, CorruptCheckpoint)
+        self.adapter_config = load_json(
+            adapter_source.read_file(ADAPTER_CONFIG), where, CONFIG_LIMITS, CorruptCheckpoint
+        )
         self._check_supported(self.adapter_config)
         if ADAPTER_WEIGHTS not in names:
             raise SourceNotFound(f"{adapter_source.uri}: no {ADAPTER_WEIGHTS}")
@@ -116,11 +119,18 @@ class LoraMergedReader:
             raise UnsupportedFormat("LoRA adapters with lora_bias are not supported")
 
     def _alpha_for(self, module: str) -> float:
+        where = f"{self.source.uri}: {ADAPTER_CONFIG}"
         pattern_alpha = self.adapter_config.get("alpha_pattern") or {}
+        if not isinstance(pattern_alpha, dict):
+            raise CorruptCheckpoint(f"{where}: alpha_pattern must map patterns to numbers")
         for pattern, alpha in pattern_alpha.items():
-            if module == pattern or re.match(rf"(.*\.)?{pattern}$", module):
-                return float(alpha)
-        return float(self.adapter_config.get("lora_alpha", 8))
+            try:  # RE2: a pattern from the adapter must not backtrack for ever
+                matched = ExcludePattern(rf"^(?:.*\.)?(?:{pattern})$").matches(module)
+            except ValueError as exc:
+                raise CorruptCheckpoint(f"{where}: alpha_pattern {pattern[:80]!r}: {exc}") from None
+            if module == pattern or matched:
+                return _alpha_number(alpha, where)
+        return _alpha_number(self.adapter_config.get("lora_alpha", 8), where)
 
     def _map_tensors(self) -> tuple[dict[str, _LoraModule], dict[str, str]]:
         base_names = set(self.base.names())
@@ -154,6 +164,8 @@ class LoraMergedReader:
                     f"{self.source.uri}: adapter targets {target!r}, which the base lacks"
                 )
             rank = self.checkpoint.entry(parts["A"]).shape[0]
+            if rank == 0:
+                raise CorruptCheckpoint(f"{self.source.uri}: {parts['A'][:80]!r} has rank 0")
             alpha = self._alpha_for(module)
             scale = (
                 alpha / math.sqrt(rank) if self.adapter_config.get("use_rslora") else alpha / rank

@@ -21,6 +21,7 @@ from worker.engine.methods.base import ScoredMethod
 from worker.engine.model_scope import GlobalThreshold
 from worker.engine.plan import TensorTask
 from worker.engine.select import keep_count, order_keys
+from worker.errors import DeviceUnavailable
 from worker.spec import JobSpec
 
 FUSED_METHODS = frozenset({"fapm", "magnitude"})
@@ -29,7 +30,7 @@ FUSED_METHODS = frozenset({"fapm", "magnitude"})
 def resolve_device(requested: str) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise ValueError("device: cuda was requested but no CUDA device is available")
+            raise DeviceUnavailable("device: cuda was requested but no CUDA device is available")
         return torch.device("cuda")
     return torch.device("cpu")
 
@@ -43,15 +44,16 @@ def _fused_kernel():
 
 
 def _triton_kernel(device: torch.device) -> ModuleType:
-    """The Triton kernel module when it can run on `device`; ValueError saying why if not."""
+    """The Triton kernel module when it can run on `device`; DeviceUnavailable saying why if
+    not."""
     try:
         from worker.engine.kernels import triton_select
     except ImportError as exc:  # pragma: no cover - the module itself imports without triton
-        raise ValueError(f"kernel: triton is unavailable ({exc})") from exc
+        raise DeviceUnavailable(f"kernel: triton is unavailable ({exc})") from exc
     if not triton_select.HAVE_TRITON:
-        raise ValueError("kernel: triton is not installed (pip install '.[gpu]')")
+        raise DeviceUnavailable("kernel: triton is not installed (pip install '.[gpu]')")
     if not triton_select.triton_available(device):
-        raise ValueError(
+        raise DeviceUnavailable(
             "kernel: triton needs a CUDA device (device cuda, or auto with one present); on CPU "
             "it runs only in Triton's interpreter: set TRITON_INTERPRET=1 in the environment "
             "before the worker starts and use device cpu (slow; meant for tests)"
@@ -121,7 +123,9 @@ class TensorPruner:
         self.factor = self.method.update_factor(self._params("")) * spec.scale
         fused = _fused_kernel() if spec.kernel in ("auto", "numba") else None
         if spec.kernel == "numba" and fused is None:
-            raise ValueError("kernel: numba was requested but the fused kernel is unavailable")
+            raise DeviceUnavailable(
+                "kernel: numba was requested but the fused kernel is unavailable"
+            )
         self.fused = fused
         self.triton: ModuleType | None = None
         if spec.kernel == "triton":
@@ -129,7 +133,7 @@ class TensorPruner:
         elif spec.kernel == "auto" and self.device.type == "cuda":
             try:
                 self.triton = _triton_kernel(self.device)
-            except ValueError:  # auto: the torch path on the GPU is the fallback
+            except DeviceUnavailable:  # auto: the torch path on the GPU is the fallback
                 self.triton = None
         self.stager = (
             _CudaStager(self.device)

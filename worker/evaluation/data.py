@@ -16,17 +16,19 @@ Anything else fails the job with `bad_eval_data` naming the file and the line.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from worker.errors import SourceNotFound
 from worker.evaluation.errors import EmptyEvalSet, EvalDataError
 from worker.io.location_names import check_file_name
+from worker.io.safe_json import JsonLimits, load_json
 from worker.io.source import ModelSource
 from worker.io.uri import open_source, parse_uri
 
 # Evaluation sets are read into memory whole; a larger file is almost surely the wrong file.
 MAX_FILE_BYTES = 256 * 2**20
+# One line is one example: a few strings, perhaps some metadata beside them.
+LINE_LIMITS = JsonLimits(max_bytes=MAX_FILE_BYTES, max_depth=32, max_values=2**16)
 
 
 @dataclass(frozen=True)
@@ -100,12 +102,8 @@ def _lines(uri: str, data: bytes, limit: int | None = None) -> list[tuple[int, d
             raise EvalDataError(f"{uri} line {number}: not UTF-8") from None
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise EvalDataError(f"{uri} line {number}: not valid JSON ({exc})") from None
-        if not isinstance(row, dict):
-            raise EvalDataError(f"{uri} line {number}: expected a JSON object")
+        row = load_json(raw, f"{uri} line {number}", LINE_LIMITS, EvalDataError, expect=dict)
+        assert isinstance(row, dict)
         rows.append((number, row))
     if not rows:
         raise EmptyEvalSet(f"{uri}: no examples (the file is empty)")

@@ -14,12 +14,12 @@ identifying the inputs costs no second read.
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from dataclasses import dataclass
 
 from worker.errors import CorruptCheckpoint, SourceNotFound, UnsupportedFormat
 from worker.io import digest_cache
+from worker.io.safe_json import JsonLimits, check_size, load_json
 from worker.io.safetensors_format import (
     SafetensorsHeader,
     TensorEntry,
@@ -30,6 +30,12 @@ from worker.io.source import ModelSource
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+# An index maps each tensor to its shard: three JSON values per tensor, and the largest real
+# checkpoints have 100-200 thousand tensors (a 1T-parameter MoE); its metadata is flat.
+INDEX_LIMITS = JsonLimits(max_bytes=64 * 2**20, max_depth=8, max_values=4 * 2**20)
+# Real configs are a few KB, a dozen levels at most (multimodal configs nest sub-configs).
+CONFIG_LIMITS = JsonLimits(max_bytes=16 * 2**20, max_depth=32, max_values=2**20)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HASH_CHUNK = 64 * 2**20
 # The digest thread's mapped window: what it adds to the process's resident memory per file.
@@ -109,6 +115,42 @@ class _BackgroundDigests:
         self._thread.join()
 
 
+def parse_index(raw: bytes, where: str) -> dict[str, str]:
+    """The weight_map (tensor name -> shard file) of a `model.safetensors.index.json`."""
+    index = load_json(raw, where, INDEX_LIMITS, CorruptCheckpoint)
+    assert isinstance(index, dict)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(file, str) and file for file in weight_map.values()
+    ):
+        raise CorruptCheckpoint(
+            f"{where}: not a valid index (needs a weight_map of tensor names to file names)"
+        )
+    return weight_map
+
+
+def read_config(source: ModelSource) -> dict | None:
+    """The model's parsed `config.json`, or None when it has none."""
+    if not source.exists(CONFIG_FILE):
+        return None
+    where = f"{source.uri.rstrip('/')}/{CONFIG_FILE}"
+    check_size(source.size(CONFIG_FILE), where, CONFIG_LIMITS, CorruptCheckpoint)
+    return parse_config(source.read_file(CONFIG_FILE), where)
+
+
+def parse_config(raw: bytes, where: str) -> dict:
+    """A model's `config.json` as a dict. The nested `text_config` (multimodal models) is read
+    the way the top level is, so it must be an object too; `null` reads as absent."""
+    config = load_json(raw, where, CONFIG_LIMITS, CorruptCheckpoint)
+    assert isinstance(config, dict)
+    text_config = config.get("text_config", {})
+    if text_config is None:
+        del config["text_config"]
+    elif not isinstance(text_config, dict):
+        raise CorruptCheckpoint(f"{where}: text_config must be an object")
+    return config
+
+
 class SafetensorsCheckpoint:
     """Tensor names -> byte ranges, over one `model.safetensors`, a sharded index, or the single
     `*.safetensors` file of a directory (e.g. `adapter_model.safetensors`)."""
@@ -133,7 +175,7 @@ class SafetensorsCheckpoint:
             for entry in header.tensors:
                 if entry.name in self.tensors:
                     raise CorruptCheckpoint(
-                        f"{source.uri}: tensor {entry.name!r} appears in both "
+                        f"{source.uri}: tensor {entry.name[:80]!r} appears in both "
                         f"{self.tensors[entry.name].file} and {file}"
                     )
                 self.tensors[entry.name] = TensorLocation(file, entry)
@@ -155,14 +197,9 @@ class SafetensorsCheckpoint:
                 raise SourceNotFound(f"{self.source.uri}: {weights_file} not found")
             return [weights_file]
         if INDEX_FILE in names:
-            try:
-                index = json.loads(self.source.read_file(INDEX_FILE))
-                weight_map = index["weight_map"]
-                assert isinstance(weight_map, dict)
-            except (ValueError, KeyError, TypeError, AssertionError):
-                raise CorruptCheckpoint(
-                    f"{self.source.uri}/{INDEX_FILE}: not a valid index (needs a weight_map)"
-                ) from None
+            where = f"{self.source.uri.rstrip('/')}/{INDEX_FILE}"
+            check_size(self.source.size(INDEX_FILE), where, INDEX_LIMITS, CorruptCheckpoint)
+            weight_map = parse_index(self.source.read_file(INDEX_FILE), where)
             self._index_map = weight_map
             shard_files = sorted(set(weight_map.values()))
             missing = [f for f in shard_files if f not in names]
@@ -206,7 +243,7 @@ class SafetensorsCheckpoint:
             location = self.tensors.get(name)
             if location is None or location.file != file:
                 raise CorruptCheckpoint(
-                    f"{self.source.uri}: {INDEX_FILE} places {name!r} in {file}, "
+                    f"{self.source.uri}: {INDEX_FILE} places {name[:80]!r} in {file[:80]!r}, "
                     "but that shard does not hold it"
                 )
 

@@ -20,7 +20,12 @@ import os
 import tempfile
 from pathlib import Path
 
+from worker.errors import FapmError
+from worker.io.safe_json import JsonLimits, load_json
+
 _ENV = "FAPM_DIGEST_CACHE"
+# An entry is {"key": ..., "sha256": ...}: anything larger was not written here.
+_ENTRY_LIMITS = JsonLimits(max_bytes=4096, max_depth=1, max_values=8)
 
 
 def cache_dir() -> Path | None:
@@ -49,8 +54,8 @@ def lookup(key: str) -> str | None:
     if directory is None:
         return None
     try:
-        entry = json.loads(_entry(directory, key).read_text())
-    except (OSError, ValueError):
+        entry = load_json(_entry(directory, key).read_bytes(), key, _ENTRY_LIMITS, FapmError)
+    except (OSError, FapmError):  # missing, or not what remember() writes: hash the file
         return None
     if not isinstance(entry, dict) or entry.get("key") != key:
         return None

@@ -13,8 +13,10 @@ honours them; with HF_HUB_OFFLINE=1 everything comes from the cache.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from huggingface_hub import HfApi, constants, errors, hf_hub_download, snapshot_download
@@ -30,6 +32,12 @@ RANGE_READ_LIMIT = 1 * 2**20
 
 def hub_error(exc: Exception, where: str) -> FapmError:
     """huggingface_hub's exceptions -> job errors with stable codes."""
+    if isinstance(exc, FapmError):
+        return exc
+    if isinstance(exc, errors.HFValidationError):
+        return FapmError(
+            f"{where}: not a valid Hub repo id or revision ({exc})", code="invalid_location"
+        )
     if isinstance(exc, errors.RevisionNotFoundError):
         return SourceNotFound(f"{where}: the revision does not exist on the Hub")
     if isinstance(exc, errors.GatedRepoError):
@@ -45,7 +53,21 @@ def hub_error(exc: Exception, where: str) -> FapmError:
             f"{where}: not in the Hub cache and the Hub cannot be reached "
             "(HF_HUB_OFFLINE=1, or no network)"
         )
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status in (401, 403):
+        return AccessDenied(f"{where}: the Hub refused HF_TOKEN ({status})")
     return SourceUnavailable(f"{where}: the Hub did not answer: {exc}")
+
+
+@contextlib.contextmanager
+def hub_calls(where: str) -> Iterator[None]:
+    """Calls to the Hub inside fail as job errors (`hub_error`): huggingface_hub raises its own
+    errors, and its HTTP client's (connection refused, timeouts, TLS) when the Hub is
+    unreachable."""
+    try:
+        yield
+    except Exception as exc:
+        raise hub_error(exc, where) from exc
 
 
 class HubSource(ListedSource):
@@ -60,15 +82,11 @@ class HubSource(ListedSource):
         self._fds: dict[str, int] = {}
         self._sizes: dict[str, int] = {}
         self._digests: dict[str, str] = {}
-        try:
+        with hub_calls(uri):
             if constants.is_offline_mode():
                 self._open_from_cache()
             else:
                 self._open_from_hub()
-        except errors.HfHubHTTPError as exc:
-            raise hub_error(exc, uri) from exc
-        except (errors.LocalEntryNotFoundError, errors.HFValidationError) as exc:
-            raise hub_error(exc, uri) from exc
         if not self._sizes:
             raise SourceNotFound(f"{uri}: the repo has no files at its top level")
 
@@ -135,10 +153,8 @@ class HubSource(ListedSource):
             fd = self._fds.get(name)
             if fd is not None:
                 return fd
-            try:
+            with hub_calls(f"{self.uri}/{name}"):
                 path = hf_hub_download(self.repo_id, name, revision=self.commit)
-            except (errors.HfHubHTTPError, errors.LocalEntryNotFoundError) as exc:
-                raise hub_error(exc, f"{self.uri}/{name}") from exc
             fd = os.open(path, os.O_RDONLY)
             self._fds[name] = fd
             return fd

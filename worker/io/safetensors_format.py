@@ -17,9 +17,27 @@ import struct
 from dataclasses import dataclass
 
 from worker.errors import CorruptCheckpoint
+from worker.io.safe_json import JsonLimits, measure, parse
 
 # The Rust reader's cap (safetensors/src/tensor.rs MAX_HEADER_SIZE).
 MAX_HEADER_BYTES = 100_000_000
+# Tensors one file may list. Real shards list hundreds to a few thousand (a DeepSeek-V3 shard
+# about 1,100, its whole 163-shard checkpoint 92,000); without a cap a header just under
+# MAX_HEADER_BYTES lists 1.5M zero-size tensors and costs 1.4 GB and 14-20 s to parse.
+MAX_TENSORS = 65_536
+# Rank of one tensor (real models use at most 5; torch refuses more than 64 dimensions).
+MAX_RANK = 32
+# Largest dimension, and largest element count of a shape with its zeros read as ones, so that
+# sizes and strides fit an int64 with room to multiply by a dtype's size.
+MAX_DIM = 2**62
+HEADER_LIMITS = JsonLimits(
+    max_bytes=MAX_HEADER_BYTES,
+    max_depth=3,  # the header object, a tensor's entry, its shape
+    # A rank-2 entry is 5 strings, 3 containers and 6 commas; 16 per tensor leaves room.
+    max_values=16 * MAX_TENSORS,
+    max_digits=20,  # 2**64 has 20 digits
+    note=f" (a safetensors file may list at most {MAX_TENSORS:,} tensors)",
+)
 
 # safetensors dtype tag -> bytes per element. Sub-byte and exotic types are rejected upstream by
 # the engine if it meets them in a tensor it must compute on; here they are only sized.
@@ -107,14 +125,20 @@ def parse_header(header_bytes: bytes, file_size: int, where: str) -> Safetensors
     Raises CorruptCheckpoint naming the problem.
     """
     header_len = len(header_bytes)
-    try:
-        raw = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpoint(f"{where}: header is not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise CorruptCheckpoint(f"{where}: header is not a JSON object")
+    where = f"{where} header"
+    shape = measure(header_bytes, where, HEADER_LIMITS, CorruptCheckpoint)
+    # Every entry is an object: count them before building any (the header itself is one more,
+    # __metadata__ another).
+    if shape.objects - 2 > MAX_TENSORS:
+        raise CorruptCheckpoint(
+            f"{where}: lists about {shape.objects - 1:,} tensors; a safetensors file may list "
+            f"at most {MAX_TENSORS:,}"
+        )
+    raw = parse(header_bytes, where, CorruptCheckpoint, expect=dict)
+    assert isinstance(raw, dict)
 
-    metadata = raw.pop("__metadata__", None) or {}
+    metadata = raw.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -133,7 +157,7 @@ def parse_header(header_bytes: bytes, file_size: int, where: str) -> Safetensors
         if entry.begin != cursor:
             problem = "overlaps the previous tensor" if entry.begin < cursor else "leaves a hole"
             raise CorruptCheckpoint(
-                f"{where}: tensor {entry.name!r} at offset {entry.begin - data_start} {problem}"
+                f"{where}: tensor {_short(entry.name)} at offset {entry.begin - data_start} {problem}"
             )
         cursor = entry.end
     if cursor != file_size:
@@ -148,35 +172,52 @@ def _parse_entry(
     name: str, info: object, data_start: int, buffer_len: int, where: str
 ) -> TensorEntry:
     if not isinstance(info, dict):
-        raise CorruptCheckpoint(f"{where}: entry {name!r} is not an object")
+        raise CorruptCheckpoint(f"{where}: entry {_short(name)} is not an object")
     dtype = info.get("dtype")
     shape = info.get("shape")
     offsets = info.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
-        raise CorruptCheckpoint(f"{where}: tensor {name!r} has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
-        raise CorruptCheckpoint(f"{where}: tensor {name!r} has an invalid shape {shape!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise CorruptCheckpoint(f"{where}: tensor {_short(name)} has unknown dtype {_short(dtype)}")
+    if not _valid_shape(shape):
+        raise CorruptCheckpoint(
+            f"{where}: tensor {_short(name)} has an invalid shape {_short(shape)} (a list of at most "
+            f"{MAX_RANK} non-negative integers below 2**62 whose product is below 2**62)"
+        )
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
     ):
-        raise CorruptCheckpoint(f"{where}: tensor {name!r} has invalid data_offsets {offsets!r}")
+        raise CorruptCheckpoint(
+            f"{where}: tensor {_short(name)} has invalid data_offsets {_short(offsets)}"
+        )
     begin, end = offsets
     if not 0 <= begin <= end <= buffer_len:
         raise CorruptCheckpoint(
-            f"{where}: tensor {name!r} data_offsets [{begin}, {end}] are out of range "
+            f"{where}: tensor {_short(name)} data_offsets [{begin}, {end}] are out of range "
             f"(buffer holds {buffer_len} bytes): the file is truncated or its header is wrong"
         )
     expected = math.prod(shape) * DTYPE_SIZES[dtype]
     if end - begin != expected:
         raise CorruptCheckpoint(
-            f"{where}: tensor {name!r} ({dtype}, shape {shape}) needs {expected} bytes "
+            f"{where}: tensor {_short(name)} ({dtype}, shape {_short(shape)}) needs {expected} bytes "
             f"but its offsets span {end - begin}"
         )
     return TensorEntry(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _valid_shape(shape: object) -> bool:
+    if not isinstance(shape, list) or len(shape) > MAX_RANK:
+        return False
+    if not all(type(d) is int and 0 <= d < MAX_DIM for d in shape):
+        return False
+    return math.prod(max(d, 1) for d in shape) < MAX_DIM
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """`repr(value)` cut to `limit` characters, for messages about values from a file."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def build_header(
