@@ -5,12 +5,16 @@ escape or confuse, huggingface_hub's repo id validator and git's ref-name rules.
 from __future__ import annotations
 
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from worker.evaluation.data import split_file_uri
 from worker.io.location_names import check_hub_repo_id, check_hub_revision
 from worker.io.uri import parse_uri
+
+REPO = Path(__file__).resolve().parents[2]
 
 GOOD_BUCKETS = [
     "abc",
@@ -256,3 +260,16 @@ def test_good_evaluation_set_uris_split():
         "task.jsonl",
     )
     assert split_file_uri("hf://org/name@main/task.jsonl") == ("hf://org/name@main", "task.jsonl")
+
+
+def test_cli_refuses_a_bad_remote_name_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "prune", "--base", "s3://169.254.169.254/x/",
+         "--finetuned", "hf://org/name@../../etc", "--out", str(tmp_path / "out")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "169.254.169.254" in lines[0] and "IP address" in lines[0]
+    assert not (tmp_path / "out").exists()
