@@ -310,3 +310,21 @@ def test_a_confined_source_refuses_a_file_that_leads_out_of_the_roots(tmp_path):
             LocalDirSource(tmp_path)
     finally:
         confine_local_reads(None)
+
+
+def test_a_confined_job_reads_no_evaluation_set_through_a_symlink_out(tmp_path):
+    from worker.evaluation.data import read_file
+
+    root = (tmp_path / "root").resolve()
+    root.mkdir()
+    (root / "task.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    outside = tmp_path / "general.jsonl"
+    outside.write_text('{"text": "private"}\n')
+    (root / "general.jsonl").symlink_to(outside)
+    confine_local_reads([root])
+    try:
+        assert read_file(str(root / "task.jsonl")).startswith(b'{"prompt"')
+        with pytest.raises(InvalidLocation, match=r"general\.jsonl"):
+            read_file(str(root / "general.jsonl"))
+    finally:
+        confine_local_reads(None)
