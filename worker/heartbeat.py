@@ -1,14 +1,25 @@
 """Background threads of a worker: the heartbeat (with the sweepers) and a running job's lease.
 
 Heartbeat: one daemon thread in the worker's main process writes `store.heartbeat` every
-heartbeat_seconds (the API's /readyz and its GPU routing read it) and, on the same beat, hands
-two kinds of stranded jobs back to Celery:
-  - jobs the API wrote but never enqueued (it died between the two), after
+heartbeat_seconds (the API's /readyz and its GPU routing read it) and, on the same beat, makes
+sure that whatever instant a worker died, its job runs again and its webhook goes out, within
+about two lease periods instead of the visibility timeout (48 h):
+
+  - a job the API wrote but never enqueued (it died between the two) is enqueued after
     unenqueued_grace_seconds (30 s);
-  - jobs left `running` without a lease: their worker died. Celery would re-deliver the message
-    only after the visibility timeout (hours); this gets the job going again within about a
-    lease period. A duplicate message is harmless: the lease lets one run at a time, and a
-    finished job's message is dropped.
+  - a job whose message a worker took but that never reached `note_running` (the worker died
+    right after taking it: the job is `queued`, its message is in the broker's `unacked`) has
+    that message put back at the head of its queue once it has been taken a lease period ago;
+  - a job left `running` without a lease (its worker died after `note_running`: before `start`,
+    or mid-job) is re-enqueued at the head of its queue, once: `store.claim_orphans` skips it
+    until a worker has taken that message (`note_running`), so it neither waits behind the
+    queue nor piles up one duplicate per lease period while it waits;
+  - a finished job's webhook that was never queued (the worker died between `store.finish`,
+    which records the webhook as owed in the same script, and the delivery's enqueue) is queued
+    a lease period after the job ended.
+
+A duplicate message is harmless: the lease lets one run at a time, a finished job's message is
+dropped, and webhook deliveries share one webhook-id for the receiver to deduplicate.
 
 Lease: while a job runs, a thread renews its lease every lease_seconds/3. If a renewal finds the
 lease gone (this worker stalled for a whole lease period and another one may have taken over),
@@ -23,7 +34,9 @@ import time
 from collections.abc import Callable
 
 from app.core.config import Settings
+from app.jobs.records import TERMINAL_STATUSES
 from app.jobs.store import JobStore, Lease
+from worker.broker import Broker
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +49,9 @@ class Heartbeat(threading.Thread):
         hostname: str,
         queues: list[str],
         gpu: bool,
+        broker: Broker,
         enqueue: Callable[[str, str], None],
+        dispatch_webhook: Callable[[str], None],
     ) -> None:
         super().__init__(name="fapm-heartbeat", daemon=True)
         self.store = store
@@ -44,7 +59,9 @@ class Heartbeat(threading.Thread):
         self.hostname = hostname
         self.queues = queues
         self.gpu = gpu
+        self.broker = broker
         self.enqueue = enqueue
+        self.dispatch_webhook = dispatch_webhook
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -59,6 +76,7 @@ class Heartbeat(threading.Thread):
             self.store.forget_worker(self.hostname)
         except Exception:  # the entry goes stale on its own
             log.exception("could not remove the heartbeat of %s", self.hostname)
+        self.broker.close()
 
     def beat(self) -> None:
         self.store.heartbeat(
@@ -67,14 +85,50 @@ class Heartbeat(threading.Thread):
         self.sweep()
 
     def sweep(self) -> None:
-        cutoff_ms = int((time.time() - self.settings.unenqueued_grace_seconds) * 1000)
+        now = time.time()
+        grace = self.settings.lease_seconds
+        cutoff_ms = int((now - self.settings.unenqueued_grace_seconds) * 1000)
         for job_id, queue in self.store.unenqueued_before(cutoff_ms):
             log.warning("job %s was never enqueued (API crashed?); enqueueing it", job_id)
             self.enqueue(job_id, queue)
             self.store.mark_enqueued(job_id)
-        for job_id, queue in self.store.orphaned_before(time.time() - self.settings.lease_seconds):
-            log.warning("job %s is running with no lease (its worker died); re-enqueueing", job_id)
-            self.enqueue(job_id, queue)
+        self.restore_taken_but_never_started(now - grace)
+        for orphan in self.store.claim_orphans(now - grace, claim_seconds=grace):
+            log.warning(
+                "job %s is running with no lease (its worker died); re-enqueueing it first",
+                orphan.job_id,
+            )
+            self.broker.enqueue_first(orphan.job_id, orphan.queue)
+            self.store.mark_requeued(orphan)
+        for job_id in self.store.owed_webhooks_before(int((now - grace) * 1000)):
+            log.warning("job %s ended but its webhook was never queued; queueing it", job_id)
+            try:
+                self.dispatch_webhook(job_id)
+            except Exception:  # this one comes back after the grace; the others go on
+                log.exception("job %s: could not queue its webhook", job_id)
+
+    def restore_taken_but_never_started(self, before: float) -> None:
+        """Put back the run_job messages taken before `before` whose job has not been noted
+        running since: the worker that took each died first (a live one notes the job within
+        moments of taking it). A job noted since, or leased, is the orphan sweep's or is
+        running; a finished job's message is left for its holder (or the visibility timeout)
+        to drop."""
+        taken = self.broker.taken_jobs(before)
+        if not taken:
+            return
+        states = self.store.job_states(sorted({m.job_id for m in taken}))
+        for message in taken:
+            status, leased, noted_at = states[message.job_id]
+            if status is None or status in TERMINAL_STATUSES:
+                self.broker.ignore(message.tag)
+            elif not leased and (noted_at is None or noted_at < message.taken_at):
+                log.warning(
+                    "job %s: its worker took it %.0f s ago and died before starting it; "
+                    "putting it back first in its queue",
+                    message.job_id,
+                    time.time() - message.taken_at,
+                )
+                self.broker.restore(message.tag)
 
     def stop(self) -> None:
         """Stop beating and remove this worker's heartbeat (from the thread, so a signal

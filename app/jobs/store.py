@@ -15,6 +15,10 @@ Keys (prefix `fapm:`):
   tenant:{t}:active     set of queued and running job ids (quota)
   idem:{t}:{key}        {fingerprint, job_id} for Idempotency-Key
   pending-enqueue       zset of jobs written but not yet handed to Celery (swept by workers)
+  running               zset of jobs a worker took, by when (see "worker bookkeeping" below)
+  requeued              zset of jobs the sweeper re-enqueued whose message no worker took yet
+  requeue-claim:{id}    a sweeper re-enqueueing the job now (expires: a dead sweeper's lapses)
+  webhooks-owed         zset of finished jobs whose webhook is not yet queued, by end time (ms)
   workers               zset of worker hostnames by last heartbeat; worker:{host} its details
   stats                 hash of gauges and counters for /metrics
 """
@@ -78,10 +82,11 @@ if KEYS[7] ~= '' then redis.call('SET', KEYS[7], ARGV[4], 'EX', ARGV[5]) end
 return {'created'}
 """
 
-# Move a job between statuses. KEYS: job, active, events, stats, lease
+# Move a job between statuses. KEYS: job, active, events, stats, lease, webhooks-owed
 # ARGV: allowed-from (comma list), to, id, lease token ('' = no lease check), event data json,
-#       field, value, ...
+#       now_ms, field, value, ...
 # Returns {'ok', old} or {'refused', current} or {'lost'} (the lease belongs to someone else).
+# A job that ends with a webhook owes it from the same step (see owed_webhooks_before).
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return {'missing'} end
@@ -90,7 +95,7 @@ local allowed = false
 for s in string.gmatch(ARGV[1], '[^,]+') do if s == current then allowed = true end end
 if not allowed then return {'refused', current} end
 local fields = {'status', ARGV[2]}
-for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 if current ~= ARGV[2] then
   redis.call('HINCRBY', KEYS[4], 'state:' .. current, -1)
@@ -100,6 +105,9 @@ if ARGV[2] == 'succeeded' or ARGV[2] == 'failed' or ARGV[2] == 'cancelled' then
   redis.call('SREM', KEYS[2], ARGV[3])
   redis.call('HINCRBY', KEYS[4], 'finished:' .. ARGV[2], 1)
   if ARGV[4] ~= '' then redis.call('DEL', KEYS[5]) end
+  if redis.call('HEXISTS', KEYS[1], 'webhook_url') == 1 then
+    redis.call('ZADD', KEYS[6], 'NX', ARGV[6], ARGV[3])
+  end
 end
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', '10000', '*', 'event', 'state', 'data', ARGV[5])
 return {'ok', current}
@@ -146,8 +154,9 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', '10000', '*', 'event', 'progress', 'd
 return tostring(p.fraction)
 """
 
-# Cancel. KEYS: job, active, events, stats. ARGV: id, now_iso, event json for a queued job,
-# event json for a running one. Returns {'cancelled'|'requested'|'finished', status}.
+# Cancel. KEYS: job, active, events, stats, webhooks-owed. ARGV: id, now_iso, event json for a
+# queued job, event json for a running one, now_ms.
+# Returns {'cancelled'|'requested'|'finished', status}.
 _CANCEL = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return {'missing'} end
@@ -159,6 +168,9 @@ if current == 'queued' then
   redis.call('HINCRBY', KEYS[4], 'state:cancelled', 1)
   redis.call('HINCRBY', KEYS[4], 'finished:cancelled', 1)
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', '10000', '*', 'event', 'state', 'data', ARGV[3])
+  if redis.call('HEXISTS', KEYS[1], 'webhook_url') == 1 then
+    redis.call('ZADD', KEYS[5], 'NX', ARGV[5], ARGV[1])
+  end
   return {'cancelled', 'cancelled'}
 end
 if current == 'running' then
@@ -171,6 +183,45 @@ end
 return {'finished', current}
 """
 
+# Orphans to re-enqueue. KEYS: running, requeued. ARGV: cutoff (unix s), now, claim_ms, prefix.
+# A job indexed running before the cutoff, still active, with no lease, not already re-enqueued
+# and not being re-enqueued by another sweeper (requeue-claim:{id}, expiring) is claimed and
+# returned with its queue; a finished one leaves the index. Returns {id, queue, id, queue, ...}.
+_CLAIM_ORPHANS = """
+local out = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])) do
+  local job = redis.call('HMGET', ARGV[4] .. 'job:' .. id, 'status', 'queue')
+  if job[1] ~= 'queued' and job[1] ~= 'running' then
+    redis.call('ZREM', KEYS[1], id)
+  elseif redis.call('EXISTS', ARGV[4] .. 'lease:' .. id) == 0
+      and not redis.call('ZSCORE', KEYS[2], id)
+      and redis.call('SET', ARGV[4] .. 'requeue-claim:' .. id, '1', 'NX', 'PX', ARGV[3]) then
+    redis.call('ZADD', KEYS[1], 'XX', ARGV[2], id)  -- the claim's stamp, see _MARK_REQUEUED
+    out[#out + 1] = id
+    out[#out + 1] = job[2]
+  end
+end
+return out
+"""
+
+# A claimed orphan's message is sent. KEYS: running, requeued. ARGV: id, claim stamp, now.
+# Marked only if no worker has noted the job since the claim (its score is still the stamp): one
+# that took the message already must not be left marked.
+_MARK_REQUEUED = """
+if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '-1') == tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+end
+"""
+
+# Owed webhooks to queue. KEYS: webhooks-owed. ARGV: cutoff_ms, now_ms.
+# Returns the ids owed since before the cutoff and re-stamps them to now, so another sweeper
+# (or this one, if it dies before queueing them) takes them again only after the same grace.
+_CLAIM_OWED_WEBHOOKS = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], 'XX', ARGV[2], id) end
+return ids
+"""
+
 
 @dataclass(frozen=True)
 class CreateOutcome:
@@ -180,6 +231,15 @@ class CreateOutcome:
     kind: str
     job_id: str | None = None
     fingerprint: str | None = None
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A running job with no lease, claimed by a sweeper at `claimed_at` (unix s)."""
+
+    job_id: str
+    queue: str
+    claimed_at: float
 
 
 @dataclass(frozen=True)
@@ -206,6 +266,9 @@ class JobStore:
         self._renew = client.register_script(_RENEW)
         self._progress = client.register_script(_PROGRESS)
         self._cancel = client.register_script(_CANCEL)
+        self._claim_orphans = client.register_script(_CLAIM_ORPHANS)
+        self._claim_owed_webhooks = client.register_script(_CLAIM_OWED_WEBHOOKS)
+        self._mark_requeued = client.register_script(_MARK_REQUEUED)
 
     @classmethod
     def from_url(cls, url: str, job_ttl_seconds: int | None = None) -> JobStore:
@@ -353,16 +416,19 @@ class JobStore:
         """
         index = _key("tenant", tenant, "jobs")
         max_score: str = "+inf"
+        known_cursor = False
         if cursor:
             score = self.redis.zscore(index, cursor)
-            if score is None:
-                raise ValueError("cursor: unknown or expired cursor")
-            max_score = str(int(score))
+            # A cursor whose job expired (its index entry dropped) still marks a place: ids sort
+            # by creation time, so the page goes on with the ids below it.
+            known_cursor = score is not None
+            if known_cursor:
+                max_score = str(int(score))
         page: list[JobRecord] = []
         expired: list[str] = []  # removed only after the scan: offsets must not shift
         offset = 0
         batch = max(limit * 2, 100)
-        passed_cursor = cursor is None
+        passed_cursor = not known_cursor
         try:
             while len(page) < limit:
                 ids = self.redis.zrevrangebyscore(index, max_score, "-inf", start=offset, num=batch)
@@ -376,6 +442,8 @@ class JobStore:
                 for job_id, fields in zip(ids, rows, strict=True):
                     if not passed_cursor:
                         passed_cursor = job_id == cursor
+                        continue
+                    if cursor and not known_cursor and job_id >= cursor:
                         continue
                     if not fields:
                         expired.append(job_id)  # the record expired: drop its index entry after
@@ -427,6 +495,7 @@ class JobStore:
                 _key("tenant", self.tenant_of(job_id) or "", "active"),
                 events_key(job_id),
                 _key("stats"),
+                _key("webhooks-owed"),
             ],
             args=[
                 job_id,
@@ -439,6 +508,7 @@ class JobStore:
                     }
                 ),
                 _dump({"status": "running", "at": at, "cancel_requested": True}),
+                int(time.time() * 1000),
             ],
         )
         if reply[0] == "cancelled":
@@ -515,6 +585,7 @@ class JobStore:
                 events_key(job_id),
                 _key("stats"),
                 _key("lease", job_id),
+                _key("webhooks-owed"),
             ],
             args=[
                 ",".join(ACTIVE_STATUSES),
@@ -522,6 +593,7 @@ class JobStore:
                 job_id,
                 lease.token if lease else "",
                 _dump(event),
+                int(time.time() * 1000),
                 *[item for pair in fields.items() for item in pair],
             ],
         )
@@ -585,44 +657,86 @@ class JobStore:
     # running              zset of jobs a worker took, by when it was last checked: a job whose
     #                      worker died keeps status running with no lease, and the heartbeat
     #                      thread re-enqueues it at once instead of after the visibility timeout.
+    # requeued             zset of jobs re-enqueued that way whose message no worker took yet:
+    #                      the sweeper sends one message per job and waits for it to be taken
+    #                      (note_running clears the entry), however long the queue is.
 
     def note_running(self, job_id: str) -> None:
-        """Index a job a worker is about to start (before `start`, so no window is missed)."""
-        self.redis.zadd(_key("running"), {job_id: time.time()})
+        """Index a job a worker is about to start (before `start`, so no window is missed); a
+        re-enqueued job's message has now been taken."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(_key("running"), {job_id: time.time()})
+            pipe.zrem(_key("requeued"), job_id)
+            pipe.execute()
 
     def forget_running(self, job_id: str) -> None:
         self.redis.zrem(_key("running"), job_id)
 
-    def orphaned_before(self, cutoff: float) -> list[tuple[str, str]]:
-        """(job id, queue) of active jobs indexed before `cutoff` (unix s) that nobody holds a
-        lease on: their worker died. A returned job is re-stamped, so it comes back once per
-        check period, not on every beat; finished jobs leave the index."""
-        ids = self.redis.zrangebyscore(_key("running"), "-inf", cutoff)
-        if not ids:
-            return []
-        with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.hmget(job_key(job_id), "status", "queue")
-                pipe.exists(_key("lease", job_id))
-            replies = pipe.execute()
-        orphans = []
+    def noted_running_at(self, job_id: str) -> float | None:
+        """When a worker last took the job (or the sweeper last re-enqueued it), unix seconds."""
+        return self.redis.zscore(_key("running"), job_id)
+
+    def claim_orphans(self, cutoff: float, claim_seconds: float) -> list[Orphan]:
+        """Active jobs indexed before `cutoff` (unix s) that nobody holds a lease on (their
+        worker died) and that are not re-enqueued already. Each is claimed for `claim_seconds`,
+        so concurrent sweepers re-enqueue it once; call `mark_requeued` once its message is sent
+        (if the sweeper dies before, the claim lapses and the job comes back)."""
         now = time.time()
-        for i, job_id in enumerate(ids):
-            (status, queue), leased = replies[2 * i], replies[2 * i + 1]
-            if status not in ACTIVE_STATUSES:
-                self.forget_running(job_id)
-                continue
-            if not leased:
-                self.redis.zadd(_key("running"), {job_id: now}, xx=True)
-                orphans.append((job_id, queue))
-        return orphans
+        reply = self._claim_orphans(
+            keys=[_key("running"), _key("requeued")],
+            args=[cutoff, repr(now), int(claim_seconds * 1000), PREFIX],
+        )
+        pairs = zip(reply[::2], reply[1::2], strict=True)
+        return [Orphan(job_id, queue, now) for job_id, queue in pairs]
+
+    def mark_requeued(self, orphan: Orphan) -> None:
+        """A re-enqueued job's message is on its queue: no other until a worker takes it (unless
+        one has taken it already)."""
+        self._mark_requeued(
+            keys=[_key("running"), _key("requeued")],
+            args=[orphan.job_id, repr(orphan.claimed_at), time.time()],
+        )
+
+    def is_requeued(self, job_id: str) -> bool:
+        return self.redis.zscore(_key("requeued"), job_id) is not None
+
+    def job_states(self, job_ids: list[str]) -> dict[str, tuple[str | None, bool, float | None]]:
+        """job id -> (status or None if no record, leased, noted_running_at) in one round trip."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(job_key(job_id), "status")
+                pipe.exists(_key("lease", job_id))
+                pipe.zscore(_key("running"), job_id)
+            replies = pipe.execute()
+        return {
+            job_id: (replies[3 * i], bool(replies[3 * i + 1]), replies[3 * i + 2])
+            for i, job_id in enumerate(job_ids)
+        }
+
+    # webhooks-owed: a job that ends with a webhook is added by the same script that ends it
+    # (finish, request_cancel), and removed once its delivery is queued. A worker that dies in
+    # between leaves it there, and the heartbeat sweeper queues it (owed_webhooks_before).
+
+    def owed_webhooks_before(self, cutoff_ms: int) -> list[str]:
+        """Jobs whose webhook has been owed since before `cutoff_ms` and not queued. Each
+        returned one is re-stamped to now: it comes back only if it is still owed a grace later
+        (at least once, and once per grace across all sweepers)."""
+        return self._claim_owed_webhooks(
+            keys=[_key("webhooks-owed")], args=[cutoff_ms, int(time.time() * 1000)]
+        )
 
     def webhook_dispatched(self, job_id: str) -> bool:
         """Whether the end-of-job webhook was handed to the delivery queue."""
         return self.redis.hget(job_key(job_id), "webhook_dispatched") == "1"
 
     def mark_webhook_dispatched(self, job_id: str) -> None:
-        self.redis.hset(job_key(job_id), "webhook_dispatched", "1")
+        """The webhook's delivery is queued (or there is none to queue): no longer owed."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(_key("webhooks-owed"), job_id)
+            # Only on a record that exists: the HSET would otherwise create a stray hash.
+            if self.redis.exists(job_key(job_id)):
+                pipe.hset(job_key(job_id), "webhook_dispatched", "1")
+            pipe.execute()
 
     def forget_worker(self, hostname: str) -> None:
         """A worker shutting down: routing and /readyz stop counting it at once, not after

@@ -41,3 +41,78 @@ def test_finished_jobs_expire_and_leave_the_listing(api_stack):
     page, _ = store.list(tenant, limit=10)
     assert [r.id for r in page] == [running, cancelled]
     assert store.redis.zscore(f"fapm:tenant:{tenant}:jobs", done) is None
+
+
+def _create_hooked(store: JobStore, tenant: str) -> str:
+    job_id = new_job_id()
+    outcome = store.create(
+        job_id=job_id,
+        tenant=tenant,
+        queue="cpu",
+        spec_json={"base": "/b", "finetuned": "/f", "output": "/o"},
+        labels={},
+        webhook_url="http://127.0.0.1:9/hook",
+        webhook_secret=None,
+        max_active=10,
+    )
+    assert outcome.kind == "created"
+    return job_id
+
+
+def test_a_job_that_ends_with_a_webhook_owes_it_until_it_is_queued(api_stack):
+    """finish and cancel record the owed webhook in the same script as the status, so no death
+    in between loses it; the sweeper's claim re-stamps (one sweeper per grace); queueing it
+    clears it."""
+    store = JobStore.from_url(api_stack.redis_url)
+    tenant = f"owed-{new_job_id()[-6:]}"
+    done, cancelled = _create_hooked(store, tenant), _create_hooked(store, tenant)
+    plain = _create(store, tenant)  # no webhook
+    before = int(time.time() * 1000)
+    assert store.finish(done, "succeeded", result={"output": "/o", "report": {}})
+    assert store.request_cancel(cancelled) == "cancelled"
+    assert store.finish(plain, "failed", error={"code": "x", "message": "y"})
+    owed = store.redis.zrange("fapm:webhooks-owed", 0, -1, withscores=True)
+    mine = {job_id: score for job_id, score in owed if job_id in (done, cancelled, plain)}
+    assert set(mine) == {done, cancelled}  # a job without a webhook owes none
+    assert all(before <= score <= time.time() * 1000 for score in mine.values())
+
+    claimed = store.owed_webhooks_before(int(time.time() * 1000))
+    assert {done, cancelled} <= set(claimed)
+    # Re-stamped: a second sweeper within the grace does not take them again.
+    assert not {done, cancelled} & set(store.owed_webhooks_before(before - 1))
+    store.mark_webhook_dispatched(done)
+    assert store.redis.zscore("fapm:webhooks-owed", done) is None and store.webhook_dispatched(done)
+    assert store.redis.zscore("fapm:webhooks-owed", cancelled) is not None
+    store.mark_webhook_dispatched(cancelled)
+
+
+def test_an_orphan_is_claimed_once_until_its_message_is_taken(api_stack):
+    """claim_orphans returns a running job with no lease once: not again while the claim holds
+    or once it is marked re-enqueued, and again only after a worker took it (note_running) and
+    it was orphaned anew."""
+    store = JobStore.from_url(api_stack.redis_url)
+    job_id = _create(store, f"orphan-{new_job_id()[-6:]}")
+    store.note_running(job_id)
+    lease = store.start(job_id, lease_seconds=0.05)
+    assert not isinstance(lease, str)
+    time.sleep(0.1)
+    later = time.time() + 1
+
+    def claimed() -> list:
+        return [o for o in store.claim_orphans(later, claim_seconds=60) if o.job_id == job_id]
+
+    (orphan,) = claimed()
+    assert not claimed()  # the claim holds
+    store.redis.delete(f"fapm:requeue-claim:{job_id}")  # as if the claim lapsed
+    store.mark_requeued(orphan)
+    assert store.is_requeued(job_id)
+    assert not claimed()  # its message waits on the queue
+    store.note_running(job_id)  # a worker took it ...
+    assert not store.is_requeued(job_id)
+    store.redis.delete(f"fapm:requeue-claim:{job_id}")
+    (again,) = claimed()  # ... and died without a lease
+    store.note_running(job_id)  # taken again before the sweeper marked it: left unmarked
+    store.mark_requeued(again)
+    assert not store.is_requeued(job_id)
+    store.finish(job_id, "failed", error={"code": "x", "message": "y"})
+    assert not claimed() and store.noted_running_at(job_id) is None  # finished: forgotten

@@ -20,7 +20,9 @@ stable error code. Guarantees, with Celery's acks_late and the Redis lease:
 from __future__ import annotations
 
 import logging
+import os
 import time
+from pathlib import Path
 
 import redis
 from celery import Task
@@ -65,7 +67,9 @@ def run_job(self: Task, job_id: str) -> str:
     settings = get_settings()
     store = job_store()
     try:
+        pause_for_test("taken", job_id)
         store.note_running(job_id)  # before start: a death right after start is still found
+        pause_for_test("noted", job_id)
         lease = store.start(job_id, settings.lease_seconds)
     except redis.RedisError as exc:
         # Redis away for a moment: failing here would ack the message and strand the job.
@@ -92,6 +96,7 @@ def run_job(self: Task, job_id: str) -> str:
     except LeaseLost:
         raise self.retry(countdown=max(1.0, settings.lease_seconds / 2)) from None
     store.forget_running(job_id)
+    pause_for_test("finished", job_id)
     dispatch_webhook(store, job_id)
     return status
 
@@ -130,6 +135,7 @@ def execute(store: JobStore, settings: Settings, lease: Lease) -> str:
             evaluate=spec.evaluate is not None,
         )
     with LeaseKeeper(store, lease, settings.lease_seconds) as keeper:
+        pause_for_test("started", job_id)
 
         def should_cancel() -> bool:
             if keeper.lost:
@@ -209,11 +215,36 @@ def _internal_error(job_id: str) -> dict:
 
 def dispatch_webhook(store: JobStore, job_id: str) -> None:
     """Queue the end-of-job webhook of a finished job, once (at least once: a crash between the
-    two steps queues it again, with the same webhook-id for the receiver to deduplicate)."""
+    two steps queues it again, with the same webhook-id for the receiver to deduplicate). Also
+    called by the heartbeat sweeper for a job whose webhook `finish` recorded as owed and that
+    nobody queued: a job with none to queue is no longer owed."""
     record = store.get(job_id)
-    if record is None or record.webhook is None or record.status not in TERMINAL_STATUSES:
+    if record is not None and record.status not in TERMINAL_STATUSES:
         return
-    if store.webhook_dispatched(job_id):
-        return
-    enqueue_webhook(job_id, f"job.{record.status}", webhook_id_for(job_id))
+    if record is not None and record.webhook is not None and not store.webhook_dispatched(job_id):
+        enqueue_webhook(job_id, f"job.{record.status}", webhook_id_for(job_id))
     store.mark_webhook_dispatched(job_id)
+
+
+# Fault injection for the recovery tests (tests/service/test_worker_recovery.py), off unless the
+# worker's environment sets FAPM_TEST_PAUSE_DIR.
+def pause_for_test(point: str, job_id: str) -> None:
+    """If FAPM_TEST_PAUSE_DIR/<job>.pause names `point`, write FAPM_TEST_PAUSE_DIR/<point>-<job>
+    (this process's pid) and sleep until killed, once per job: the worker that recovers the job
+    runs through. Points: "taken" (the message is taken, the job not yet noted running),
+    "noted" (noted, not yet started), "started" (leased, before the engine), "finished" (the
+    outcome is recorded, the webhook not yet queued)."""
+    directory = os.environ.get("FAPM_TEST_PAUSE_DIR")
+    if not directory:
+        return
+    plan = Path(directory) / f"{job_id}.pause"
+    if not plan.exists() or plan.read_text().strip() != point:
+        return
+    try:
+        with (Path(directory) / f"{point}-{job_id}").open("x") as marker:
+            marker.write(str(os.getpid()))
+    except FileExistsError:
+        return
+    log.warning("job %s: paused at %s for a test (FAPM_TEST_PAUSE_DIR)", job_id, point)
+    while True:
+        time.sleep(3600)

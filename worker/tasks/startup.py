@@ -1,4 +1,4 @@
-"""Worker start-up: which queues to consume, and the heartbeat thread.
+"""Worker start-up: which queues to consume, the heartbeat thread, and pool processes that drain.
 
 `celery -A worker.celery_app worker` with no `-Q` consumes `cpu` and `webhooks`, plus `gpu` where
 CUDA is present, so a CPU-only install runs every job. A worker told to consume `gpu` (`-Q gpu`)
@@ -7,20 +7,31 @@ on a machine without CUDA refuses to start: it would take GPU jobs it cannot run
 CUDA is probed in the worker's main process only (the API never imports torch), with the NVML
 check, which does not initialise CUDA: the prefork pool's children are forked from this process
 and could not use CUDA if the parent had initialised it.
+
+A SIGTERM to the whole process group or cgroup (systemd's default KillMode=control-group, some
+orchestrators, `kill -TERM -PGID`) reaches the pool children too. A child that died of it would
+take its running job down while the main process waits to drain: so a pool child obeys SIGTERM
+only from its parent (the main process sends it in a cold shutdown, e.g. at the entrypoint's
+WORKER_DRAIN_SECONDS deadline) and lets the main process's warm shutdown decide otherwise.
+SIGQUIT (cold) and SIGKILL act as before.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
+from functools import partial
 
 from celery import signals
 
 from app.core.config import get_settings
-from worker.celery_app import QUEUES, WEBHOOK_QUEUE, enqueue_job
+from worker.broker import Broker
+from worker.celery_app import QUEUES, WEBHOOK_QUEUE, celery_app, enqueue_job
 from worker.heartbeat import Heartbeat
+from worker.tasks.run_job import dispatch_webhook
 from worker.tasks.store import job_store
 
 log = logging.getLogger(__name__)
@@ -67,6 +78,32 @@ def choose_queues(sender: str, instance, options: dict, **_: object) -> None:
 
 
 @signals.worker_process_init.connect
+def obey_sigterm_only_from_parent(**_: object) -> None:
+    """In each pool process, first (before any thread starts, as threads inherit the signal
+    mask): block SIGTERM and take it from a thread that reads who sent it. The parent's (a cold
+    shutdown, a time limit) ends the process as SIGTERM would have; anyone else's is dropped."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_sigterm_from_parent_only, name="fapm-sigterm", daemon=True).start()
+
+
+def _sigterm_from_parent_only() -> None:
+    parent = os.getppid()
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == parent:
+            break
+        log.info(
+            "pool process %d: SIGTERM from pid %d ignored; the main process drains",
+            os.getpid(),
+            info.si_pid,
+        )
+    # Die of SIGTERM (the parent reads the exit status): the disposition is still the default,
+    # so unblocking it in this thread and sending it again ends the process.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+
+@signals.worker_process_init.connect
 def warm_up_kernels(**_: object) -> None:
     """In each pool process: build the numba kernels off the task path (a job that arrives
     meanwhile waits on numba's compile lock instead of compiling a second time)."""
@@ -95,7 +132,9 @@ def start_heartbeat(sender, **_: object) -> None:
         hostname=sender.hostname,
         queues=queues,
         gpu=bool(_state["gpu"]),
+        broker=Broker(celery_app),
         enqueue=enqueue_job,
+        dispatch_webhook=partial(dispatch_webhook, job_store()),
     )
     heartbeat.start()
     _state["heartbeat"] = heartbeat
