@@ -234,3 +234,79 @@ def test_interrupted_run_leaves_nothing(pair, tmp_path):
     proc.kill()
     proc.wait()
     assert not out.exists()
+
+
+def _header_of(path: Path) -> tuple[bytes, bytes]:
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return raw[8 : 8 + n], raw[8 + n :]
+
+
+def _rewrite_header(path: Path, edit) -> None:
+    header, data = _header_of(path)
+    body = edit(header)
+    path.write_bytes(len(body).to_bytes(8, "little") + body + data)
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (lambda h: b'{"x": ' + b"[" * 50_000 + b"]" * 50_000 + b", " + h[1:], "nested deeper"),
+        (lambda h: h.replace(b'"F32"', b'["F32"]', 1), "unknown dtype"),
+        (lambda h: h.replace(b'"shape":[8,4]', b'"shape":[' + b"9" * 5000 + b"]", 1), "digits"),
+        (lambda h: h.replace(b'"shape":[8,4]', b'"shape":[9223372036854775808,0]', 1), "shape"),
+        (lambda h: h.replace(b'"layer.weight"', b'"\\ud800"', 1), "surrogate"),
+    ],
+    ids=["nested", "dtype-list", "5000-digits", "dim-2**63", "lone-surrogate"],
+)
+def test_malformed_headers_are_corrupt_checkpoint_not_a_traceback(pair, edit, needle):
+    """The reliability campaign's crashes, each now one line, [corrupt_checkpoint], exit 1."""
+    base, ft, out = pair
+    _rewrite_header(ft / "model.safetensors", edit)
+    result = fapm("prune", "--base", str(base), "--finetuned", str(ft), "--out", str(out))
+    assert "Traceback" not in result.stderr
+    _assert_failed(result, 1, "corrupt_checkpoint", needle, out=out)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "needle"),
+    [
+        ("config.json", b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested deeper"),
+        ("config.json", b'{"a": ' + b"1" * 5000 + b"}", "digits"),
+        ("config.json", b'{"text_config": 5}', "text_config"),
+        ("config.json", b"[]", "not a JSON object"),
+        ("model.safetensors.index.json", b'{"weight_map": ' + b"[" * 100_000 + b"}", "deeper"),
+        ("model.safetensors.index.json", b'{"weight_map": {"a": 1}}', "weight_map"),
+    ],
+    ids=[
+        "config-nested",
+        "config-digits",
+        "config-text_config",
+        "config-list",
+        "index-nested",
+        "index-values",
+    ],
+)
+def test_malformed_side_files_are_corrupt_checkpoint(pair, name, content, needle):
+    base, ft, out = pair
+    (ft / name).write_bytes(content)
+    result = fapm("prune", "--base", str(base), "--finetuned", str(ft), "--out", str(out))
+    assert "Traceback" not in result.stderr
+    _assert_failed(result, 1, "corrupt_checkpoint", needle, out=out)
+
+
+def test_triton_on_cpu_is_a_typed_usage_error(pair):
+    base, ft, out = pair
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "prune", "--base", str(base), "--finetuned",
+         str(ft), "--out", str(out), "--kernel", "triton", "--device", "cpu"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    _assert_failed(result, 2, "device_unavailable", "TRITON_INTERPRET", out=out)
+
+
+def test_argparse_errors_are_one_line_exit_2(pair):
+    base, _, _ = pair
+    result = fapm("prune", "--base", str(base))
+    _assert_failed(result, 2, "required", "--help")

@@ -10,6 +10,8 @@ torch, numba and triton force one (an error when the forced one cannot run here)
 
 from __future__ import annotations
 
+import os
+import typing
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -46,6 +48,8 @@ def _fused_kernel():
 def _triton_kernel(device: torch.device) -> ModuleType:
     """The Triton kernel module when it can run on `device`; DeviceUnavailable saying why if
     not."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        _no_triton_here()  # decided before importing triton, which is slow and noisy at exit
     try:
         from worker.engine.kernels import triton_select
     except ImportError as exc:  # pragma: no cover - the module itself imports without triton
@@ -53,12 +57,16 @@ def _triton_kernel(device: torch.device) -> ModuleType:
     if not triton_select.HAVE_TRITON:
         raise DeviceUnavailable("kernel: triton is not installed (pip install '.[gpu]')")
     if not triton_select.triton_available(device):
-        raise DeviceUnavailable(
-            "kernel: triton needs a CUDA device (device cuda, or auto with one present); on CPU "
-            "it runs only in Triton's interpreter: set TRITON_INTERPRET=1 in the environment "
-            "before the worker starts and use device cpu (slow; meant for tests)"
-        )
+        _no_triton_here()
     return triton_select
+
+
+def _no_triton_here() -> typing.NoReturn:
+    raise DeviceUnavailable(
+        "kernel: triton needs a CUDA device (device cuda, or auto with one present); on CPU "
+        "it runs only in Triton's interpreter: set TRITON_INTERPRET=1 in the environment "
+        "before the worker starts and use device cpu (slow; meant for tests)"
+    )
 
 
 class _CudaStager:
