@@ -98,3 +98,20 @@ def test_triton_on_a_cpu_worker_fails_as_device_unavailable(service, service_pai
     assert record["status"] == "failed", record
     assert record["error"]["code"] == "device_unavailable", record["error"]
     assert "TRITON_INTERPRET" in record["error"]["message"]
+
+
+def test_an_unreachable_hub_at_publish_is_source_unavailable():
+    """Publishing to a Hub that refuses connections: a typed error, not internal_error."""
+    import socket
+
+    from huggingface_hub import HfApi
+
+    from worker.errors import SourceUnavailable
+    from worker.io.publish import HubTarget
+
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    api = HfApi(endpoint=f"http://127.0.0.1:{port}", token="hf_test")
+    with pytest.raises(SourceUnavailable, match="hf://org/model"):
+        HubTarget("hf://org/model", "org/model", None, overwrite=False, api=api)
