@@ -75,11 +75,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if app.openapi_schema is None:
             schema = default_openapi()
             move_problem_schemas(schema)
+            _parameters_are_never_null(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _parameters_are_never_null(openapi: dict[str, Any]) -> None:
+    """FastAPI documents an optional header or query parameter (`str | None = None`) as
+    `anyOf: [string, null]`; a header or query value is never JSON null (it is absent), and
+    generators that trust the document send the text "null". Keep the non-null schema."""
+    for path in openapi.get("paths", {}).values():
+        for operation in path.values():
+            if not isinstance(operation, dict):
+                continue
+            for parameter in operation.get("parameters", []):
+                schema = parameter.get("schema", {})
+                options = [s for s in schema.get("anyOf", []) if s.get("type") != "null"]
+                if len(options) == 1 and len(options) < len(schema["anyOf"]):
+                    rest = {k: v for k, v in schema.items() if k != "anyOf"}
+                    parameter["schema"] = {**options[0], **rest}
 
 
 app = create_app()

@@ -88,6 +88,11 @@ Sparsity = Annotated[
 ]
 
 
+# `_not_blank` for the JSON schema: at least one character that str.strip() keeps (Python's
+# whitespace: JSON Schema's `\S` would let "\x1f" through).
+NOT_BLANK = r"[^\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+
+
 class EvaluationSpec(BaseModel):
     """What to measure a model on (worker/evaluation/)."""
 
@@ -97,11 +102,13 @@ class EvaluationSpec(BaseModel):
         description='JSONL file of {"prompt", "completion"} lines (a path, file://, '
         "s3://bucket/prefix/file.jsonl or hf://org/name[@rev]/file.jsonl): skill = exact-match "
         "accuracy of the greedy completion.",
-        json_schema_extra={"cli": "--task"},
+        min_length=1,
+        json_schema_extra={"cli": "--task", "pattern": NOT_BLANK},
     )
     general: str = Field(
         description='JSONL file of {"text"} lines: general ability = perplexity.',
-        json_schema_extra={"cli": "--general"},
+        min_length=1,
+        json_schema_extra={"cli": "--general", "pattern": NOT_BLANK},
     )
     max_examples: int | None = Field(
         default=None, ge=1, description="Use only the first N lines of each set."
@@ -132,11 +139,16 @@ class EvaluationJobSpec(BaseModel):
     base: str = Field(
         description="Base (pre-trained) checkpoint the model is compared with: a local "
         "directory, file:// URI, s3://bucket/prefix/ or hf://org/name@rev.",
-        json_schema_extra={"examples": ["hf://meta-llama/Llama-3.1-8B@main"]},
+        min_length=1,
+        json_schema_extra={"examples": ["hf://meta-llama/Llama-3.1-8B@main"], "pattern": NOT_BLANK},
     )
     model: str = Field(
         description="The model to measure (e.g. a pruned or fine-tuned checkpoint), any location.",
-        json_schema_extra={"examples": ["s3://acme-pruned/llama-3.1-8b-sft/"]},
+        min_length=1,
+        json_schema_extra={
+            "examples": ["s3://acme-pruned/llama-3.1-8b-sft/"],
+            "pattern": NOT_BLANK,
+        },
     )
     finetuned: str | None = Field(
         default=None,
@@ -179,7 +191,8 @@ class JobSpec(BaseModel):
     base: str = Field(
         description="Base (pre-trained) checkpoint: a local directory, file:// URI, "
         "s3://bucket/prefix/ or hf://org/name@rev.",
-        json_schema_extra={"examples": ["hf://meta-llama/Llama-3.1-8B@main"]},
+        min_length=1,
+        json_schema_extra={"examples": ["hf://meta-llama/Llama-3.1-8B@main"], "pattern": NOT_BLANK},
     )
     finetuned: str | None = Field(
         default=None,
@@ -192,7 +205,8 @@ class JobSpec(BaseModel):
     )
     output: str = Field(
         description="Where the pruned model directory goes.",
-        json_schema_extra={"cli": "--out"},
+        min_length=1,
+        json_schema_extra={"cli": "--out", "pattern": NOT_BLANK},
     )
     method: MethodName = Field(default="fapm", description="Pruning method.")
     sparsity: Sparsity = Field(

@@ -61,12 +61,20 @@ async def current_tenant(
 TenantDep = Annotated[str, Depends(current_tenant)]
 
 
+# What normalize_idempotency_key accepts, for the OpenAPI document: 1 to 255 printable ASCII
+# characters without spaces, optionally in double quotes (a structured-field string); `""` is
+# empty. The 400 stays ours (invalid_idempotency_key), so the pattern is documented, not enforced
+# by FastAPI (tests/service/test_openapi_schemathesis.py checks the two agree).
+IDEMPOTENCY_KEY_PATTERN = r'^(?:"[!-~]{1,255}"|(?!".*"$)[!-~]{1,255})$'
+
 # The Idempotency-Key header of the submission routes (POST /v1/jobs, POST /v1/evaluations).
 IdempotencyKeyHeader = Annotated[
     str | None,
     Header(
         alias="Idempotency-Key",
-        description='A unique key per intended job, e.g. a UUID (`"..."` quoting optional).',
+        description='A unique key per intended job, e.g. a UUID (`"..."` quoting optional); '
+        "any other value is a 400 `invalid_idempotency_key`.",
+        json_schema_extra={"pattern": IDEMPOTENCY_KEY_PATTERN},
     ),
 ]
 

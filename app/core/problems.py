@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import Scope, Send
 
 log = logging.getLogger("app.problems")
@@ -230,15 +231,33 @@ async def _on_http(request: Request, exc: Exception) -> JSONResponse:
     phrase = _PHRASES.get(exc.status_code) or HTTPStatus(exc.status_code).phrase
     detail = exc.detail if isinstance(exc.detail, str) and exc.detail != phrase else None
     code = phrase.lower().replace(" ", "_").replace("-", "_")
+    headers = exc.headers
+    if exc.status_code == 405:
+        # Starlette's Allow names the methods of the first route on the path only (POST for
+        # /v1/jobs); RFC 9110 §15.5.6 wants every method the resource supports.
+        headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
     return problem_response(
         request,
         exc.status_code,
         code,
         title=phrase,
         detail=detail,
-        headers=exc.headers,
+        headers=headers,
         problem_type="about:blank",  # RFC 9457 §4.2.1: plain HTTP semantics
     )
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    pending = list(request.app.routes)
+    while pending:
+        route = pending.pop()
+        included = getattr(route, "original_router", None)  # FastAPI's included routers
+        if included is not None:
+            pending.extend(included.routes)
+        elif getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
 
 
 async def _on_redis_down(request: Request, exc: Exception) -> JSONResponse:

@@ -33,7 +33,8 @@ from app.jobs.store import events_key, job_key
 log = logging.getLogger("app.events")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-STREAM_ID_RE = re.compile(r"^\d{1,20}(-\d{1,20})?$")
+# A Redis stream entry id (ms-seq, or ms alone); ASCII digits only (`\d` would take any script's).
+STREAM_ID_RE = re.compile(r"^[0-9]{1,20}(-[0-9]{1,20})?$")
 READ_BATCH = 500
 
 
@@ -45,12 +46,17 @@ async def _stream_start(
         str | None,
         Header(
             alias="Last-Event-ID",
-            description="Resume after this event id (EventSource sends it on reconnect).",
+            description="Resume after this event id (EventSource sends it on reconnect); "
+            "anything else is a 400 `invalid_last_event_id`.",
+            json_schema_extra={"pattern": STREAM_ID_RE.pattern},
         ),
     ] = None,
     after: Annotated[
         str | None,
-        Query(description="Same as Last-Event-ID, for clients that cannot set headers."),
+        Query(
+            description="Same as Last-Event-ID, for clients that cannot set headers.",
+            json_schema_extra={"pattern": STREAM_ID_RE.pattern},
+        ),
     ] = None,
 ) -> str:
     """Check ownership before the 200 goes out (a 404 is impossible once streaming), and parse
@@ -60,14 +66,16 @@ async def _stream_start(
     )
     if owner != tenant:
         raise job_not_found(job_id)
-    start = (last_event_id or after or "0-0").strip()
-    if not STREAM_ID_RE.match(start):
-        raise ProblemError(
-            400,
-            "invalid_last_event_id",
-            "Last-Event-ID must be an event id from this stream (e.g. 1727784000000-0).",
-        )
-    return start
+    # The 400 (not FastAPI's 422) is ours, so the pattern is documented above, checked here:
+    # each one given must be an id, and the header wins.
+    for given in (last_event_id, after):
+        if given is not None and not STREAM_ID_RE.fullmatch(given):
+            raise ProblemError(
+                400,
+                "invalid_last_event_id",
+                "Last-Event-ID must be an event id from this stream (e.g. 1727784000000-0).",
+            )
+    return last_event_id or after or "0-0"
 
 
 def _is_terminal(event: str, data: str) -> bool:

@@ -139,23 +139,23 @@ def list_jobs(
     ] = None,
     limit: Annotated[int, Query(ge=1, le=200, description="Page size.")] = 50,
     cursor: Annotated[
-        str | None, Query(description="`next_cursor` of the previous page.", max_length=64)
+        str | None,
+        Query(
+            description="`next_cursor` of the previous page (a job id). The page holds the jobs "
+            "created before that job, even if it has expired since.",
+            pattern=JOB_ID_RE.pattern,
+        ),
     ] = None,
 ) -> JobList:
     label_pair = tuple(label.split("=", 1)) if label else None
-    try:
-        jobs, next_cursor = services.store.list(
-            tenant,
-            status=status,
-            label=label_pair,  # type: ignore[arg-type]
-            limit=limit,
-            cursor=cursor,
-            kind=kind,
-        )
-    except ValueError as exc:
-        raise ProblemError(
-            422, "invalid_cursor", str(exc), title="Request validation failed"
-        ) from exc
+    jobs, next_cursor = services.store.list(
+        tenant,
+        status=status,
+        label=label_pair,  # type: ignore[arg-type]
+        limit=limit,
+        cursor=cursor,
+        kind=kind,
+    )
     return JobList(jobs=jobs, next_cursor=next_cursor)
 
 
