@@ -250,3 +250,17 @@ def test_worker_fails_a_stored_invalid_spec_with_invalid_spec(service, local_roo
     assert record.status == "failed"
     assert record.error is not None and record.error.code == "invalid_spec"
     assert "sparsity" in record.error.message
+
+
+def test_a_cursor_whose_job_expired_continues_the_list(api_stack, store, local_root):
+    # A finished job's record expires and listing drops its index entry: a client paging with
+    # that job's id as cursor still gets the jobs created before it (ids sort by time).
+    with client(api_stack, tenant="bob") as http:
+        ids = [http.post("/v1/jobs", json=_job_body(local_root)).json()["id"] for _ in range(3)]
+        first = http.get("/v1/jobs", params={"limit": 1}).json()
+        assert [job["id"] for job in first["jobs"]] == [ids[2]]
+        store.redis.delete(f"fapm:job:{ids[2]}")  # as if it expired
+        store.redis.zrem("fapm:tenant:bob:jobs", ids[2])
+        rest = http.get("/v1/jobs", params={"limit": 2, "cursor": first["next_cursor"]})
+        assert rest.status_code == 200, rest.text
+        assert [job["id"] for job in rest.json()["jobs"]] == [ids[1], ids[0]]
