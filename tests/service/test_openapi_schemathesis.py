@@ -39,7 +39,7 @@ from worker.spec import NOT_BLANK, JobSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = 20261001
-MAX_EXAMPLES = 150  # per operation and phase; about 2,000 cases in all
+MAX_EXAMPLES = 110  # per operation and phase; about 2,000 cases in all
 FAKE_WORKER = "schemathesis-fake@localhost"
 
 CONFIG = """
@@ -117,7 +117,9 @@ def test_schemathesis_all_checks_find_nothing(api_stack, tmp_path):
     worker.start()
     started = time.monotonic()
     try:
-        run = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        run = subprocess.run(
+            argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
     finally:
         worker.stop()
     seconds = time.monotonic() - started
@@ -126,7 +128,7 @@ def test_schemathesis_all_checks_find_nothing(api_stack, tmp_path):
     print(output[-1500:], f"\n{seconds:.0f} s")
     assert run.returncode == 0, output[-12000:]
     assert cases is not None and int(cases.group(1)) >= 1500, output[-3000:]
-    assert re.search(r"\b0 failures\b|No issues found", output) or "failures" not in output
+    assert re.search(r"(\d+) generated, \1 passed", output), output[-3000:]  # every case passed
 
 
 def test_documented_idempotency_key_pattern_is_the_servers_rule():
