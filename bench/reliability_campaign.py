@@ -1,0 +1,1241 @@
+"""The reliability and security campaign of issue 12, re-runnable: real processes on loopback
+(redis-server with AOF as docker-compose.yml configures it, uvicorn, Celery workers; all started by
+worker/localstack.py), counts as flags, a JSON summary on stdout and a Markdown table in a file.
+
+Sections (each counts what was tried and what held; a section that crashes is recorded as such
+and the campaign goes on):
+
+  kill_midjob     a worker SIGKILLed (whole process group) mid-prune, N times: every job ends
+                  succeeded, byte-identical to `fapm prune` (the CLI) on the same inputs, no partial
+                  output ever visible at the output path (polled throughout), time to recovery;
+  kill_instants   a worker killed at each instant run_job's test hook can pause at (taken, noted,
+                  started, finished; FAPM_TEST_PAUSE_DIR), its pool process alone or the whole
+                  worker: the job and its webhook both end, and how long that took;
+  redis_restart   redis-server SIGTERMed and SIGKILLed with jobs queued and running: nothing lost,
+                  every job ends, and what the API answered while Redis was down;
+  submissions     N submissions at once (exactly one job each, audited in Redis), idempotency keys
+                  sent 2-5 times at once (one job per key), a burst against a quota (exactly the
+                  limit accepted, the rest 429);
+  security        probes, each counted refused/accepted: cross-tenant job routes and locations,
+                  a root as output with overwrite, symlink escapes, SSRF addresses, s3/hf names,
+                  regexes RE2 cannot run and a formerly catastrophic one, lone surrogates, huge
+                  request heads, webhook URL token redaction (every log file and Redis value
+                  searched), the Hub webhook's secret checked before its body;
+  fuzz            the fuzz test's own generators (tests/integration/test_fuzz_inputs.py, imported):
+                  safetensors headers, index/config/JSONL documents, typed vs untyped errors;
+  schemathesis    the suite's slow schemathesis test (all checks), its printed case counts.
+
+    .venv/bin/python bench/reliability_campaign.py --quick --markdown /tmp/campaign.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import psutil  # noqa: E402
+import redis  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from bench.submit_load import Load, Sample, verify  # noqa: E402
+from tests.models import make_llama_pair  # noqa: E402
+from tests.service.conftest import API_KEYS, FAST_ENV, HF_WEBHOOK_SECRET  # noqa: E402
+from tests.service.test_worker_jobs import (  # noqa: E402
+    Jobs,
+    assert_same_output,
+    big_spec,
+    write_big_pair,
+)
+from tests.service.test_worker_recovery import Workers, wait_for  # noqa: E402
+from tests.service.test_worker_webhooks import Receiver, tiny_spec  # noqa: E402
+from worker.engine.pipeline import REPORT_FILE  # noqa: E402
+from worker.io.staging import STAGING_MARK  # noqa: E402
+from worker.localstack import LocalStack, _spawn, free_port, wait_for_port  # noqa: E402
+from worker.webhooks import webhook_id_for  # noqa: E402
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+PAUSE_POINTS = ("taken", "noted", "started", "finished")
+
+
+# -- the stack: redis-server as compose runs it ---------------------------------------------------
+
+
+def compose_redis_args() -> list[str]:
+    """The redis-server flags of docker-compose.yml (AOF, fsync every second, noeviction)."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    command = compose["services"]["redis"]["command"]
+    assert command[0] == "redis-server", command
+    return [str(arg) for arg in command[1:]]
+
+
+class CampaignStack(LocalStack):
+    """A LocalStack whose redis-server runs with the compose file's persistence settings, so a
+    restart replays the AOF as a deployment's would."""
+
+    def start_redis(self):
+        self.redis_port = self.redis_port or free_port()
+        data = self.workdir / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        argv = [shutil.which("redis-server") or "redis-server", "--port", str(self.redis_port)]
+        argv += ["--bind", "127.0.0.1", "--dir", str(data), *compose_redis_args()]
+        process = _spawn("redis", argv, os.environ, self.workdir)
+        wait_for_port(self.redis_port, 15, process.popen)
+        self.processes.insert(0, process)  # stopped last: the workers drain against it
+        return process
+
+    def restart_redis(self, sig: int) -> float:
+        """Signal redis-server and wait for it to exit (start_redis() brings it back on the same
+        port and data); returns the monotonic instant it was signalled."""
+        (process,) = [p for p in self.processes if p.name == "redis"]
+        down_at = time.monotonic()
+        process.kill(sig)
+        process.popen.wait(30)
+        self.processes.remove(process)
+        return down_at
+
+
+def stack_env(root: Path, **extra: str) -> dict[str, str]:
+    return {**FAST_ENV, "FAPM_LOCAL_ROOTS": str(root), **extra}
+
+
+# -- small tools ----------------------------------------------------------------------------------
+
+
+class PollingWatcher(threading.Thread):
+    """Polls an output path until stopped, counting polls: a directory there must always be a
+    complete model (it appears by one rename, report included)."""
+
+    def __init__(self, output: Path) -> None:
+        super().__init__(daemon=True)
+        self.output = output
+        self.polls = 0
+        self.partial: list[list[str]] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            try:
+                names = sorted(p.name for p in self.output.iterdir())
+            except FileNotFoundError:
+                names = None
+            self.polls += 1
+            if names is not None and not (REPORT_FILE in names and "model.safetensors" in names):
+                self.partial.append(names)
+            time.sleep(0.001)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+def spread(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {
+        "min": round(min(values), 2),
+        "median": round(statistics.median(values), 2),
+        "max": round(max(values), 2),
+    }
+
+
+def parametrized(test: Callable) -> list:
+    """The cases of a test's @pytest.mark.parametrize: the suite's probe lists, used as is."""
+    (mark,) = [m for m in test.pytestmark if m.name == "parametrize"]
+    return list(mark.args[1])
+
+
+def same_as_cli(out: Path, reference: Path) -> bool:
+    try:
+        assert_same_output(out, reference)
+    except (AssertionError, FileNotFoundError):
+        return False
+    return True
+
+
+def cli_reference(spec: dict, out: Path) -> Path:
+    """The job run by `fapm prune` with the same inputs (a subprocess, as a user runs it)."""
+    if not (out / REPORT_FILE).exists():
+        fapm = Path(sys.executable).parent / "fapm"
+        argv = [str(fapm), "prune", "--base", spec["base"], "--finetuned", spec["finetuned"]]
+        argv += ["--out", str(out), "--kernel", spec.get("kernel", "auto")]
+        subprocess.run(argv, check=True, capture_output=True, text=True, timeout=600)
+    return out
+
+
+def holder_of(workers: Workers, needle: str):
+    """The live worker one of whose processes has a file under `needle` open or mapped."""
+    for worker in workers.live:
+        try:
+            processes = psutil.Process(worker.popen.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            continue
+        for process in processes:
+            try:
+                paths = [f.path for f in process.open_files()]
+                paths += [m.path for m in process.memory_maps(grouped=True)]
+            except psutil.Error:
+                continue
+            if any(needle in path for path in paths):
+                return worker
+    return None
+
+
+# -- 1. worker SIGKILL mid-job --------------------------------------------------------------------
+
+
+def kill_midjob(workers: Workers, root: Path, kills: int, rng: random.Random) -> dict:
+    jobs = Jobs(workers.stack)
+    pair = write_big_pair(root / "big_pair")
+    reference = cli_reference(big_spec(pair, root / "cli-reference"), root / "cli-reference")
+    result = {"kills": 0, "missed_instant": 0, "succeeded": 0, "byte_identical": 0}
+    result |= {"output_polls": 0, "partial_output_seen": 0, "attempts": [], "failures": []}
+    recoveries: list[float] = []
+    for i in range(kills):
+        workers.keep(2)
+        out = root / "midjob" / f"kill{i}"
+        watcher = PollingWatcher(out)
+        watcher.start()
+        try:
+            job_id = jobs.submit(big_spec(pair, out))
+            target = rng.uniform(0.1, 0.8)
+            jobs.wait(
+                job_id,
+                lambda r, t=target: (
+                    r.status in TERMINAL
+                    or (r.progress.stage == "prune" and r.progress.fraction >= t)
+                ),
+                timeout=180,
+                every=0.01,
+            )
+            holder = holder_of(workers, str(pair[0].parent))
+            if holder is None or jobs.get(job_id).status != "running":
+                result["missed_instant"] += 1
+                jobs.wait(job_id, timeout=180)
+                continue
+            holder.kill(signal.SIGKILL)
+            holder.popen.wait(10)
+            killed_at = time.time()
+            at_kill = jobs.get(job_id)
+            result["kills"] += 1
+            record = jobs.wait(job_id, timeout=180)
+        finally:
+            watcher.stop()
+        result["output_polls"] += watcher.polls
+        result["partial_output_seen"] += len(watcher.partial)
+        result["attempts"].append(record.attempts)
+        if record.status == "succeeded":
+            result["succeeded"] += 1
+            recoveries.append(record.finished_at.timestamp() - killed_at)
+        else:
+            result["failures"].append(f"{job_id}: {record.status} {record.error}")
+        if same_as_cli(out, reference):
+            result["byte_identical"] += 1
+        else:
+            result["failures"].append(f"{job_id}: output differs from the CLI's")
+        if at_kill.progress.fraction >= 1.0:
+            result["failures"].append(f"{job_id}: killed after the prune ended")
+        if STAGING_MARK in " ".join(p.name for p in out.parent.iterdir()):
+            result["failures"].append(f"{job_id}: staging left next to {out}")
+    result["recovery_seconds"] = spread(recoveries)
+    result["held"] = (
+        result["kills"] > 0
+        and result["succeeded"] == result["byte_identical"] == result["kills"]
+        and result["partial_output_seen"] == 0
+        and not result["failures"]
+    )
+    return result
+
+
+# -- 1b. worker killed at each instant the recovery work covers -------------------------------
+
+
+def kill_instants(workers: Workers, root: Path, rounds: int, lease: float) -> dict:
+    jobs = Jobs(workers.stack)
+    pair = make_llama_pair(root / "pair", dtype=torch.bfloat16, seed=11)
+    bound = 2 * lease + float(FAST_ENV["FAPM_HEARTBEAT_SECONDS"]) + 8
+    result: dict = {"kills": 0, "succeeded": 0, "webhook_delivered": 0, "within_bound": 0}
+    result |= {"bound_seconds": bound, "failures": [], "by_instant": {}}
+    receiver = Receiver()
+    try:
+        for n in range(rounds):
+            for point in PAUSE_POINTS:
+                for target in ("pool_process", "whole_worker"):
+                    workers.keep(2)
+                    receiver.deliveries.clear()
+                    out = root / "instants" / f"{point}-{target}-{n}"
+                    job_id = jobs.submit(
+                        tiny_spec(pair, out), webhook={"url": receiver.url()}, enqueue=False
+                    )
+                    (workers.pause_dir / f"{job_id}.pause").write_text(point)
+                    jobs.enqueue(job_id)
+                    pool_pid = int(wait_for(workers.pause_dir / f"{point}-{job_id}", 120))
+                    holder = workers.holding(pool_pid)
+                    if target == "pool_process":
+                        os.kill(pool_pid, signal.SIGKILL)
+                    else:
+                        holder.kill(signal.SIGKILL)
+                        holder.popen.wait(10)
+                    killed_at = time.time()
+                    result["kills"] += 1
+                    record = jobs.wait(job_id, timeout=bound + 60)
+                    job_s = record.finished_at.timestamp() - killed_at
+                    try:
+                        delivered = receiver.wait_for(1, timeout=bound + 60)
+                        hook_s = delivered[0].at - killed_at
+                        ids = {d.headers["webhook-id"] for d in delivered}
+                        hook_ok = ids == {webhook_id_for(job_id)}
+                    except AssertionError:
+                        hook_s, hook_ok = None, False
+                    key = f"{point}/{target}"
+                    result["by_instant"].setdefault(key, []).append(
+                        {"job_s": round(job_s, 1), "webhook_s": hook_s and round(hook_s, 1)}
+                    )
+                    ok_job = record.status == "succeeded" and (out / REPORT_FILE).exists()
+                    result["succeeded"] += ok_job
+                    result["webhook_delivered"] += hook_ok
+                    within = hook_s is not None and max(job_s, hook_s) < bound
+                    result["within_bound"] += within
+                    if not (ok_job and hook_ok and within):
+                        result["failures"].append(
+                            f"{key} {job_id}: {record.status} job {job_s:.1f}s webhook {hook_s}"
+                        )
+    finally:
+        receiver.close()
+    times = [e["job_s"] for v in result["by_instant"].values() for e in v]
+    hooks = [e["webhook_s"] for v in result["by_instant"].values() for e in v if e["webhook_s"]]
+    result["recovery_seconds"] = spread(times)
+    result["webhook_seconds"] = spread(hooks)
+    result["held"] = result["kills"] > 0 and not result["failures"]
+    return result
+
+
+# -- 2. Redis SIGTERM / SIGKILL with jobs queued and running -----------------------------------
+
+
+def redis_restarts(workers: Workers, root: Path, rounds: int, queued: int) -> dict:
+    stack = workers.stack
+    jobs = Jobs(stack)
+    pair = write_big_pair(root / "big_pair")
+    small = make_llama_pair(root / "pair", dtype=torch.bfloat16, seed=11)
+    result: dict = {"restarts": 0, "jobs": 0, "jobs_ended": 0, "jobs_succeeded": 0, "lost": 0}
+    result |= {"api_while_down": {}, "failures": [], "seconds_to_all_ended": []}
+    for n in range(rounds):
+        sig = signal.SIGTERM if n % 2 == 0 else signal.SIGKILL
+        workers.keep(2)
+        running = jobs.submit(big_spec(pair, root / "redis" / f"r{n}-running"))
+        waiting = [
+            jobs.submit(tiny_spec(small, root / "redis" / f"r{n}-queued{i}")) for i in range(queued)
+        ]
+        jobs.wait(running, lambda r: r.status == "running" and r.progress.fraction > 0.05, 180)
+        time.sleep(1.5)  # past one AOF fsync (everysec): what the compose file promises to keep
+        down_at = stack.restart_redis(sig)
+        with httpx.Client(base_url=stack.api_url, headers=jobs.api.headers, timeout=10) as http:
+            for _ in range(3):
+                answer = http.get("/v1/jobs")
+                retry = "retry-after" in answer.headers
+                try:
+                    code = answer.json().get("code") if answer.status_code >= 400 else None
+                except ValueError:
+                    code = "not json"
+                key = f"{answer.status_code} {code} retry-after={retry}"
+                result["api_while_down"][key] = result["api_while_down"].get(key, 0) + 1
+                time.sleep(0.3)
+        stack.start_redis()
+        result["restarts"] += 1
+        ids = [running, *waiting]
+        result["jobs"] += len(ids)
+        deadline = time.monotonic() + 240
+        ended: dict[str, str] = {}
+        while len(ended) < len(ids) and time.monotonic() < deadline:
+            for job_id in ids:
+                if job_id in ended:
+                    continue
+                answer = jobs.api.get(f"/v1/jobs/{job_id}")
+                if answer.status_code == 404:
+                    ended[job_id] = "lost"
+                elif answer.status_code == 200 and answer.json()["status"] in TERMINAL:
+                    ended[job_id] = answer.json()["status"]
+            time.sleep(0.2)
+        result["seconds_to_all_ended"].append(round(time.monotonic() - down_at, 1))
+        for job_id in ids:
+            status = ended.get(job_id, "never ended")
+            result["jobs_ended"] += status in TERMINAL
+            result["jobs_succeeded"] += status == "succeeded"
+            result["lost"] += status == "lost"
+            if status != "succeeded":
+                name = signal.Signals(sig).name
+                result["failures"].append(f"{name} round {n}: {job_id} {status}")
+    result["held"] = result["restarts"] > 0 and result["jobs_succeeded"] == result["jobs"]
+    return result
+
+
+# -- 3. concurrent submissions, idempotency keys, quota ----------------------------------------
+
+
+async def _at_once(load: Load, phase: str, indexes: list[int]) -> list[Sample]:
+    samples = [Sample(due=time.perf_counter()) for _ in indexes]
+    await asyncio.gather(*(load.submit(phase, i, s) for i, s in zip(indexes, samples, strict=True)))
+    return samples
+
+
+def job_hash_count(client: redis.Redis) -> int:
+    return sum(
+        1
+        for key in client.scan_iter(match="fapm:job:*", count=5000)
+        if ":" not in key.decode().removeprefix("fapm:job:")
+    )
+
+
+async def _submissions(stack: CampaignStack, keys: dict, root: Path, args) -> dict:
+    result: dict = {}
+    burst_keys = {t: k for t, k in keys.items() if t.startswith("load")}
+    load = Load(stack.api_url, burst_keys, root, args.burst, "raw")
+    async with load.client:
+        samples = await _at_once(load, "burst", list(range(args.burst)))
+        statuses: dict[int, int] = {}
+        for s in samples:
+            statuses[s.status] = statuses.get(s.status, 0) + 1
+        audit = verify(stack.redis_url, samples)
+        result["burst"] = {"sent": args.burst, "statuses": statuses, "audit": audit}
+        result["burst"]["held"] = statuses == {202: args.burst} and audit["exactly_once"]
+
+        client = redis.Redis.from_url(stack.redis_url)
+        before = job_hash_count(client)
+        load.idempotency = True
+        rng = random.Random(args.seed)
+        copies = {i: rng.randint(2, 5) for i in range(args.idempotency_keys)}
+        indexes = [i for i, n in copies.items() for _ in range(n)]
+        rng.shuffle(indexes)
+        answered = await _at_once(load, "idem", indexes)
+        # A duplicate that arrives while the first request is still being stored gets the
+        # documented 409 idempotency_key_in_flight (Retry-After: 1); the client retries it.
+        in_flight = [
+            (i, s)
+            for i, s in zip(indexes, answered, strict=True)
+            if "in-flight" in s.error or "in_flight" in s.error
+        ]
+        await asyncio.sleep(1.0)
+        retried = await _at_once(load, "idem", [i for i, _ in in_flight])
+        by_key: dict[int, set] = {}
+        statuses: dict[int, int] = {}
+        for i, sample in [
+            *zip(indexes, answered, strict=True),
+            *zip([i for i, _ in in_flight], retried, strict=True),
+        ]:
+            statuses[sample.status] = statuses.get(sample.status, 0) + 1
+            if sample.status == 202:
+                by_key.setdefault(i, set()).add(sample.job_id)
+        other = sum(n for status, n in statuses.items() if status != 202) - len(in_flight)
+        created = job_hash_count(client) - before
+        client.close()
+        one_each = sum(1 for ids in by_key.values() if len(ids) == 1)
+        result["idempotency"] = {
+            "keys": len(copies),
+            "requests": len(indexes),
+            "statuses": statuses,
+            "in_flight_409_then_retried": len(in_flight),
+            "keys_with_one_job": one_each,
+            "jobs_created": created,
+            "held": one_each == len(copies) == created and other == 0,
+        }
+        if load.raw is not None:
+            await load.raw.aclose()
+
+    # The quota: a second API process on the same Redis with the limit set.
+    main_port, stack.api_port = stack.api_port, 0
+    stack.start_api({"FAPM_MAX_ACTIVE_JOBS_PER_TENANT": str(args.quota_limit)})
+    quota_url, stack.api_port = stack.api_url, main_port
+    quota = Load(quota_url, {"quota": keys["quota"]}, root, args.quota_burst, "raw")
+    async with quota.client:
+        samples = await _at_once(quota, "quota", list(range(args.quota_burst)))
+        if quota.raw is not None:
+            await quota.raw.aclose()
+    statuses = {}
+    for s in samples:
+        statuses[s.status] = statuses.get(s.status, 0) + 1
+    result["quota"] = {
+        "limit": args.quota_limit,
+        "sent": args.quota_burst,
+        "statuses": statuses,
+        "held": statuses == {202: args.quota_limit, 429: args.quota_burst - args.quota_limit},
+    }
+    return result
+
+
+# -- 4. security probes -----------------------------------------------------------------------
+
+
+class Tally:
+    """Probes counted by what they expect: `refused` ones must be refused, `accepted` ones
+    (controls: the guard must not refuse everything) must be accepted."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict] = {}
+
+    def count(self, probe: str, held: bool, detail: str = "") -> None:
+        row = self.rows.setdefault(probe, {"tried": 0, "held": 0, "failures": []})
+        row["tried"] += 1
+        row["held"] += bool(held)
+        if not held and len(row["failures"]) < 10:
+            row["failures"].append(detail[:300])
+
+
+def _is_problem(response: httpx.Response, status: int, code: str | None = None) -> bool:
+    if response.status_code != status:
+        return False
+    if not response.headers.get("content-type", "").startswith("application/problem+json"):
+        return False
+    return code is None or response.json().get("code") == code
+
+
+def api_probes(stack: CampaignStack, root: Path, tally: Tally) -> None:
+    """Probes of the API alone (no worker, no webhook allow-list)."""
+    from tests.service.test_api_limits import TOO_MANY, raw_request
+    from tests.service.test_api_unicode import JOB_CASES, _with_lone_surrogate
+    from tests.service.test_input_guards import (
+        test_exclude_re2_cannot_run_is_422_naming_exclude as exclude_cases,
+    )
+    from tests.service.test_input_guards import (
+        test_webhook_to_a_non_global_address_is_422 as guard_urls,
+    )
+    from tests.unit import test_netguard, test_uri_names
+
+    body = {
+        "base": str(root / "base"),
+        "finetuned": str(root / "finetuned"),
+        "output": str(root / "out" / "probe"),
+    }
+    http = httpx.Client(
+        base_url=stack.api_url, headers={"Authorization": f"Bearer {API_KEYS['alice']}"}
+    )
+    with http:
+        refused_urls = [url for url, _ in parametrized(test_netguard.test_refused_webhook_urls)]
+        addresses = parametrized(test_netguard.test_non_global_and_embedded_addresses_are_refused)
+        refused_urls += [f"https://{address}/hook" for address, _ in addresses]
+        refused_urls += parametrized(guard_urls)
+        refused_urls += ["https://metadata/computeMetadata/v1/", "https://instance-data/latest/"]
+        for url in dict.fromkeys(refused_urls):
+            answer = http.post("/v1/jobs", json={**body, "webhook": {"url": url}})
+            tally.count("SSRF: webhook URL refused (422)", answer.status_code == 422, url)
+        for address in parametrized(test_netguard.test_globally_routable_addresses_are_allowed):
+            answer = http.post(
+                "/v1/jobs", json={**body, "webhook": {"url": f"https://{address}/h"}}
+            )
+            tally.count("SSRF control: public address accepted", answer.status_code == 202, address)
+            if answer.status_code == 202:
+                http.post(f"/v1/jobs/{answer.json()['id']}/cancel")
+
+        names = [f"s3://{bucket}/prefix/" for bucket, _ in test_uri_names.BAD_BUCKETS]
+        keys = parametrized(test_uri_names.test_keys_that_escape_or_confuse_are_refused)
+        names += [f"s3://models/{key}" for key, _ in keys]
+        names += [f"hf://{repo}" for repo in test_uri_names.BAD_REPOS]
+        names += [f"hf://org/name@{rev}" for rev in test_uri_names.BAD_REVISIONS]
+        for name in names:
+            for field in ("base", "output"):
+                answer = http.post("/v1/jobs", json={**body, field: name})
+                tally.count("s3/hf name attacks refused (422)", answer.status_code == 422, name)
+
+        for pattern, _ in parametrized(exclude_cases):
+            answer = http.post("/v1/jobs", json={**body, "exclude": pattern})
+            tally.count("exclude RE2 cannot run: 422", answer.status_code == 422, pattern)
+
+        for case, extra, _ in JOB_CASES:
+            job = {**body, **extra}
+            if case == "output uri":
+                job["output"] = str(root / "out" / "MARK")
+            answer = http.post(
+                "/v1/jobs",
+                content=_with_lone_surrogate(job, "MARK"),
+                headers={"content-type": "application/json"},
+            )
+            held = _is_problem(answer, 422, "validation_error")
+            tally.count("lone surrogate: 422, nothing stored", held, f"{case}: {answer.text}")
+            listed = http.get("/v1/jobs")
+            tally.count("tenant's list still readable after", listed.status_code == 200, case)
+
+        for name, headers in (
+            ("1 MB header", [("X-Huge", "h" * 1_000_000)]),
+            ("5,000 headers", TOO_MANY),
+        ):
+            status, _ = raw_request(stack.api_port, headers)
+            tally.count("huge request heads refused (400/431)", status in (400, 431), name)
+            tally.count("served after a huge head", raw_request(stack.api_port, [])[0] == 200)
+
+        hook = "/v1/hooks/huggingface"
+        garbage = b'{"event": {"action": "\\ud800"'
+        for headers in ({}, {"X-Webhook-Secret": "wrong"}):
+            answer = http.post(hook, content=garbage, headers=headers)
+            tally.count("Hub webhook: bad secret 401 before the body", answer.status_code == 401)
+        tally.count(
+            "Hub webhook: bad secret 401 before the body",
+            _answers_before_body(stack.api_port, hook),
+            "the API waited for the body",
+        )
+
+
+def _answers_before_body(port: int, path: str) -> bool:
+    """A head announcing a body just under the body limit (1 MiB), with a wrong secret, and no
+    body sent: the 401 comes back without the API waiting for the body."""
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Webhook-Secret: wrong\r\n"
+    head += "Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head.encode())
+        try:
+            answer = sock.recv(4096)
+        except TimeoutError:
+            return False
+    return answer.startswith(b"HTTP/1.1 401")
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    files = (p for p in sorted(path.rglob("*")) if p.is_file() and not p.is_symlink())
+    return {str(p.relative_to(path)): p.read_bytes() for p in files}
+
+
+def _keys_holding(client: redis.Redis, needle: bytes) -> list[str]:
+    """The Redis keys whose value (string, hash, list, set, zset or stream) contains `needle`."""
+    found = []
+    for key in client.scan_iter(count=5000):
+        kind = client.type(key).decode()
+        if kind == "string":
+            values = [client.get(key) or b""]
+        elif kind == "hash":
+            values = [b"%s=%s" % kv for kv in client.hgetall(key).items()]
+        elif kind == "list":
+            values = client.lrange(key, 0, -1)
+        elif kind == "set":
+            values = list(client.smembers(key))
+        elif kind == "zset":
+            values = [member for member, _ in client.zrange(key, 0, -1, withscores=True)]
+        elif kind == "stream":
+            values = [repr(entry).encode() for entry in client.xrange(key)]
+        else:
+            values = []
+        if any(needle in value for value in values):
+            found.append(key.decode())
+    return found
+
+
+def tenant_probes(stack: CampaignStack, places: dict, tally: Tally) -> dict:
+    """Probes of the full stack (API + worker) with a tenant locations file."""
+    from tests.service.test_webhook_redaction import PathReceiver
+
+    alice = httpx.Client(
+        base_url=stack.api_url, headers={"Authorization": "Bearer " + API_KEYS["alice"]}
+    )
+    bob = httpx.Client(
+        base_url=stack.api_url, headers={"Authorization": "Bearer " + API_KEYS["bob"]}
+    )
+    pair = places["pair"]
+    figures: dict = {}
+
+    def spec(output, **extra) -> dict:
+        return {"base": str(pair.base), "finetuned": str(pair.finetuned), "output": str(output)} | {
+            "sparsity": 0.5,
+            **extra,
+        }
+
+    def run(http: httpx.Client, body: dict, timeout: float = 180) -> dict:
+        answer = http.post("/v1/jobs", json=body)
+        if answer.status_code != 202:
+            return {"status": f"http {answer.status_code}", "error": answer.text}
+        job_id = answer.json()["id"]
+        deadline = time.monotonic() + timeout
+        while (record := http.get(f"/v1/jobs/{job_id}").json())["status"] not in TERMINAL:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        return record
+
+    with alice, bob:
+        out = places["alice"] / "model-a"
+        record = run(alice, spec(out))
+        tally.count(
+            "control: alice's own job succeeds", record["status"] == "succeeded", str(record)
+        )
+        job_id = record.get("id", "")
+        for method, route in (
+            ("GET", f"/v1/jobs/{job_id}"),
+            ("GET", f"/v1/jobs/{job_id}/report"),
+            ("GET", f"/v1/jobs/{job_id}/events"),
+            ("POST", f"/v1/jobs/{job_id}/cancel"),
+        ):
+            answer = bob.request(method, route)
+            tally.count("cross-tenant job routes: 404", answer.status_code == 404, route)
+        listed = bob.get("/v1/jobs", params={"limit": 200}).text
+        tally.count("cross-tenant job routes: 404", job_id not in listed, "bob's list")
+
+        published = _tree(out)
+        attempts = [
+            ("bob reads alice's output", bob, spec(places["bob"] / "b1") | {"finetuned": str(out)}),
+            ("bob writes in alice's root", bob, spec(places["alice"] / "b2")),
+            ("bob overwrites alice's model", bob, spec(out, overwrite=True)),
+            ("alice writes a read-only root", alice, spec(places["bases"] / "a2")),
+            ("alice publishes to a read-only Hub org", alice, spec("hf://acme/pruned")),
+        ]
+        for name, http, body in attempts:
+            answer = http.post("/v1/jobs", json=body)
+            tally.count(
+                "cross-tenant locations: 422", _is_problem(answer, 422, "invalid_location"), name
+            )
+        tally.count("cross-tenant locations: 422", _tree(out) == published, "alice's model intact")
+
+        (places["alice"] / "keep.txt").write_text("alice's data")
+        before = _tree(places["alice"])
+        for output in (places["alice"], places["top"], pair.base.parent, pair.finetuned):
+            answer = alice.post("/v1/jobs", json=spec(output, overwrite=True))
+            held = _is_problem(answer, 422, "invalid_location")
+            tally.count("root/ancestor/input as output with overwrite: 422", held, str(output))
+        tally.count(
+            "root/ancestor/input as output with overwrite: 422",
+            _tree(places["alice"]) == before,
+            "alice's root intact",
+        )
+        data = places["alice"] / "data"
+        data.mkdir(exist_ok=True)
+        (data / "precious.txt").write_text("not a model")
+        record = run(alice, spec(data, overwrite=True))
+        held = (record.get("error") or {}).get("code") == "output_not_replaceable"
+        tally.count("overwrite of a non-fapm directory refused", held, str(record))
+        tally.count(
+            "overwrite of a non-fapm directory refused",
+            _tree(data) == {"precious.txt": b"not a model"},
+            "data intact",
+        )
+
+        secret = b"SECRET-OUTSIDE-EVERY-ROOT"
+        for file in ("model.safetensors", "tokenizer_config.json", "config.json"):
+            target = places["outside"] / file
+            if file == "model.safetensors":
+                shutil.copy(pair.finetuned / file, target)
+            else:
+                target.write_bytes(b'{"secret": "' + secret + b'"}')
+            model = places["alice"] / f"linked-{file}"
+            shutil.copytree(pair.finetuned, model)
+            (model / file).unlink()
+            (model / file).symlink_to(target)
+            link_out = places["alice"] / f"out-linked-{file}"
+            record = run(alice, spec(link_out) | {"finetuned": str(model)})
+            held = (record.get("error") or {}).get("code") == "invalid_location"
+            held = held and not link_out.exists()
+            tally.count("symlink escapes: job fails, nothing published", held, f"{file}: {record}")
+        # Into the other tenant's root: inside a root, not one of bob's.
+        borrowed = places["bob"] / "borrowed"
+        shutil.copytree(pair.finetuned, borrowed)
+        (borrowed / "model.safetensors").unlink()
+        (borrowed / "model.safetensors").symlink_to(out / "model.safetensors")
+        record = run(bob, spec(places["bob"] / "out-borrowed") | {"finetuned": str(borrowed)})
+        held = (record.get("error") or {}).get("code") == "invalid_location"
+        tally.count(
+            "symlink escapes: job fails, nothing published", held, f"into alice's: {record}"
+        )
+        leaked = any(secret in b for b in _tree(places["alice"]).values())
+        tally.count("symlink escapes: job fails, nothing published", not leaked, "secret copied")
+
+        started = time.monotonic()
+        record = run(alice, spec(places["alice"] / "re2", exclude="(.|.)*x$|norm", kernel="torch"))
+        figures["catastrophic_exclude_job_seconds"] = round(time.monotonic() - started, 1)
+        tally.count(
+            "catastrophic regex (.|.)*x$ runs in linear time",
+            record["status"] == "succeeded",
+            str(record),
+        )
+
+        token = "tok-" + os.urandom(8).hex()
+        receiver = PathReceiver()
+        try:
+            url = f"http://127.0.0.1:{receiver.port}/hook?token={token}&team=nlp"
+            body = spec(places["alice"] / "redacted") | {
+                "finetuned": str(places["alice"] / "no-such-model"),
+                "webhook": {"url": url},
+            }
+            answers = [alice.post("/v1/jobs", json=body)]
+            redacted_id = answers[0].json().get("id", "")
+            deadline = time.monotonic() + 60
+            while not receiver.seen and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(1.0)  # the worker logs the delivery after the receiver answered
+            answers += [alice.get(f"/v1/jobs/{redacted_id}"), alice.get("/v1/jobs")]
+            tally.count(
+                "webhook token: delivered to the full URL",
+                bool(receiver.seen) and token in receiver.seen[0][0],
+                "not delivered",
+            )
+            for answer in answers:
+                tally.count("webhook token: never shown", token not in answer.text, answer.url.path)
+            if receiver.seen:
+                tally.count(
+                    "webhook token: never shown",
+                    token.encode() not in receiver.seen[0][1],
+                    "in the delivered body",
+                )
+            logs = sorted(stack.workdir.rglob("*.log"))
+            for log in logs:
+                tally.count(
+                    "webhook token: never shown",
+                    token.encode() not in log.read_bytes(),
+                    str(log.name),
+                )
+            # Not a leak: the worker needs the full URL to deliver (as it needs the signing
+            # secret), so Redis holds it at rest; reported, not counted.
+            client = redis.Redis.from_url(stack.redis_url)
+            holding = _keys_holding(client, token.encode())
+            figures["token_at_rest_in_redis"] = [re.sub("[0-9a-f]{32}", "{id}", k) for k in holding]
+            client.close()
+            aof = [p for p in (stack.workdir / "redis").rglob("*") if p.is_file()]
+            figures["token_in_redis_files"] = [
+                p.name for p in aof if token.encode() in p.read_bytes()
+            ]
+            figures["log_files_searched_for_token"] = len(logs)
+        finally:
+            receiver.server.shutdown()
+            receiver.server.server_close()
+    return figures
+
+
+def make_places(root: Path) -> dict:
+    top = root
+    places = {name: top / name for name in ("bases", "alice", "bob", "outside")}
+    for path in places.values():
+        path.mkdir(parents=True, exist_ok=True)
+    places["top"] = top
+    places["pair"] = make_llama_pair(places["bases"] / "pair", dtype=torch.bfloat16, seed=5)
+    table = {
+        "tenants": {
+            "alice": {"read": [str(places["bases"]), "hf://acme"], "write": [str(places["alice"])]},
+            "bob": {"read": [str(places["bases"]), "hf://acme"], "write": [str(places["bob"])]},
+        }
+    }
+    places["file"] = places["outside"] / "tenants.yaml"
+    places["file"].write_text(yaml.safe_dump(table))
+    return places
+
+
+# -- 5. fuzz and schemathesis --------------------------------------------------------------------
+
+
+def fuzz(headers: int, docs: int) -> dict:
+    """The fuzz test's generators, its seeds, counted (the test asserts; this reports)."""
+    from tests.integration import test_fuzz_inputs as f
+    from worker.errors import CorruptCheckpoint
+    from worker.evaluation.data import parse_general, parse_task
+    from worker.evaluation.errors import EmptyEvalSet, EvalDataError
+    from worker.io.checkpoint import parse_config, parse_index
+    from worker.io.safetensors_format import parse_header
+
+    rng = random.Random(f.SEED)
+    raw = f._checkpoint()
+    n = int.from_bytes(raw[:8], "little")
+    header_bytes, data = raw[8 : 8 + n], raw[8 + n :]
+    header = json.loads(header_bytes)
+    counts = {"parsed": 0, "corrupt_checkpoint": 0, "untyped": 0, "reference_disagrees": 0}
+    examples = []
+    started = time.perf_counter()
+    for case in range(headers):
+        if case % 3 == 2:
+            body = f._mutate_bytes(rng, header_bytes)
+        else:
+            mutated = f._mutate_structure(rng, header)
+            body = json.dumps(mutated, ensure_ascii=rng.random() < 0.5).encode("utf-8", "replace")
+            if rng.random() < 0.3:
+                body = f._mutate_bytes(rng, body)
+        file_size = 8 + len(body) + len(data) + rng.choice([0, 0, 0, -1, 1, -len(data)])
+        try:
+            parsed = parse_header(body, file_size, "fuzz.safetensors")
+        except CorruptCheckpoint:
+            counts["corrupt_checkpoint"] += 1
+            continue
+        except Exception as exc:
+            counts["untyped"] += 1
+            examples.append(f"{type(exc).__name__}: {str(exc)[:120]}")
+            continue
+        counts["parsed"] += 1
+        if file_size == 8 + len(body) + len(data):
+            try:
+                f._check_against_reference(body, data, parsed)
+            except Exception as exc:
+                counts["reference_disagrees"] += 1
+                examples.append(f"reference: {type(exc).__name__}: {str(exc)[:120]}")
+    header_seconds = time.perf_counter() - started
+
+    rng = random.Random(f.SEED + 1)
+    index = json.dumps(
+        {"metadata": {"total_size": 96}, "weight_map": {"a": "m-1.safetensors", "b": "m-2"}}
+    )
+    config = json.dumps(
+        {"model_type": "llama", "hidden_size": 8, "text_config": {"vocab_size": 32}}
+    )
+    task = b'{"prompt": "2+2=", "completion": " 4"}'
+    general = b'{"text": "The sky is blue."}'
+    parsers = {
+        "index": (lambda d: parse_index(d, "index.json"), [index.encode()], (CorruptCheckpoint,)),
+        "config": (
+            lambda d: parse_config(d, "config.json"),
+            [config.encode()],
+            (CorruptCheckpoint,),
+        ),
+        "task_jsonl": (
+            lambda d: parse_task("t.jsonl", task + b"\n" + d + b"\n"),
+            [task],
+            (EvalDataError, EmptyEvalSet),
+        ),
+        "general_jsonl": (
+            lambda d: parse_general("g.jsonl", d + b"\r\n" + general),
+            [general],
+            (EvalDataError, EmptyEvalSet),
+        ),
+    }
+    documents = {}
+    for name, (parse, seeds, typed) in parsers.items():
+        tally = {"cases": 0, "accepted": 0, "typed_error": 0, "untyped": 0}
+        for doc in f._fuzz_documents(rng, seeds, docs):
+            tally["cases"] += 1
+            try:
+                parse(doc)
+                tally["accepted"] += 1
+            except typed:
+                tally["typed_error"] += 1
+            except Exception as exc:
+                tally["untyped"] += 1
+                examples.append(f"{name}: {type(exc).__name__}: {str(exc)[:120]}")
+        documents[name] = tally
+    untyped = counts["untyped"] + sum(d["untyped"] for d in documents.values())
+    return {
+        "headers": {"cases": headers, **counts, "seconds": round(header_seconds, 1)},
+        "documents": documents,
+        "untyped_examples": examples[:10],
+        "held": untyped == 0 and counts["reference_disagrees"] == 0,
+    }
+
+
+def schemathesis() -> dict:
+    """The suite's schemathesis test (real API, all checks, fixed seed), its printed counts."""
+    test = "tests/service/test_openapi_schemathesis.py::test_schemathesis_all_checks_find_nothing"
+    argv = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", test]
+    started = time.monotonic()
+    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    output = run.stdout + run.stderr
+    line = re.search(r"(\d+) generated(, [^\n]*)?", output)
+    counts = {"generated": int(line.group(1))} if line else {}
+    for number, word in re.findall(
+        r"(\d+) (passed|failed|errored|skipped)", line.group(0) if line else ""
+    ):
+        counts[word] = int(number)
+    return {
+        "test_exit": run.returncode,
+        "line": line.group(0) if line else output[-500:],
+        **counts,
+        "seconds": round(time.monotonic() - started),
+        "held": run.returncode == 0 and counts.get("failed", 0) == 0 and bool(counts),
+    }
+
+
+# -- the campaign -----------------------------------------------------------------------------
+
+
+def section(summary: dict, name: str, work: Callable[[], dict]) -> None:
+    started = time.monotonic()
+    print(f"[campaign] {name} ...", file=sys.stderr, flush=True)
+    try:
+        summary[name] = work()
+    except Exception as exc:  # the campaign records a broken section and goes on
+        summary[name] = {"held": False, "crashed": f"{type(exc).__name__}: {exc}"}
+        summary[name]["traceback"] = traceback.format_exc()[-3000:]
+    summary[name]["section_seconds"] = round(time.monotonic() - started)
+    print(f"[campaign] {name}: held={summary[name].get('held')}", file=sys.stderr, flush=True)
+
+
+def run_recovery(summary: dict, args, workdir: Path) -> None:
+    """Sections 1 and 2 on one stack: API, redis-server with AOF, one-process workers that honour
+    pause plans; short lease and visibility timeout so take-overs happen within seconds."""
+    root = (workdir / "recovery-root").resolve()
+    root.mkdir(parents=True)
+    pause_dir = workdir / "pauses"
+    pause_dir.mkdir()
+    lease = 3.0
+    env = stack_env(
+        root,
+        FAPM_LEASE_SECONDS=str(int(lease)),
+        FAPM_VISIBILITY_TIMEOUT_SECONDS="5",
+        FAPM_TEST_PAUSE_DIR=str(pause_dir),
+    )
+    stack = CampaignStack(workdir / "recovery-stack", env=env)
+    stack.workdir.mkdir(parents=True)
+    workers = Workers(stack, pause_dir)
+    rng = random.Random(args.seed)
+    try:
+        stack.start_redis()
+        stack.start_api()
+        if args.kills:
+            section(summary, "kill_midjob", lambda: kill_midjob(workers, root, args.kills, rng))
+        if args.instant_rounds:
+            section(
+                summary,
+                "kill_instants",
+                lambda: kill_instants(workers, root, args.instant_rounds, lease),
+            )
+        if args.redis_restarts:
+            section(
+                summary,
+                "redis_restart",
+                lambda: redis_restarts(workers, root, args.redis_restarts, args.redis_queued),
+            )
+    finally:
+        for process in stack.processes:  # a paused worker would not drain
+            if process.name != "redis":
+                process.kill(signal.SIGKILL)
+        stack.stop()
+
+
+def run_api_only(summary: dict, args, workdir: Path, tally: Tally) -> None:
+    root = (workdir / "api-root").resolve()
+    for name in ("base", "finetuned", "out"):
+        (root / name).mkdir(parents=True)
+    keys = {**API_KEYS, "quota": "quota-key-" + os.urandom(6).hex()}
+    keys |= {f"load{i}": f"load-key-{i}-{os.urandom(6).hex()}" for i in range(4)}
+    env = {
+        "FAPM_API_KEYS": ",".join(f"{t}:{k}" for t, k in keys.items()),
+        "FAPM_LOCAL_ROOTS": str(root),
+        "FAPM_MAX_ACTIVE_JOBS_PER_TENANT": str(10**9),
+        "FAPM_HF_WEBHOOK_SECRET": HF_WEBHOOK_SECRET,
+    }
+    stack = CampaignStack(workdir / "api-stack", env=env)
+    stack.workdir.mkdir(parents=True)
+    try:
+        stack.start_redis()
+        stack.start_api()
+        section(summary, "submissions", lambda: asyncio.run(_submissions(stack, keys, root, args)))
+        section(
+            summary, "security_api", lambda: (api_probes(stack, root, tally), {"held": None})[1]
+        )
+    finally:
+        stack.stop()
+
+
+def run_tenants(summary: dict, workdir: Path, tally: Tally) -> None:
+    places = make_places((workdir / "tenants").resolve())
+    env = stack_env(
+        (workdir / "shared-root").resolve(),
+        FAPM_TENANT_LOCATIONS_FILE=str(places["file"]),
+        FAPM_WEBHOOK_ALLOW="127.0.0.1",
+    )
+    (workdir / "shared-root").mkdir()
+    stack = CampaignStack(workdir / "tenant-stack", env=env)
+    stack.workdir.mkdir(parents=True)
+    try:
+        stack.start(workers=1)
+        section(
+            summary, "security_stack", lambda: {"held": None, **tenant_probes(stack, places, tally)}
+        )
+    finally:
+        stack.stop()
+
+
+def markdown(summary: dict) -> str:
+    rows = []
+
+    def row(area: str, tried: str, count, held: str, ok) -> None:
+        verdict = "held" if ok else ("FAILED" if ok is False else "-")
+        rows.append(f"| {area} | {tried} | {count} | {held} | {verdict} |")
+
+    k = summary.get("kill_midjob")
+    if k and "crashed" not in k:
+        row(
+            "Worker SIGKILL mid-job",
+            "SIGKILL to the worker's process group mid-prune",
+            k["kills"],
+            f"{k['succeeded']} succeeded, {k['byte_identical']} byte-identical to "
+            f"`fapm prune`; partial output seen in {k['partial_output_seen']} of "
+            f"{k['output_polls']:,} polls; recovery s {k['recovery_seconds']}",
+            k["held"],
+        )
+    k = summary.get("kill_instants")
+    if k and "crashed" not in k:
+        row(
+            "Worker killed at each instant",
+            "taken/noted/started/finished x pool process/whole worker",
+            k["kills"],
+            f"{k['succeeded']} succeeded, {k['webhook_delivered']} "
+            f"webhooks delivered, {k['within_bound']} within {k['bound_seconds']:.0f} s; job s "
+            f"{k['recovery_seconds']}, webhook s {k['webhook_seconds']}",
+            k["held"],
+        )
+    k = summary.get("redis_restart")
+    if k and "crashed" not in k:
+        row(
+            "Redis SIGTERM/SIGKILL",
+            "restart with 1 running + queued jobs (AOF everysec)",
+            k["restarts"],
+            f"{k['jobs_succeeded']}/{k['jobs']} jobs succeeded, {k['lost']} lost; "
+            f"API while down: {k['api_while_down']}",
+            k["held"],
+        )
+    s = summary.get("submissions")
+    if s and "crashed" not in s:
+        b, i, q = s["burst"], s["idempotency"], s["quota"]
+        row(
+            "Concurrent submissions",
+            "all at once",
+            b["sent"],
+            f"statuses {b['statuses']}, exactly once in Redis: {b['audit']['exactly_once']}",
+            b["held"],
+        )
+        row(
+            "Idempotency keys",
+            f"{i['keys']} keys sent 2-5 times at once",
+            i["requests"],
+            f"{i['keys_with_one_job']} keys with one job, {i['jobs_created']} jobs created",
+            i["held"],
+        )
+        row(
+            "Quota",
+            f"limit {q['limit']}, all at once",
+            q["sent"],
+            f"statuses {q['statuses']}",
+            q["held"],
+        )
+    for probe, t in summary.get("security", {}).items():
+        row("Security", probe, t["tried"], f"{t['held']} of {t['tried']}", t["held"] == t["tried"])
+    f = summary.get("fuzz")
+    if f and "crashed" not in f:
+        h = f["headers"]
+        row(
+            "Fuzz: safetensors headers",
+            "structure-aware mutations (the fuzz test's seed)",
+            h["cases"],
+            f"{h['parsed']} parsed (all match the reference library: "
+            f"{h['reference_disagrees'] == 0}), {h['corrupt_checkpoint']} corrupt_checkpoint, "
+            f"{h['untyped']} untyped",
+            h["untyped"] == 0 and h["reference_disagrees"] == 0,
+        )
+        for name, d in f["documents"].items():
+            row(
+                f"Fuzz: {name}",
+                "mutated documents",
+                d["cases"],
+                f"{d['accepted']} accepted, "
+                f"{d['typed_error']} typed errors, {d['untyped']} untyped",
+                d["untyped"] == 0,
+            )
+    s = summary.get("schemathesis")
+    if s and "crashed" not in s:
+        row(
+            "schemathesis",
+            "`--checks all`, fixed seed, real API",
+            s.get("generated", "?"),
+            s["line"],
+            s["held"],
+        )
+    for name, value in summary.items():
+        if isinstance(value, dict) and "crashed" in value:
+            rows.append(f"| {name} | section crashed | - | {value['crashed']} | FAILED |")
+    head = "| Area | What was tried | How many | What held | Verdict |\n|---|---|---|---|---|"
+    return head + "\n" + "\n".join(rows) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the small counts (~15 min, 2 CPUs)")
+    parser.add_argument("--kills", type=int, help="worker SIGKILLs mid-job (20; quick 5)")
+    parser.add_argument(
+        "--instant-rounds", type=int, help="rounds of the 8 instant kills (3; quick 1)"
+    )
+    parser.add_argument(
+        "--redis-restarts", type=int, help="Redis restarts, SIGTERM and SIGKILL alternately (8; 4)"
+    )
+    parser.add_argument("--redis-queued", type=int, default=4, help="queued jobs per restart")
+    parser.add_argument("--burst", type=int, help="submissions at once (2000; quick 500)")
+    parser.add_argument("--idempotency-keys", type=int, help="keys sent 2-5 times (300; 100)")
+    parser.add_argument("--quota-limit", type=int, default=20)
+    parser.add_argument("--quota-burst", type=int, default=500)
+    parser.add_argument("--fuzz-headers", type=int, default=12_000)
+    parser.add_argument("--fuzz-docs", type=int, default=1_500, help="per document parser")
+    parser.add_argument("--no-schemathesis", action="store_true")
+    parser.add_argument("--seed", type=int, default=12)
+    parser.add_argument("--only", help="comma list: recovery,api,tenants,fuzz,schemathesis")
+    parser.add_argument("--json", metavar="PATH", help="also write the JSON summary here")
+    parser.add_argument("--markdown", metavar="PATH", help="write the Markdown table here")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    args = parser.parse_args(argv)
+    full = {"kills": 20, "instant_rounds": 3, "redis_restarts": 8, "burst": 2000}
+    quick = {"kills": 5, "instant_rounds": 1, "redis_restarts": 4, "burst": 500}
+    for name, value in (quick if args.quick else full).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.idempotency_keys is None:
+        args.idempotency_keys = 100 if args.quick else 300
+    return args
+
+
+def machine() -> str:
+    memory = psutil.virtual_memory().total / 2**30
+    return f"{platform.node()}: {os.cpu_count()} CPUs, {memory:.0f} GiB, {platform.platform()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    only = set(args.only.split(",")) if args.only else None
+    workdir = Path(tempfile.mkdtemp(prefix="fapm-campaign-"))
+    summary: dict = {
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine(),
+        "revision": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip(),
+        "counts": vars(args),
+    }
+    started = time.monotonic()
+    tally = Tally()
+    try:
+        if only is None or "recovery" in only:
+            run_recovery(summary, args, workdir)
+        if only is None or "api" in only:
+            run_api_only(summary, args, workdir, tally)
+        if only is None or "tenants" in only:
+            run_tenants(summary, workdir, tally)
+        summary["security"] = tally.rows
+        if only is None or "fuzz" in only:
+            section(summary, "fuzz", lambda: fuzz(args.fuzz_headers, args.fuzz_docs))
+        if not args.no_schemathesis and (only is None or "schemathesis" in only):
+            section(summary, "schemathesis", schemathesis)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    summary["minutes"] = round((time.monotonic() - started) / 60, 1)
+    sections = [v for v in summary.values() if isinstance(v, dict) and "held" in v]
+    security_held = all(r["held"] == r["tried"] for r in tally.rows.values())
+    summary["all_held"] = security_held and all(s["held"] is not False for s in sections)
+    print(json.dumps(summary, indent=2, default=str))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(summary))
+    return 0 if summary["all_held"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
