@@ -168,7 +168,7 @@ def test_planning_reads_the_cancel_flag_between_tensors():
 def test_planning_without_cancel_plans_every_tensor():
     base, finetuned = _ManyTensors(1000), _ManyTensors(1000)
     spec = JobSpec(base="/b", finetuned="/f", output="/o", exclude=r"layers\.1\d\d\.")
-    tasks = build_plan(base, finetuned, spec, False, should_cancel=lambda: False)
+    tasks = build_plan(base, finetuned, spec, False, should_cancel=lambda: False).tasks
     assert len(tasks) == 1000
     assert sum(t.reason == "excluded" for t in tasks) == 100
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from worker.engine.methods import get_method
+from worker.engine.name_pairing import IDENTITY, NameMap
 from worker.io.uri import parse_uri
 from worker.spec import JobSpec
 
@@ -23,8 +24,20 @@ def _revision_rows(inputs: dict[str, dict]) -> str:
     return "".join(rows)
 
 
+def _pairing_section(name_map: NameMap, notes: list[str]) -> str:
+    """How the fine-tune's tensors were paired with the base's, when it is not name for name."""
+    if name_map.is_identity and not notes:
+        return ""
+    lines = "".join(f"- {note}\n" for note in notes)
+    return f"\n## Tensor pairing\n\n{lines}"
+
+
 def model_card(
-    spec: JobSpec, totals: dict[str, float | int], inputs: dict[str, dict] | None = None
+    spec: JobSpec,
+    totals: dict[str, float | int],
+    inputs: dict[str, dict] | None = None,
+    name_map: NameMap = IDENTITY,
+    notes: list[str] | None = None,
 ) -> str:
     method = get_method(spec.method)
     paper = f"[{method.title}]({method.paper_url})" if method.paper_url else method.title
@@ -59,7 +72,7 @@ Built by fapm-service.
 | L2 of kept update / full update | {float(totals.get("l2_kept_ratio", 1.0)):.4f} |
 
 Per-tensor counts are in `pruning_report.json`.
-
+{_pairing_section(name_map, notes or [])}
 ## Job specification
 
 ```json

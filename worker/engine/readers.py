@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from worker.engine.name_pairing import IDENTITY, find_name_map
 from worker.errors import CorruptCheckpoint, SourceNotFound, UnsupportedFormat
 from worker.exclude_pattern import ExcludePattern
 from worker.io.checkpoint import CONFIG_LIMITS, SafetensorsCheckpoint, read_config
@@ -133,9 +134,16 @@ class LoraMergedReader:
         return _alpha_number(self.adapter_config.get("lora_alpha", 8), where)
 
     def _map_tensors(self) -> tuple[dict[str, _LoraModule], dict[str, str]]:
+        """LoRA modules and full replacements, keyed by the base tensor each one updates.
+
+        The adapter names the modules of the model it was trained on, which may carry a prefix
+        the base checkpoint's names do not (trained on `BertForSequenceClassification`, `bert.*`,
+        for a `BertModel` base) or lack one they have: the engine's one-prefix pairing
+        (worker/engine/name_pairing.py) maps them when the names do not match as they are.
+        """
         base_names = set(self.base.names())
         pairs: dict[str, dict[str, str]] = {}
-        replaced: dict[str, str] = {}
+        replaced: dict[str, str] = {}  # adapter-side name -> adapter tensor key
         for key in self.checkpoint.names():
             name = key.removeprefix(_PEFT_PREFIX)
             match = re.match(r"(.+)\.(lora_A|lora_B)(?:\.weight)?$", name) or re.match(
@@ -147,21 +155,36 @@ class LoraMergedReader:
                 pairs[module]["embedding"] = "embedding" if "embedding" in part else ""
             elif "lora_magnitude_vector" in name:
                 raise UnsupportedFormat("DoRA adapters are not supported (plain LoRA only)")
-            elif name in base_names:
-                replaced[name] = key  # modules_to_save: a full replacement tensor
             else:
+                replaced[name] = key  # modules_to_save: a full replacement tensor
+        targets = [f"{module}.weight" for module in pairs]
+        name_map = IDENTITY
+        if not base_names.issuperset([*targets, *replaced]):
+            name_map = find_name_map(base_names, [*targets, *replaced])
+        self.name_map = name_map
+
+        def base_name(name: str) -> str | None:
+            mapped = name_map.base_name(name)
+            return mapped if mapped in base_names else None
+
+        replaced_in_base: dict[str, str] = {}
+        for name, key in replaced.items():
+            target = base_name(name)
+            if target is None:
                 raise CorruptCheckpoint(
                     f"{self.source.uri}: adapter tensor {key!r} matches no base tensor"
                 )
+            replaced_in_base[target] = key
         modules: dict[str, _LoraModule] = {}
         fan_in_fan_out = bool(self.adapter_config.get("fan_in_fan_out", False))
         for module, parts in pairs.items():
             if "A" not in parts or "B" not in parts:
                 raise CorruptCheckpoint(f"{self.source.uri}: {module} lacks lora_A or lora_B")
-            target = f"{module}.weight"
-            if target not in base_names:
+            target = base_name(f"{module}.weight")
+            if target is None:
                 raise CorruptCheckpoint(
-                    f"{self.source.uri}: adapter targets {target!r}, which the base lacks"
+                    f"{self.source.uri}: adapter targets {module + '.weight'!r}, which the base "
+                    "lacks"
                 )
             rank = self.checkpoint.entry(parts["A"]).shape[0]
             if rank == 0:
@@ -172,7 +195,7 @@ class LoraMergedReader:
             )
             transpose = bool(parts["embedding"]) or fan_in_fan_out
             modules[target] = _LoraModule(parts["A"], parts["B"], scale, transpose)
-        return modules, replaced
+        return modules, replaced_in_base
 
     def names(self) -> list[str]:
         return self.base.names()

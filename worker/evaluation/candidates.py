@@ -159,7 +159,7 @@ class CandidateBuilder:
             tie = _tie_word_embeddings(config)  # the engine's reading (text_config too)
             self.tensors = [
                 self._load(task, base, finetuned, params)
-                for task in build_plan(base, finetuned, spec, tie, self.should_cancel)
+                for task in build_plan(base, finetuned, spec, tie, self.should_cancel).tasks
             ]
             # Local files are mapped (page cache); remote reads and merged LoRA updates are not.
             self.inputs_mapped = spec.adapter is None and not any(
@@ -223,7 +223,7 @@ class CandidateBuilder:
                 f"tensor {task.name!r} of the checkpoint is not a parameter of shape "
                 f"{list(task.shape)} in the model transformers builds from its config"
             )
-        w = base.read(task.name) if task.action != "copy" else None
+        w = base.read(task.base_name) if task.base_name is not None else None
         f = finetuned.read(task.name, base=w)
         shared = f[: task.shared_rows] if task.action == "prune_rows" else f
         rows = shared.shape[0] if self.spec.scope == "row" and shared.dim() >= 2 else 1
