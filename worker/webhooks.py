@@ -40,6 +40,7 @@ from app.core.config import Settings
 from app.core.netguard import check_webhook_url
 from app.jobs.records import REDACTED, WebhookEvent, redacted_url
 from app.jobs.store import JobStore
+from worker.io import strict_json
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,10 @@ def deliver(
     event = WebhookEvent(
         type=event_type, timestamp=record.finished_at or datetime.now(UTC), data=record
     )
-    body = event.model_dump_json().encode()
+    # The body as strict JSON, through the one helper that writes JSON (non-finite -> null).
+    body = strict_json.dumps(
+        event.model_dump(mode="json"), separators=(",", ":"), ensure_ascii=False
+    ).encode()
     headers = signed_headers(store.webhook_secret(job_id), webhook_id, body)
     url = record.webhook.delivery_url  # the full URL; the record (and the body) show it redacted
     outcome = post_event(url, body, headers, settings)

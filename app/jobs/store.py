@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 import redis
 
 from app.jobs.records import ACTIVE_STATUSES, TERMINAL_STATUSES, JobRecord
+from worker.io import strict_json
 
 PREFIX = "fapm:"
 EVENTS_MAXLEN = 10_000
@@ -250,7 +251,8 @@ class Lease:
 
 
 def _dump(value: object) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
+    # Strict JSON: a NaN in a report or result is stored as null, never as `NaN`.
+    return strict_json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
 
 
 class JobStore:

@@ -25,29 +25,14 @@ from worker.engine.readahead import read_ahead
 from worker.engine.readers import CheckpointReader, LoraMergedReader
 from worker.engine.tensor_pruner import TensorPruner
 from worker.errors import JobCancelled
+from worker.io import strict_json
+from worker.io.carry_over import CarryOver, carry_over
 from worker.io.publish import REPORT_FILE, open_target, published_report
 from worker.io.torch_tensors import tensor_over
 from worker.io.uri import open_source
 from worker.io.writer import ShardedWriter, WriterThread, plan_shards
 from worker.spec import JobSpec
 
-# Copied next to the weights, from the fine-tuned model (from the base for an adapter).
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "spiece.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-)
 # Loaded tensors waiting behind the one being computed; one item always fits, however large.
 READ_AHEAD_BYTES = 128 * 2**20
 
@@ -152,7 +137,7 @@ def run_prune(
         report_progress(Progress("finalize", len(tasks), len(tasks)))
         written = writer.finish()
         update_side = base_source if spec.adapter else update_source
-        _copy_side_files(update_side, target.local_dir, spec)
+        carried = _copy_side_files(update_side, target.local_dir, spec, cancelled)
         summary = totals.summary()
         report = {
             "format": "fapm-pruning-report/1",
@@ -164,7 +149,11 @@ def run_prune(
                 "adapter" if spec.adapter else "finetuned": finetuned.identity(),
             },
             "totals": summary,
-            "output": {"shards": [vars(s) for s in written]},
+            "output": {
+                "shards": [vars(s) for s in written],
+                "carried": carried.carried,
+                "not_carried": carried.not_carried,
+            },
             "name_map": plan.name_map.as_report(),
             "left_out": [t.as_report() for t in plan.left_out],
             "notes": plan.notes,
@@ -179,7 +168,8 @@ def run_prune(
         # Uploads overlap the prune; "upload" is their own duration, "publish" what was left.
         report["seconds"] = {**timings, "upload": target.upload_seconds}
         report["seconds"]["total"] = time.perf_counter() - started
-        (target.local_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        report = strict_json.with_finite_note(report)  # strict JSON: no NaN in the report
+        (target.local_dir / REPORT_FILE).write_text(strict_json.dumps(report, indent=2) + "\n")
         if cancelled():
             raise JobCancelled("the job was cancelled")
         report_progress(Progress("publish", len(tasks), len(tasks)))
@@ -305,17 +295,18 @@ def _stream(
     return records, totals
 
 
-def _copy_side_files(source, directory: Path, spec: JobSpec) -> None:
-    # Read through the source, never by path: in a service job each file must then lie in the
-    # tenant's roots (worker/io/source.py), so a symlink out of them fails the job, not copied.
-    for name in SIDE_FILES:
-        if not source.exists(name):
-            continue
-        data = source.read_file(name)
-        if name == "config.json" and spec.dtype != "keep":
-            config = json.loads(data)
-            config["torch_dtype"] = spec.dtype
-            if "dtype" in config:
-                config["dtype"] = spec.dtype
-            data = (json.dumps(config, indent=2) + "\n").encode()
-        (directory / name).write_bytes(data)
+def _copy_side_files(
+    source, directory: Path, spec: JobSpec, cancelled: Callable[[], bool]
+) -> CarryOver:
+    """Every file of the fine-tuned repo (the base's for an adapter) but its weights and card,
+    beside the pruned weights (worker/io/carry_over.py); config.json names the output's dtype."""
+
+    def set_dtype(data: bytes) -> bytes:
+        config = json.loads(data)  # already parsed within limits by the checkpoint reader
+        config["torch_dtype"] = spec.dtype
+        if "dtype" in config:
+            config["dtype"] = spec.dtype
+        return (strict_json.dumps(config, indent=2) + "\n").encode()
+
+    transforms = {"config.json": set_dtype} if spec.dtype != "keep" else {}
+    return carry_over(source, directory, transforms, cancelled)

@@ -50,6 +50,7 @@ from worker.evaluation.search import (
     search_method,
 )
 from worker.io.publish import open_target, published_report
+from worker.io.strict_json import with_finite_note
 from worker.spec import JobSpec
 
 EVALUATE_STAGE = "evaluate"
@@ -118,7 +119,8 @@ def run_evaluated(
             f"no candidate kept {evaluation.floor:g} of the fine-tune's skill "
             f"({len(evaluation.points)} evaluated; the best kept "
             f"{max((p.skill_kept or 0.0) for p in evaluation.points):.3g}); nothing was published",
-            report={"evaluation": evaluation.as_dict()},
+            # Strict JSON: a candidate whose perplexity overflowed is a noted null, not NaN.
+            report=with_finite_note({"evaluation": evaluation.as_dict()}),
         )
     chosen = evaluation.chosen
     concrete = JobSpec.model_validate(

@@ -71,7 +71,8 @@ def hub_calls(where: str) -> Iterator[None]:
 
 
 class HubSource(ListedSource):
-    """One model repo at one commit; files at its top level."""
+    """One model repo at one commit: its weights at the top level, every file (nested ones as
+    `folder/name`) for carrying the repo over."""
 
     def __init__(self, uri: str, repo_id: str, revision: str | None) -> None:
         self.uri = uri
@@ -87,7 +88,7 @@ class HubSource(ListedSource):
                 self._open_from_cache()
             else:
                 self._open_from_hub()
-        if not self._sizes:
+        if not self.files():
             raise SourceNotFound(f"{uri}: the repo has no files at its top level")
 
     def _open_from_hub(self) -> None:
@@ -96,8 +97,6 @@ class HubSource(ListedSource):
         )
         self.commit = info.sha
         for sibling in info.siblings or []:
-            if "/" in sibling.rfilename:
-                continue
             self._sizes[sibling.rfilename] = sibling.size or 0
             if sibling.lfs is not None:
                 self._digests[sibling.rfilename] = f"sha256:{sibling.lfs.sha256}"
@@ -107,12 +106,13 @@ class HubSource(ListedSource):
             snapshot_download(self.repo_id, revision=self.requested_revision, local_files_only=True)
         )
         self.commit = folder.name  # snapshots/<commit>
-        for path in folder.iterdir():
+        for path in folder.rglob("*"):  # files are symlinks to blobs, folders real ones
             if path.is_file():
-                self._sizes[path.name] = path.stat().st_size
+                name = path.relative_to(folder).as_posix()
+                self._sizes[name] = path.stat().st_size
                 blob = Path(os.path.realpath(path)).name
                 if len(blob) == 64:  # LFS blobs are named by their sha256
-                    self._digests[path.name] = f"sha256:{blob}"
+                    self._digests[name] = f"sha256:{blob}"
 
     # -- ModelSource -------------------------------------------------------------------------
 
@@ -131,6 +131,11 @@ class HubSource(ListedSource):
             return
         fd = fd if fd is not None else self._open(name)
         pread_exactly(fd, offset, view, f"{self.uri}/{name} (cached)")
+
+    def release(self, name: str) -> None:
+        fd = self._fds.pop(name, None)
+        if fd is not None:
+            os.close(fd)
 
     def close(self) -> None:
         for fd in self._fds.values():

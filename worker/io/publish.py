@@ -30,6 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from worker.errors import InvalidOutput, OutputExists, OutputNotReplaceable
+from worker.io import strict_json
 from worker.io.writer import WrittenShard
 
 MANIFEST_FILE = "fapm-manifest.json"
@@ -40,15 +41,35 @@ REPORT_FORMAT_PREFIX = "fapm-pruning-report/"
 _HASH_CHUNK = 8 * 2**20
 
 
-def is_fapm_report(data: bytes) -> bool:
-    """Whether `data` is a pruning report as fapm writes it."""
+def fapm_report(data: bytes) -> dict | None:
+    """The pruning report in `data` if it is one as fapm writes it, else None."""
     try:
         report = json.loads(data)
     except (ValueError, RecursionError):
-        return False
-    return isinstance(report, dict) and str(report.get("format", "")).startswith(
-        REPORT_FORMAT_PREFIX
-    )
+        return None
+    if isinstance(report, dict) and str(report.get("format", "")).startswith(REPORT_FORMAT_PREFIX):
+        return report
+    return None
+
+
+def is_fapm_report(data: bytes) -> bool:
+    """Whether `data` is a pruning report as fapm writes it."""
+    return fapm_report(data) is not None
+
+
+def carried_folders(report: dict) -> set[str]:
+    """The top-level folders of an output that its report says fapm carried over from the
+    fine-tune (`1_Pooling`, ...): the only folders a model fapm published holds."""
+    output = report.get("output")
+    carried = output.get("carried") if isinstance(output, dict) else None
+    if not isinstance(carried, list):
+        return set()
+    return {name.split("/")[0] for name in carried if isinstance(name, str) and "/" in name}
+
+
+def staged_files(directory: Path) -> list[str]:
+    """Every file under a staging directory, nested ones as `folder/name`, sorted."""
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
 
 
 def _read_no_follow(path: Path) -> bytes:
@@ -65,8 +86,9 @@ def _read_no_follow(path: Path) -> bytes:
 
 def check_replaceable(output: Path) -> None:
     """OutputNotReplaceable unless the local `output` holds a model fapm published: a real
-    directory (not a symlink) of files only, with fapm's report among them. Anything else (a
-    root, a directory of models, someone's data) is never replaced."""
+    directory (not a symlink) with fapm's report, holding files and only the folders its report
+    lists as carried over from the fine-tune. Anything else (a root, a directory of models,
+    someone's data) is never replaced."""
     refusal = (
         f"{output} is not a model fapm published (no {REPORT_FILE} of fapm's there); "
         "overwrite replaces only those: choose another output"
@@ -74,11 +96,13 @@ def check_replaceable(output: Path) -> None:
     try:
         if not stat.S_ISDIR(os.lstat(output).st_mode):
             raise OutputNotReplaceable(refusal)
-        with os.scandir(output) as entries:
-            if any(entry.is_dir(follow_symlinks=False) for entry in entries):
-                raise OutputNotReplaceable(f"{refusal} (it holds directories)")
-        if not is_fapm_report(_read_no_follow(output / REPORT_FILE)):
+        report = fapm_report(_read_no_follow(output / REPORT_FILE))
+        if report is None:
             raise OutputNotReplaceable(refusal)
+        with os.scandir(output) as entries:
+            folders = {entry.name for entry in entries if entry.is_dir(follow_symlinks=False)}
+        if folders - carried_folders(report):
+            raise OutputNotReplaceable(f"{refusal} (it holds directories)")
     except OSError:
         raise OutputNotReplaceable(refusal) from None
 
@@ -261,21 +285,25 @@ class S3Target(OutputTarget):
             self._check_replaceable(existing)
 
     def _check_replaceable(self, existing: list[dict]) -> None:
-        """OutputNotReplaceable unless the prefix holds a model fapm published: objects directly
-        under it (a published model is flat), fapm's report among them. Its report is there at
-        every moment of a publish, so a re-run after a kill mid-publish still qualifies."""
+        """OutputNotReplaceable unless the prefix holds a model fapm published: fapm's report,
+        objects directly under the prefix and under only the folders its report lists as carried
+        over. Its report is there at every moment of a publish, so a re-run after a kill
+        mid-publish still qualifies."""
         refusal = (
             f"{self.uri} is not a model fapm published (no {REPORT_FILE} of fapm's there); "
             "overwrite replaces only those: choose another output"
         )
-        if any("/" in obj["Key"][len(self.prefix) :] for obj in existing):
-            raise OutputNotReplaceable(f"{refusal} (it holds deeper prefixes)")
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=self.prefix + REPORT_FILE)
         except self.client.exceptions.ClientError:
             raise OutputNotReplaceable(refusal) from None
-        if not is_fapm_report(body["Body"].read()):
+        report = fapm_report(body["Body"].read())
+        if report is None:
             raise OutputNotReplaceable(refusal)
+        names = [obj["Key"][len(self.prefix) :] for obj in existing]
+        folders = {name.split("/")[0] for name in names if "/" in name}
+        if folders - carried_folders(report):
+            raise OutputNotReplaceable(f"{refusal} (it holds deeper prefixes)")
 
     def _abort_multipart_uploads(self) -> None:
         pages = self.client.get_paginator("list_multipart_uploads").paginate(
@@ -320,9 +348,9 @@ class S3Target(OutputTarget):
 
     def commit(self, message: str) -> str:
         self._uploads.wait()
-        for path in sorted(self.local_dir.iterdir()):
-            if path.name not in self._uploaded:
-                self._uploads.submit(self._upload, path.name, file_sha256(path), False)
+        for name in staged_files(self.local_dir):  # nested files (carried folders) too
+            if name not in self._uploaded:
+                self._uploads.submit(self._upload, name, file_sha256(self.local_dir / name), False)
         self._uploads.wait()
         manifest = {
             "format": "fapm-manifest/1",
@@ -361,7 +389,7 @@ class S3Target(OutputTarget):
         self.client.put_object(
             Bucket=self.bucket,
             Key=self.prefix + MANIFEST_FILE,
-            Body=json.dumps(manifest, indent=2).encode(),
+            Body=strict_json.dumps(manifest, indent=2).encode(),
             ContentType="application/json",
         )
 
@@ -430,10 +458,12 @@ class HubTarget(OutputTarget):
 
         self._uploads.wait()
         staged = {op.path_in_repo for op in self._operations}
-        for path in sorted(self.local_dir.iterdir()):
-            if path.name not in staged:
+        for name in staged_files(self.local_dir):  # nested files (carried folders) too
+            if name not in staged:
                 self._operations.append(
-                    CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
+                    CommitOperationAdd(
+                        path_in_repo=name, path_or_fileobj=str(self.local_dir / name)
+                    )
                 )
         with hub_calls(self.uri):
             info = self.api.create_commit(

@@ -60,7 +60,8 @@ def split_s3_uri(path: str) -> tuple[str, str]:
 
 
 class S3Source(ListedSource):
-    """The objects directly under `s3://bucket/prefix/`, read by byte ranges."""
+    """The objects under `s3://bucket/prefix/` (nested ones as `folder/name`), read by byte
+    ranges."""
 
     def __init__(self, uri: str, bucket: str, prefix: str, client=None) -> None:
         self.uri = uri
@@ -74,12 +75,12 @@ class S3Source(ListedSource):
         self._etags: dict[str, str] = {}
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=bucket, Prefix=prefix, Delimiter="/"
+                Bucket=bucket, Prefix=prefix
             )
             for page in pages:
                 for obj in page.get("Contents", []):
                     name = obj["Key"][len(prefix) :]
-                    if name:
+                    if name and not name.endswith("/"):  # "folder/" markers hold no data
                         self._sizes[name] = obj["Size"]
                         self._etags[name] = obj.get("ETag", "").strip('"')
         except (ClientError, BotoCoreError) as exc:

@@ -89,7 +89,9 @@ def open_local_file(path: Path, roots: tuple[Path, ...] | None) -> int:
 
 
 class ModelSource(ABC):
-    """A model directory: flat file names, their sizes, and byte-range reads."""
+    """A model directory: its file names (top level for the weights, every nested file for
+    carrying the repo over), their sizes, and byte-range reads. A nested file's name is its
+    path under the directory with `/` separators (`1_Pooling/config.json`)."""
 
     uri: str
     # Remote sources pay for every byte read: the engine then never reads bytes only to hash them.
@@ -100,6 +102,11 @@ class ModelSource(ABC):
     @abstractmethod
     def files(self) -> list[str]:
         """Names of the files in the directory (not recursive), sorted."""
+
+    def all_files(self) -> list[str]:
+        """Names of every file under the directory, nested ones as `folder/name`, sorted.
+        Names come from the store as they are: callers that write them as paths check them."""
+        return self.files()
 
     @abstractmethod
     def size(self, name: str) -> int:
@@ -131,6 +138,10 @@ class ModelSource(ABC):
     def exists(self, name: str) -> bool:
         return name in self.files()
 
+    def release(self, name: str) -> None:  # noqa: B027 - optional hook
+        """Close what reading `name` holds open: a file read once (carried over) need not stay
+        open for the rest of the job."""
+
     def identity(self) -> dict[str, object]:
         """What identifies this input in a report: its URI and, where there is one, revision."""
         return {"uri": self.uri, "revision": None}
@@ -145,12 +156,16 @@ class ModelSource(ABC):
 
 class ListedSource(ModelSource):
     """A remote directory whose file names and sizes are listed once, when it opens (an S3
-    prefix, a Hub repo at one commit): subclasses fill `_sizes`."""
+    prefix, a Hub repo at one commit): subclasses fill `_sizes` with every file, nested ones
+    included."""
 
     remote = True
     _sizes: dict[str, int]
 
     def files(self) -> list[str]:
+        return sorted(name for name in self._sizes if "/" not in name)
+
+    def all_files(self) -> list[str]:
         return sorted(self._sizes)
 
     def size(self, name: str) -> int:
@@ -208,6 +223,24 @@ class LocalDirSource(ModelSource):
     def files(self) -> list[str]:
         return list(self._files)
 
+    def all_files(self) -> list[str]:
+        """Every regular file below the directory, through symlinks to files (each is checked
+        against the job's roots when it is opened, as any file is); symlinked folders are not
+        entered (a cycle, or a tree outside the model)."""
+        names = []
+        for folder, subfolders, filenames in os.walk(self.path, followlinks=False):
+            subfolders.sort()
+            relative = Path(folder).relative_to(self.path)
+            for filename in filenames:
+                path = Path(folder) / filename
+                try:
+                    regular = stat.S_ISREG(os.stat(path).st_mode)
+                except OSError:  # a dangling symlink: nothing to read
+                    continue
+                if regular:
+                    names.append((relative / filename).as_posix())
+        return sorted(names)
+
     def size(self, name: str) -> int:
         return os.fstat(self._fd(name)).st_size
 
@@ -249,6 +282,12 @@ class LocalDirSource(ModelSource):
         mapped = mmap.mmap(fd, offset + length - start, offset=start, access=mmap.ACCESS_COPY)
         mapped.madvise(mmap.MADV_WILLNEED)  # a cold file: start reading it all now
         return memoryview(mapped)[offset - start :]
+
+    def release(self, name: str) -> None:
+        with self._fds_lock:
+            fd = self._fds.pop(name, None)
+        if fd is not None:
+            os.close(fd)
 
     def close(self) -> None:
         with self._fds_lock:

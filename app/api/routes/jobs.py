@@ -22,6 +22,7 @@ from app.api.strict_json import StrictJSONRoute
 from app.api.submission import normalize_idempotency_key
 from app.core.problems import ProblemError, problem_responses
 from app.jobs.records import JobRecord, JobRequest, JobStatus
+from worker.io.strict_json import with_finite_note
 from worker.spec import JobKind
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=StrictJSONRoute)
@@ -251,4 +252,5 @@ def get_report(services: ServicesDep, tenant: TenantDep, job_id: JobId) -> dict[
             f"Job {job_id} has no report yet (status {record.status}).",
             job_status=record.status,
         )
-    return report
+    # Strict JSON (a report stored before non-finite numbers were written as null may hold NaN).
+    return with_finite_note(report)
