@@ -179,9 +179,12 @@ def cli_reference(spec: dict, out: Path) -> Path:
     """The job run by `fapm prune` with the same inputs (a subprocess, as a user runs it)."""
     if not (out / REPORT_FILE).exists():
         fapm = Path(sys.executable).parent / "fapm"
-        argv = [str(fapm), "prune", "--base", spec["base"], "--finetuned", spec["finetuned"]]
-        argv += ["--out", str(out), "--kernel", spec.get("kernel", "auto")]
-        subprocess.run(argv, check=True, capture_output=True, text=True, timeout=600)
+        argv = [str(fapm), "--debug", "prune", "--base", spec["base"]]
+        argv += ["--finetuned", spec["finetuned"], "--out", str(out)]
+        argv += ["--kernel", spec.get("kernel", "auto")]
+        run = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        if run.returncode != 0:
+            raise RuntimeError(f"fapm prune exited {run.returncode}: {run.stderr[-2000:]}")
     return out
 
 
@@ -966,6 +969,9 @@ def section(summary: dict, name: str, work: Callable[[], dict]) -> None:
         summary[name]["traceback"] = traceback.format_exc()[-3000:]
     summary[name]["section_seconds"] = round(time.monotonic() - started)
     print(f"[campaign] {name}: held={summary[name].get('held')}", file=sys.stderr, flush=True)
+    for problem in [summary[name].get("crashed"), *summary[name].get("failures", [])[:5]]:
+        if problem:
+            print(f"[campaign]   {problem}", file=sys.stderr, flush=True)
 
 
 def run_recovery(summary: dict, args, workdir: Path) -> None:
