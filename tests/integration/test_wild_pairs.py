@@ -296,3 +296,22 @@ def test_position_ids_under_a_prefix_in_the_base_are_left_out_too(tmp_path):
     report = _prune(ft_dir, finetune_classifier(ft_dir, tmp_path / "ft2", seed=1), tmp_path / "o")
     assert report["name_map"]["finetuned_prefix"] == report["name_map"]["base_prefix"] == ""
     assert [t["name"] for t in report["left_out"]] == ["bert.embeddings.position_ids"]
+
+
+def test_scope_model_on_a_mapped_pair_equals_the_same_pair_named_alike(tmp_path):
+    """Scope model's two counting passes read the base through the pairing: the output equals
+    that of the same base saved under the fine-tune's names (plain identity pairing)."""
+    base_dir, ft_dir = make_bert_head_pair(tmp_path / "pair")
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    tensors = load_file(str(base_dir / "model.safetensors"))
+    del tensors["embeddings.position_ids"]
+    save_file({f"bert.{k}": v for k, v in tensors.items()}, str(renamed / "model.safetensors"))
+    kw = {"method": "magnitude", "scope": "model", "sparsity": 0.85}
+    mapped = _prune(base_dir, ft_dir, tmp_path / "mapped", **kw)
+    plain = _prune(renamed, ft_dir, tmp_path / "plain", **kw)
+    assert mapped["name_map"]["finetuned_prefix"] == "bert." and plain["left_out"] == []
+    assert mapped["totals"] == plain["totals"]
+    got, expected = load_state_dict(tmp_path / "mapped"), load_state_dict(tmp_path / "plain")
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[name], expected[name]) for name in got)

@@ -261,8 +261,9 @@ def build_plan(
             if _adds_rows(name, w.shape, ft.shape):
                 action: Action = "prune_rows"
             else:
+                in_base = "" if base_name == name else f" (as {base_name!r})"
                 raise ArchitectureMismatch(
-                    f"tensor {name!r} has shape {list(w.shape)} in the base but "
+                    f"tensor {name!r} has shape {list(w.shape)} in the base{in_base} but "
                     f"{list(ft.shape)} in the fine-tuned checkpoint: different architectures?"
                 )
         else:
