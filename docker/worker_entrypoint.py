@@ -12,6 +12,11 @@
   its message unacknowledged, for the workers' sweeper (a lease period later) or the visibility
   timeout (FAPM_VISIBILITY_TIMEOUT_SECONDS) to recover.
   Set it some minutes below the grace period (terminationGracePeriodSeconds, stop_grace_period).
+- A cold shutdown that has not ended WORKER_COLD_SHUTDOWN_SECONDS (60) after the SIGQUIT (a pool
+  process that does not exit, a broker that does not answer) gets SIGKILL, to the worker's whole
+  process group (the worker runs in its own group, so its pool processes and anything a job
+  started go too). Its job's message is then left unacknowledged; the other workers' sweeper
+  puts the job back at the head of its queue about a lease period later.
 - SIGINT and SIGQUIT are passed on as they are; orphaned processes are reaped (as PID 1 must).
 
 The exit status is the worker's. Standard library only: the image's Python runs it.
@@ -24,6 +29,8 @@ import signal
 import subprocess
 import sys
 
+DEFAULT_COLD_SHUTDOWN_SECONDS = 60.0
+
 
 def main(argv: list[str]) -> int:
     if not argv:
@@ -31,8 +38,12 @@ def main(argv: list[str]) -> int:
         return 2
     drain = os.environ.get("WORKER_DRAIN_SECONDS", "").strip()
     drain_seconds = float(drain) if drain else None
-    child = subprocess.Popen(argv)
-    state = {"terminating": False}
+    cold = os.environ.get("WORKER_COLD_SHUTDOWN_SECONDS", "").strip()
+    cold_seconds = float(cold) if cold else DEFAULT_COLD_SHUTDOWN_SECONDS
+    # Its own process group: a kill at the cold-shutdown bound reaches every process of the
+    # worker, and never this one.
+    child = subprocess.Popen(argv, process_group=0)
+    state = {"terminating": False, "cold": False}
 
     def forward(signum: int, _frame: object) -> None:
         if child.poll() is not None:
@@ -45,11 +56,30 @@ def main(argv: list[str]) -> int:
             else:
                 log("SIGTERM: warm shutdown; the running job is let finish")
         child.send_signal(signum)
+        if signum == signal.SIGQUIT:
+            bound_cold_shutdown()
+
+    def bound_cold_shutdown() -> None:
+        if not state["cold"]:
+            state["cold"] = True
+            signal.setitimer(signal.ITIMER_REAL, max(cold_seconds, 0.001))
 
     def deadline(_signum: int, _frame: object) -> None:
-        if child.poll() is None:
+        if child.poll() is not None:
+            return
+        if not state["cold"]:
             log("drain deadline: cold shutdown, the running job goes back to its queue")
             child.send_signal(signal.SIGQUIT)
+            bound_cold_shutdown()
+        else:
+            log(
+                f"the cold shutdown did not end in {cold_seconds:g} s: killing the worker; "
+                "its job comes back through the other workers' sweeper"
+            )
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(signum, forward)

@@ -28,3 +28,12 @@ def sleep(seconds: float, marker: str) -> None:
     time.sleep(seconds)
     with open(marker, "w") as handle:
         handle.write("done")
+
+
+@app.task(name="probe.stubborn")
+def stubborn(seconds: float, marker: str) -> None:
+    """Like `sleep`, in a process that ignores SIGTERM: a cold shutdown cannot stop it."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sleep(seconds, marker)

@@ -64,11 +64,16 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
         server.wait(10)
 
 
-def _start_worker(redis_url: str, tmp_path: Path, drain: str | None) -> subprocess.Popen:
+def _start_worker(
+    redis_url: str, tmp_path: Path, drain: str | None, cold: str | None = None
+) -> subprocess.Popen:
     env = {**os.environ, "PROBE_BROKER_URL": redis_url, "PYTHONUNBUFFERED": "1"}
     env.pop("WORKER_DRAIN_SECONDS", None)
+    env.pop("WORKER_COLD_SHUTDOWN_SECONDS", None)
     if drain is not None:
         env["WORKER_DRAIN_SECONDS"] = drain
+    if cold is not None:
+        env["WORKER_COLD_SHUTDOWN_SECONDS"] = cold
     argv = [sys.executable, str(ENTRYPOINT), sys.executable, "-m", "celery"]
     argv += ["-A", "tests.deploy.celery_probe_app", "worker", "-Q", QUEUE, "--concurrency", "1"]
     argv += ["--without-mingle", "--without-gossip", "--loglevel", "INFO"]
@@ -76,13 +81,19 @@ def _start_worker(redis_url: str, tmp_path: Path, drain: str | None) -> subproce
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _run_until_taken(redis_url: str, worker: subprocess.Popen, seconds: float, marker: Path):
+def _run_until_taken(
+    redis_url: str,
+    worker: subprocess.Popen,
+    seconds: float,
+    marker: Path,
+    task: str = "probe.sleep",
+):
     """Send one job; return once the worker holds it (delivered, unacknowledged)."""
     import redis
     from celery import Celery
 
     sender = Celery("sender", broker=redis_url)
-    sender.send_task("probe.sleep", args=[seconds, str(marker)], queue=QUEUE)
+    sender.send_task(task, args=[seconds, str(marker)], queue=QUEUE)
     sender.close()
     client = redis.Redis.from_url(redis_url)
     deadline = time.monotonic() + 60
@@ -136,6 +147,74 @@ def test_past_the_drain_deadline_the_job_goes_back_on_its_queue(
     assert client.llen(QUEUE) == 1, log
     assert client.hlen("unacked") == 0, log
     assert "drain deadline" in log and "cold shutdown" in log.lower()
+
+
+@pytest.mark.slow
+def test_a_cold_shutdown_that_does_not_end_is_cut_short_with_sigkill(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """A pool process that ignores SIGTERM holds Celery's cold shutdown forever: the entrypoint
+    kills the worker's process group WORKER_COLD_SHUTDOWN_SECONDS after the SIGQUIT. The
+    message stays unacknowledged (fapm's sweeper puts such a job back, see
+    tests/service/test_worker_recovery.py)."""
+    worker = _start_worker(redis_url, tmp_path, drain="1", cold="2")
+    marker = tmp_path / "finished"
+    try:
+        client = _run_until_taken(redis_url, worker, 120.0, marker, task="probe.stubborn")
+        group = _group_members(worker.pid)
+        assert len(group) >= 2, "the Celery main process and its pool process"
+        started = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        code = worker.wait(60)
+        took = time.monotonic() - started
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    log = _log(tmp_path)
+    assert code == 128 + signal.SIGKILL, log
+    assert 3 <= took < 20, log  # 1 s of drain, 2 s of cold shutdown, then the kill
+    assert "did not end in 2 s: killing the worker" in log
+    assert not marker.exists()
+    deadline = time.monotonic() + 10
+    while _alive(group):
+        assert time.monotonic() < deadline, f"left running: {_alive(group)}"
+        time.sleep(0.1)
+    assert client.hlen("unacked") == 1, "left for the sweeper, not acknowledged"
+
+
+def _group_members(entrypoint_pid: int) -> list[int]:
+    """The worker's processes: its own process group, led by the entrypoint's child."""
+    (leader,) = [
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and _ppid(int(p.name)) == entrypoint_pid
+    ]
+    return [
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and _pgid(int(p.name)) == leader
+    ]
+
+
+def _stat(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+
+
+def _ppid(pid: int) -> int | None:
+    fields = _stat(pid)
+    return int(fields[1]) if fields else None
+
+
+def _pgid(pid: int) -> int | None:
+    fields = _stat(pid)
+    return int(fields[2]) if fields else None
+
+
+def _alive(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if _stat(pid) and _stat(pid)[0] != "Z"]
 
 
 def test_entrypoint_passes_the_exit_status_through(tmp_path: Path) -> None:

@@ -13,11 +13,13 @@ orchestrators, `kill -TERM -PGID`) reaches the pool children too. A child that d
 take its running job down while the main process waits to drain: so a pool child obeys SIGTERM
 only from its parent (the main process sends it in a cold shutdown, e.g. at the entrypoint's
 WORKER_DRAIN_SECONDS deadline) and lets the main process's warm shutdown decide otherwise.
-SIGQUIT (cold) and SIGKILL act as before.
+SIGQUIT (cold) and SIGKILL act as before. The parent's SIGTERM ends the process within
+PARENT_SIGTERM_GRACE_SECONDS even if the job is blocked (the cold shutdown waits for it).
 """
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
 import signal
@@ -37,6 +39,8 @@ from worker.tasks.store import job_store
 log = logging.getLogger(__name__)
 
 _state: dict[str, object] = {"gpu": False, "heartbeat": None}
+# How long a pool process told to stop by its parent may take to unwind its job.
+PARENT_SIGTERM_GRACE_SECONDS = 5.0
 
 
 def cuda_available() -> bool:
@@ -97,10 +101,19 @@ def _sigterm_from_parent_only() -> None:
             os.getpid(),
             info.si_pid,
         )
-    # Die of SIGTERM (the parent reads the exit status): the disposition is still the default,
-    # so unblocking it in this thread and sending it again ends the process.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+    # Act on it as SIGTERM would have: billiard's handler (installed in every pool process)
+    # raises SystemExit in the main thread, the job unwinds and the process exits. A Python
+    # handler only runs in the main thread at its next bytecode, so a main thread blocked in a
+    # sleep or a long C call (a network read) would never get there, and the parent, in a cold
+    # shutdown, would wait for this process forever: past a grace, end it.
+    _thread.interrupt_main(signal.SIGTERM)
+    time.sleep(PARENT_SIGTERM_GRACE_SECONDS)
+    log.warning(
+        "pool process %d: still running %.0f s after the main process's SIGTERM; killing it",
+        os.getpid(),
+        PARENT_SIGTERM_GRACE_SECONDS,
+    )
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @signals.worker_process_init.connect
