@@ -266,3 +266,30 @@ def test_names_that_could_leave_the_output_are_refused(name):
 def test_plain_relative_names_are_safe():
     for name in ("config.json", "1_Pooling/config.json", "a/b/c.txt", ".gitattributes", "é.txt"):
         assert unsafe_name(name) is None
+
+
+def test_metadata_and_staging_folders_are_not_carried(tmp_path):
+    from worker.io.carry_over import carry_over
+    from worker.io.source import LocalDirSource
+
+    source_dir = tmp_path / "ft"
+    files = {
+        "tokenizer.json": b"{}",
+        ".git/objects/ab/cdef": b"git object",
+        ".cache/huggingface/download/model.safetensors.metadata": b"meta",
+        ".pruned.fapm-staging-0123/config.json": b"{}",  # an output being written in here
+        "sub/.gitkeep": b"",
+    }
+    for name, data in files.items():
+        (source_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (source_dir / name).write_bytes(data)
+    out = tmp_path / "out"
+    out.mkdir()
+    source = LocalDirSource(source_dir)
+    try:
+        result = carry_over(source, out)
+    finally:
+        source.close()
+    assert result.carried == ["sub/.gitkeep", "tokenizer.json"]
+    assert repo_files(out) == {"sub/.gitkeep": b"", "tokenizer.json": b"{}"}
+    assert len(result.not_carried) == 3

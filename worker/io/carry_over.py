@@ -10,7 +10,8 @@ and `1_Pooling/`, custom code (`modeling_*.py`), processor configs, `LICENSE`, t
   that prefers them would silently load the unpruned model. The report lists them as not carried.
 - its card `README.md` (ours replaces it and names the fine-tune), and an earlier fapm output's
   report and manifest (ours replace them).
-- version-control and download metadata (`.git/`, `.cache/`): not part of the model.
+- version-control and download metadata (`.git/`, `.cache/`): not part of the model; and fapm's
+  own staging folders (an output being written inside the fine-tune's directory).
 - a name that is not a safe relative path (`..`, absolute, empty segments, a segment over 255
   bytes, both a file and a folder): listed as not carried, never written.
 - files over `MAX_FILE_BYTES`, and those that would take the total over `MAX_TOTAL_BYTES` or the
@@ -30,6 +31,7 @@ from pathlib import Path, PurePosixPath
 
 from worker.errors import JobCancelled
 from worker.io.source import ModelSource
+from worker.io.staging import STAGING_MARK
 
 MAX_FILE_BYTES = 2 * 2**30
 MAX_TOTAL_BYTES = 8 * 2**30
@@ -100,8 +102,11 @@ def _exclusion(name: str) -> str | None:
         return "weights (the output holds the pruned ones)"
     if name in REPLACED_FILES:
         return "replaced by the one fapm writes"
-    if PurePosixPath(name).parts[0] in METADATA_FOLDERS:
+    parts = PurePosixPath(name).parts
+    if parts[0] in METADATA_FOLDERS:
         return "version-control or download metadata"
+    if any(STAGING_MARK in part for part in parts[:-1]):
+        return "a fapm staging folder (an output being written)"
     return unsafe_name(name)
 
 
