@@ -151,6 +151,11 @@ class PollingWatcher(threading.Thread):
         self.join()
 
 
+def shown(spread: dict | None) -> str:
+    """min/median/max as one short string for the table."""
+    return "-" if spread is None else "{min}/{median}/{max}".format(**spread)
+
+
 def spread(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
@@ -304,7 +309,8 @@ def kill_instants(workers: Workers, root: Path, rounds: int, lease: float) -> di
                     killed_at = time.time()
                     result["kills"] += 1
                     record = jobs.wait(job_id, timeout=bound + 60)
-                    job_s = record.finished_at.timestamp() - killed_at
+                    # At "finished" the outcome was recorded before the kill: 0, not negative.
+                    job_s = max(0.0, record.finished_at.timestamp() - killed_at)
                     try:
                         delivered = receiver.wait_for(1, timeout=bound + 60)
                         hook_s = delivered[0].at - killed_at
@@ -485,6 +491,7 @@ async def _submissions(stack: CampaignStack, keys: dict, root: Path, args) -> di
         "statuses": statuses,
         "held": statuses == {202: args.quota_limit, 429: args.quota_burst - args.quota_limit},
     }
+    result["held"] = all(part["held"] for part in result.values())
     return result
 
 
@@ -1075,7 +1082,7 @@ def markdown(summary: dict) -> str:
             k["kills"],
             f"{k['succeeded']} succeeded, {k['byte_identical']} byte-identical to "
             f"`fapm prune`; partial output seen in {k['partial_output_seen']} of "
-            f"{k['output_polls']:,} polls; recovery s {k['recovery_seconds']}",
+            f"{k['output_polls']:,} polls; recovery s (min/median/max) {shown(k['recovery_seconds'])}",
             k["held"],
         )
     k = summary.get("kill_instants")
@@ -1085,8 +1092,9 @@ def markdown(summary: dict) -> str:
             "taken/noted/started/finished x pool process/whole worker",
             k["kills"],
             f"{k['succeeded']} succeeded, {k['webhook_delivered']} "
-            f"webhooks delivered, {k['within_bound']} within {k['bound_seconds']:.0f} s; job s "
-            f"{k['recovery_seconds']}, webhook s {k['webhook_seconds']}",
+            f"webhooks delivered, {k['within_bound']} within {k['bound_seconds']:.0f} s; "
+            f"s to job end {shown(k['recovery_seconds'])}, to webhook "
+            f"{shown(k['webhook_seconds'])} (min/median/max)",
             k["held"],
         )
     k = summary.get("redis_restart")
@@ -1095,7 +1103,8 @@ def markdown(summary: dict) -> str:
             "Redis SIGTERM/SIGKILL",
             "restart with 1 running + queued jobs (AOF everysec)",
             k["restarts"],
-            f"{k['jobs_succeeded']}/{k['jobs']} jobs succeeded, {k['lost']} lost; "
+            f"{k['jobs_succeeded']}/{k['jobs']} jobs succeeded, {k['lost']} lost, all ended "
+            f"{shown(spread(k['seconds_to_all_ended']))} s after the signal; "
             f"API while down: {k['api_while_down']}",
             k["held"],
         )
