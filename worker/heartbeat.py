@@ -14,9 +14,12 @@ about two lease periods instead of the visibility timeout (48 h):
     or mid-job) is re-enqueued at the head of its queue, once: `store.claim_orphans` skips it
     until a worker has taken that message (`note_running`), so it neither waits behind the
     queue nor piles up one duplicate per lease period while it waits;
-  - a finished job's webhook that was never queued (the worker died between `store.finish`,
-    which records the webhook as owed in the same script, and the delivery's enqueue) is queued
-    a lease period after the job ended.
+  - a finished job's webhook whose delivery was never queued (the worker died between
+    `store.finish`, which records the webhook as owed in the same script, and the enqueue) or
+    was lost (the worker that ran it died mid-POST, or while it held a retry's countdown message,
+    which Celery keeps unacknowledged for the visibility timeout) is queued again a lease period
+    after its delivery should have shown progress (app/jobs/store.py, "webhooks-owed"); the
+    delivery continues the retry schedule from the record and ends at its give-up time.
 
 A duplicate message is harmless: the lease lets one run at a time, a finished job's message is
 dropped, and webhook deliveries share one webhook-id for the receiver to deduplicate.
@@ -101,7 +104,9 @@ class Heartbeat(threading.Thread):
             self.broker.enqueue_first(orphan.job_id, orphan.queue)
             self.store.mark_requeued(orphan)
         for job_id in self.store.owed_webhooks_before(int((now - grace) * 1000)):
-            log.warning("job %s ended but its webhook was never queued; queueing it", job_id)
+            log.warning(
+                "job %s: its webhook's delivery was never queued or was lost; queueing it", job_id
+            )
             try:
                 self.dispatch_webhook(job_id)
             except Exception:  # this one comes back after the grace; the others go on

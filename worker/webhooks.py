@@ -38,7 +38,7 @@ import httpx
 
 from app.core.config import Settings
 from app.core.netguard import check_webhook_url
-from app.jobs.records import REDACTED, WebhookEvent, redacted_url
+from app.jobs.records import REDACTED, JobRecord, WebhookEvent, redacted_url
 from app.jobs.store import JobStore
 from worker.io import strict_json
 
@@ -206,22 +206,45 @@ def next_delay(attempt: int, settings: Settings, retry_after: float | None = Non
     return max(delay, retry_after or 0.0)
 
 
+def delivery_ended(record: JobRecord) -> bool:
+    """Whether a job's webhook delivery has ended: its last recorded attempt delivered it, or
+    scheduled no other (410 Gone, or out of retry time)."""
+    attempts = record.webhook.deliveries if record.webhook else []
+    return bool(attempts) and (attempts[-1].delivered or attempts[-1].next_attempt_at is None)
+
+
 def deliver(
-    store: JobStore,
-    settings: Settings,
-    job_id: str,
-    event_type: str,
-    webhook_id: str,
-    attempt: int,
-    first_attempt_at: float,
+    store: JobStore, settings: Settings, job_id: str, event_type: str, webhook_id: str
 ) -> float | None:
-    """Make delivery attempt `attempt` of a job's event and record it in the job record.
-    Returns the delay before the next attempt, or None when done (delivered, gone, or out of
-    retry time)."""
+    """Make the next delivery attempt of a job's event and record it in the job record.
+    Returns the delay before the attempt after it, or None when the delivery has ended
+    (delivered, gone, out of retry time, or nothing to deliver).
+
+    The schedule lives in the record, not in the Celery message: the attempt number, the first
+    attempt's time (which the retry window counts from) and when the next attempt is due come
+    from the attempts recorded so far. So a delivery queued again by the sweeper (its worker died
+    mid-POST or holding the retry's countdown) continues where the lost one stopped, and a
+    duplicate message for a webhook already delivered or given up is dropped. The job's entry
+    in the store's owed webhooks is moved forward at each step and cleared at the end."""
     record = store.get(job_id)
     if record is None or record.webhook is None:
         log.info("job %s has no webhook (or no record): nothing to deliver", job_id)
+        store.webhook_settled(job_id)
         return None
+    done = record.webhook.deliveries
+    if delivery_ended(record):
+        log.info("webhook %s of job %s has ended already: duplicate dropped", webhook_id, job_id)
+        store.webhook_settled(job_id)
+        return None
+    now = time.time()
+    if done and done[-1].next_attempt_at.timestamp() > now:
+        # A re-queued delivery, early: wait for the attempt the lost one had scheduled.
+        wait = done[-1].next_attempt_at.timestamp() - now
+        store.webhook_expected_by(job_id, now + wait + settings.webhook_timeout_seconds)
+        return wait
+    attempt = len(done) + 1
+    first_attempt_at = done[0].at.timestamp() if done else now
+
     event = WebhookEvent(
         type=event_type, timestamp=record.finished_at or datetime.now(UTC), data=record
     )
@@ -239,18 +262,22 @@ def deliver(
         delay = next_delay(attempt, settings, outcome.retry_after)
         if time.time() + delay - first_attempt_at > settings.webhook_retry_seconds:
             delay = None
-    now = datetime.now(UTC)
+    now_dt = datetime.now(UTC)
+    if delay is not None:  # before the attempt is recorded, so the stamp is never stale
+        store.webhook_expected_by(job_id, time.time() + delay + settings.webhook_timeout_seconds)
     store.record_webhook_delivery(
         job_id,
         {
             "attempt": attempt,
-            "at": now.isoformat(),
+            "at": now_dt.isoformat(),
             "status_code": outcome.status_code,
             "error": error,
             "delivered": outcome.delivered,
-            "next_attempt_at": (now + timedelta(seconds=delay)).isoformat() if delay else None,
+            "next_attempt_at": (now_dt + timedelta(seconds=delay)).isoformat() if delay else None,
         },
     )
+    if delay is None:
+        store.webhook_settled(job_id)
     if outcome.delivered:
         log.info("webhook %s of job %s delivered (attempt %d)", webhook_id, job_id, attempt)
     elif delay is None:

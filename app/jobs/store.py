@@ -18,7 +18,8 @@ Keys (prefix `fapm:`):
   running               zset of jobs a worker took, by when (see "worker bookkeeping" below)
   requeued              zset of jobs the sweeper re-enqueued whose message no worker took yet
   requeue-claim:{id}    a sweeper re-enqueueing the job now (expires: a dead sweeper's lapses)
-  webhooks-owed         zset of finished jobs whose webhook is not yet queued, by end time (ms)
+  webhooks-owed         zset of finished jobs whose webhook has not ended (delivered or given
+                        up), by when its delivery should have shown progress (ms)
   workers               zset of worker hostnames by last heartbeat; worker:{host} its details
   stats                 hash of gauges and counters for /metrics
 """
@@ -716,29 +717,42 @@ class JobStore:
         }
 
     # webhooks-owed: a job that ends with a webhook is added by the same script that ends it
-    # (finish, request_cancel), and removed once its delivery is queued. A worker that dies in
-    # between leaves it there, and the heartbeat sweeper queues it (owed_webhooks_before).
+    # (finish, request_cancel), stamped with its end, and stays until its delivery task ends
+    # (delivered, refused with 410, or given up: webhook_settled). Each step of the delivery
+    # moves the stamp to when the next step is due at the latest (webhook_expected_by: the
+    # enqueue, now + the webhook timeout; each retry, its ETA + the timeout). A worker that dies
+    # anywhere in between (before the enqueue, mid-POST, holding a retry's countdown message,
+    # which Celery keeps unacknowledged until the visibility timeout) leaves a stamp that goes
+    # stale, and the heartbeat sweeper queues the delivery again a lease later
+    # (owed_webhooks_before); the delivery task continues the schedule from the record.
 
     def owed_webhooks_before(self, cutoff_ms: int) -> list[str]:
-        """Jobs whose webhook has been owed since before `cutoff_ms` and not queued. Each
-        returned one is re-stamped to now: it comes back only if it is still owed a grace later
-        (at least once, and once per grace across all sweepers)."""
+        """Jobs whose webhook's stamp is older than `cutoff_ms`: their delivery is lost or was
+        never queued. Each returned one is re-stamped to now: it comes back only if it is still
+        owed a grace later (at least once, and once per grace across all sweepers)."""
         return self._claim_owed_webhooks(
             keys=[_key("webhooks-owed")], args=[cutoff_ms, int(time.time() * 1000)]
         )
 
     def webhook_dispatched(self, job_id: str) -> bool:
-        """Whether the end-of-job webhook was handed to the delivery queue."""
+        """Whether the end-of-job webhook was handed to the delivery queue (at least once)."""
         return self.redis.hget(job_key(job_id), "webhook_dispatched") == "1"
 
-    def mark_webhook_dispatched(self, job_id: str) -> None:
-        """The webhook's delivery is queued (or there is none to queue): no longer owed."""
+    def webhook_expected_by(self, job_id: str, by: float, *, dispatched: bool = False) -> None:
+        """The owed webhook's delivery is queued or scheduled and should show progress (an
+        attempt recorded, or its end) by `by` (unix s). Only moves the stamp of a webhook still
+        owed (one that ended meanwhile stays ended); `dispatched` also notes the first enqueue."""
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(_key("webhooks-owed"), job_id)
+            pipe.zadd(_key("webhooks-owed"), {job_id: int(by * 1000)}, xx=True)
             # Only on a record that exists: the HSET would otherwise create a stray hash.
-            if self.redis.exists(job_key(job_id)):
+            if dispatched and self.redis.exists(job_key(job_id)):
                 pipe.hset(job_key(job_id), "webhook_dispatched", "1")
             pipe.execute()
+
+    def webhook_settled(self, job_id: str) -> None:
+        """The webhook's delivery has ended (delivered, refused, given up, or there is none):
+        no longer owed."""
+        self.redis.zrem(_key("webhooks-owed"), job_id)
 
     def forget_worker(self, hostname: str) -> None:
         """A worker shutting down: routing and /readyz stop counting it at once, not after

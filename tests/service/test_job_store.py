@@ -80,10 +80,16 @@ def test_a_job_that_ends_with_a_webhook_owes_it_until_it_is_queued(api_stack):
     assert {done, cancelled} <= set(claimed)
     # Re-stamped: a second sweeper within the grace does not take them again.
     assert not {done, cancelled} & set(store.owed_webhooks_before(before - 1))
-    store.mark_webhook_dispatched(done)
-    assert store.redis.zscore("fapm:webhooks-owed", done) is None and store.webhook_dispatched(done)
+    # Queued: still owed, stamped to when its delivery should show progress; ended: cleared.
+    store.webhook_expected_by(done, time.time() + 60, dispatched=True)
+    assert store.webhook_dispatched(done)
+    assert done not in store.owed_webhooks_before(int(time.time() * 1000))
+    store.webhook_settled(done)
+    assert store.redis.zscore("fapm:webhooks-owed", done) is None
     assert store.redis.zscore("fapm:webhooks-owed", cancelled) is not None
-    store.mark_webhook_dispatched(cancelled)
+    store.webhook_settled(cancelled)
+    store.webhook_expected_by(cancelled, time.time())  # an ended webhook is not owed again
+    assert store.redis.zscore("fapm:webhooks-owed", cancelled) is None
 
 
 def test_an_orphan_is_claimed_once_until_its_message_is_taken(api_stack):

@@ -1,10 +1,10 @@
 """`fapm.deliver_webhook(job_id, event_type, webhook_id)`: one delivery attempt per run, retried
 with Celery countdowns (exponential backoff with jitter) until delivered, refused with 410, or
-webhook_retry_seconds after the first attempt. The logic lives in worker/webhooks.py."""
+webhook_retry_seconds after the first attempt. The logic, and the schedule (kept in the job
+record, so a delivery the sweeper queues again after its worker died continues it), live in
+worker/webhooks.py."""
 
 from __future__ import annotations
-
-import time
 
 from celery import Task
 
@@ -20,21 +20,8 @@ def deliver_webhook(
     job_id: str,
     event_type: str,
     webhook_id: str,
-    first_attempt_at: float | None = None,
+    first_attempt_at: float | None = None,  # sent by earlier versions; the record has it
 ) -> None:
-    first_attempt_at = first_attempt_at or time.time()
-    delay = deliver(
-        job_store(),
-        get_settings(),
-        job_id,
-        event_type,
-        webhook_id,
-        attempt=self.request.retries + 1,
-        first_attempt_at=first_attempt_at,
-    )
+    delay = deliver(job_store(), get_settings(), job_id, event_type, webhook_id)
     if delay is not None:
-        raise self.retry(
-            args=[job_id, event_type, webhook_id],
-            kwargs={"first_attempt_at": first_attempt_at},
-            countdown=delay,
-        )
+        raise self.retry(args=[job_id, event_type, webhook_id], kwargs={}, countdown=delay)

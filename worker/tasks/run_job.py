@@ -40,7 +40,7 @@ from worker.io.source import confine_local_reads
 from worker.spec import EvaluationJobSpec, JobSpec
 from worker.tasks.progress import ProgressReporter
 from worker.tasks.store import job_store
-from worker.webhooks import webhook_id_for
+from worker.webhooks import delivery_ended, webhook_id_for
 
 log = logging.getLogger(__name__)
 
@@ -213,17 +213,26 @@ def _internal_error(job_id: str) -> dict:
     }
 
 
-def dispatch_webhook(store: JobStore, job_id: str) -> None:
-    """Queue the end-of-job webhook of a finished job, once (at least once: a crash between the
-    two steps queues it again, with the same webhook-id for the receiver to deduplicate). Also
-    called by the heartbeat sweeper for a job whose webhook `finish` recorded as owed and that
-    nobody queued: a job with none to queue is no longer owed."""
+def dispatch_webhook(store: JobStore, job_id: str, *, again: bool = False) -> None:
+    """Queue the end-of-job webhook of a finished job. From run_job, once: a duplicate run_job
+    message of a finished job queues nothing more once the delivery was queued. From the
+    heartbeat sweeper (`again`), whenever the job's owed-webhook stamp went stale: the delivery
+    was never queued (the worker died right after `finish`) or was lost on the way (its worker
+    died mid-POST or holding a retry's countdown); the delivery task continues the schedule
+    from the record, with the same webhook-id for the receiver to deduplicate. A job with no
+    webhook to deliver, or whose delivery has ended, is no longer owed."""
     record = store.get(job_id)
     if record is not None and record.status not in TERMINAL_STATUSES:
         return
-    if record is not None and record.webhook is not None and not store.webhook_dispatched(job_id):
-        enqueue_webhook(job_id, f"job.{record.status}", webhook_id_for(job_id))
-    store.mark_webhook_dispatched(job_id)
+    if record is None or record.webhook is None or delivery_ended(record):
+        store.webhook_settled(job_id)
+        return
+    if not again and store.webhook_dispatched(job_id):
+        return
+    # Before the enqueue: the delivery may end (and settle) before this call would return.
+    timeout = get_settings().webhook_timeout_seconds
+    store.webhook_expected_by(job_id, time.time() + timeout, dispatched=True)
+    enqueue_webhook(job_id, f"job.{record.status}", webhook_id_for(job_id))
 
 
 # Fault injection for the recovery tests (tests/service/test_worker_recovery.py), off unless the

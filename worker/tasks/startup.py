@@ -147,7 +147,7 @@ def start_heartbeat(sender, **_: object) -> None:
         gpu=bool(_state["gpu"]),
         broker=Broker(celery_app),
         enqueue=enqueue_job,
-        dispatch_webhook=partial(dispatch_webhook, job_store()),
+        dispatch_webhook=partial(dispatch_webhook, job_store(), again=True),
     )
     heartbeat.start()
     _state["heartbeat"] = heartbeat
