@@ -180,6 +180,8 @@ def _prune(namespace: argparse.Namespace) -> int:
         f"{totals['kept']} of {totals['n']} update entries, "
         f"{result.report['seconds']['total']:.1f}s)"
     )
+    for note in result.report.get("notes", []):  # e.g. how tensor names were paired
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 

@@ -315,3 +315,20 @@ def test_scope_model_on_a_mapped_pair_equals_the_same_pair_named_alike(tmp_path)
     got, expected = load_state_dict(tmp_path / "mapped"), load_state_dict(tmp_path / "plain")
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[name], expected[name]) for name in got)
+
+
+def test_fapm_prune_on_a_head_pair_says_how_it_paired(tmp_path):
+    """The command line a user ran in the issue: it succeeds and tells the pairing on stderr."""
+    import subprocess
+    import sys
+
+    base_dir, ft_dir = make_bert_head_pair(tmp_path / "pair")
+    out = tmp_path / "out"
+    args = ["prune", "--base", str(base_dir), "--finetuned", str(ft_dir), "--out", str(out)]
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {out}" in result.stdout
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
+    assert any("'bert.'" in n for n in notes) and any("position_ids" in n for n in notes)
