@@ -189,3 +189,114 @@ def test_a_requeued_job_goes_first_and_is_enqueued_once(make_stack, service_pair
     order = sorted(records, key=lambda job_id: records[job_id].finished_at)
     assert order == [orphan, *waiting]
     assert records[orphan].attempts == 2 and not jobs.store.is_requeued(orphan)
+
+
+# -- a webhook delivery lost with its worker --------------------------------------------------------
+# Deliveries run on a `-Q webhooks` worker that the test kills (the whole worker, as a lost node
+# would), and a second one started after the kill carries on. The delivery's stamp in
+# webhooks-owed goes stale a webhook timeout (or a retry's ETA + timeout) and a lease after its
+# last step, and the sweeper (the job worker's heartbeat) queues it again.
+HOOK_TIMEOUT = 3.0
+FIRST_RETRY = 4.0
+
+
+def start_delivery_stack(make_stack, **env: str) -> tuple[LocalStack, Process, Jobs]:
+    stack = make_stack(
+        FAPM_WEBHOOK_TIMEOUT_SECONDS=str(HOOK_TIMEOUT),
+        FAPM_WEBHOOK_FIRST_RETRY_SECONDS=str(FIRST_RETRY),
+        **env,
+    )
+    stack.start_redis()
+    stack.start_worker("runner", extra_args=["-Q", "cpu", "--concurrency", "1"])
+    hooks = stack.start_worker("hooks1", extra_args=["-Q", "webhooks", "--concurrency", "1"])
+    return stack, hooks, Jobs(stack)
+
+
+def kill_and_replace(stack: LocalStack, hooks: Process) -> float:
+    """SIGKILL the delivery worker (main and pool process); start another. Returns the kill's
+    time."""
+    hooks.kill(signal.SIGKILL)
+    hooks.popen.wait(10)
+    killed_at = time.time()
+    stack.start_worker("hooks2", extra_args=["-Q", "webhooks", "--concurrency", "1"])
+    return killed_at
+
+
+def recorded_attempts(jobs: Jobs, job_id: str, count: int) -> list:
+    """The job record's delivery attempts, once it lists `count` (each is recorded after its
+    POST returns)."""
+    deadline = time.monotonic() + 30
+    while len(attempts := jobs.get(job_id).webhook.deliveries) < count:
+        assert time.monotonic() < deadline, f"{len(attempts)} of {count} attempts recorded"
+        time.sleep(0.05)
+    return attempts
+
+
+def assert_settled_and_quiet(jobs: Jobs, job_id: str, receiver: Receiver, count: int) -> None:
+    """Nothing owed, and no delivery beyond `count` for several sweeps."""
+    time.sleep(2 * LEASE)
+    assert jobs.store.redis.zscore("fapm:webhooks-owed", job_id) is None
+    assert len(receiver.deliveries) == count
+    assert {d.headers["webhook-id"] for d in receiver.deliveries} == {webhook_id_for(job_id)}
+
+
+def test_a_delivery_in_flight_when_its_worker_dies_is_made_again(
+    make_stack, service_pair, local_root, receiver
+):
+    receiver.answers = [None, 200]  # the first POST hangs: the worker dies mid-request
+    stack, hooks, jobs = start_delivery_stack(make_stack)
+    job_id = jobs.submit(
+        tiny_spec(service_pair, local_root / "hook_in_flight"), webhook={"url": receiver.url()}
+    )
+    receiver.wait_for(1, timeout=90)
+    killed_at = kill_and_replace(stack, hooks)
+
+    bound = HOOK_TIMEOUT + 2 * LEASE + HEARTBEAT + 8
+    deliveries = receiver.wait_for(2, timeout=bound + 30)
+    delivered = deliveries[1].at - killed_at
+    print(f"RECOVERY webhook in flight: delivered {delivered:.1f} s after the kill")
+    assert delivered < bound
+    assert json.loads(deliveries[1].body)["type"] == "job.succeeded"
+    # The lost attempt was never recorded: the one that was made is attempt 1, delivered.
+    (attempt,) = recorded_attempts(jobs, job_id, 1)
+    assert attempt.attempt == 1 and attempt.delivered and attempt.status_code == 200
+    assert_settled_and_quiet(jobs, job_id, receiver, 2)
+
+
+@pytest.mark.parametrize("outcome", ["delivered", "given_up"])
+def test_a_retry_whose_countdown_dies_with_its_worker_continues_the_schedule(
+    make_stack, service_pair, local_root, receiver, outcome
+):
+    """The first attempt fails; its retry (a countdown message the delivery worker holds,
+    unacknowledged) dies with the worker. Another worker makes attempt 2 no earlier than it was
+    due: delivered, or, past FAPM_WEBHOOK_RETRY_SECONDS from attempt 1, given up for good."""
+    receiver.answers = [500, 200] if outcome == "delivered" else [500]
+    window = {"delivered": {}, "given_up": {"FAPM_WEBHOOK_RETRY_SECONDS": "8"}}[outcome]
+    stack, hooks, jobs = start_delivery_stack(make_stack, **window)
+    job_id = jobs.submit(
+        tiny_spec(service_pair, local_root / f"hook_countdown_{outcome}"),
+        webhook={"url": receiver.url()},
+    )
+    receiver.wait_for(1, timeout=90)
+    due = recorded_attempts(jobs, job_id, 1)[0].next_attempt_at
+    assert due is not None
+    deadline = time.monotonic() + 30
+    # The retry's message is taken (held until due), not waiting in the queue.
+    while jobs.store.redis.llen("webhooks") or not jobs.store.redis.hlen("unacked"):
+        assert time.monotonic() < deadline, "the retry's message was never taken"
+        time.sleep(0.05)
+    assert time.time() < due.timestamp(), "killed before the retry was due"
+    killed_at = kill_and_replace(stack, hooks)
+
+    bound = FIRST_RETRY * 1.25 + HOOK_TIMEOUT + 2 * LEASE + HEARTBEAT + 8
+    deliveries = receiver.wait_for(2, timeout=bound + 30)
+    delivered = deliveries[1].at - killed_at
+    print(f"RECOVERY webhook countdown ({outcome}): attempt 2 {delivered:.1f} s after the kill")
+    assert delivered < bound
+    assert deliveries[1].at >= due.timestamp() - 0.05  # not before it was due
+
+    attempts = recorded_attempts(jobs, job_id, 2)
+    assert [a.attempt for a in attempts] == [1, 2]  # continued, not restarted
+    assert attempts[1].next_attempt_at is None  # ended: delivered, or out of retry time
+    assert attempts[1].delivered == (outcome == "delivered")
+    assert_settled_and_quiet(jobs, job_id, receiver, 2)

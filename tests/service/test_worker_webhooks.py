@@ -32,11 +32,13 @@ class Delivery:
 
 
 class Receiver:
-    """An HTTP endpoint that answers the scripted status codes in turn (then the last one)."""
+    """An HTTP endpoint that answers the scripted status codes in turn (then the last one); an
+    answer of None holds the request unanswered until the receiver closes (a hung endpoint)."""
 
     def __init__(self) -> None:
         self.deliveries: list[Delivery] = []
-        self.answers: list[int] = [200]
+        self.answers: list[int | None] = [200]
+        self.released = threading.Event()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -45,6 +47,9 @@ class Receiver:
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 receiver.deliveries.append(Delivery(time.time(), headers, body))
                 index = min(len(receiver.deliveries), len(receiver.answers)) - 1
+                if receiver.answers[index] is None:
+                    receiver.released.wait(120)
+                    return
                 self.send_response(receiver.answers[index])
                 self.send_header("content-length", "0")
                 self.end_headers()
@@ -67,6 +72,7 @@ class Receiver:
         return self.deliveries
 
     def close(self) -> None:
+        self.released.set()
         self.server.shutdown()
         self.server.server_close()
 
