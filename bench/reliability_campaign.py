@@ -1072,7 +1072,8 @@ def markdown(summary: dict) -> str:
 
     def row(area: str, tried: str, count, held: str, ok) -> None:
         verdict = "held" if ok else ("FAILED" if ok is False else "-")
-        rows.append(f"| {area} | {tried} | {count} | {held} | {verdict} |")
+        cells = [str(cell).replace("|", "\\|") for cell in (area, tried, count, held, verdict)]
+        rows.append("| " + " | ".join(cells) + " |")
 
     k = summary.get("kill_midjob")
     if k and "crashed" not in k:
@@ -1122,7 +1123,8 @@ def markdown(summary: dict) -> str:
             "Idempotency keys",
             f"{i['keys']} keys sent 2-5 times at once",
             i["requests"],
-            f"{i['keys_with_one_job']} keys with one job, {i['jobs_created']} jobs created",
+            f"{i['keys_with_one_job']} keys with one job, {i['jobs_created']} jobs created "
+            f"({i['in_flight_409_then_retried']} in-flight 409s retried)",
             i["held"],
         )
         row(
