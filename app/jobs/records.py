@@ -163,6 +163,18 @@ class WebhookInfo(BaseModel):
         return self._delivery_url
 
 
+def _stored_spec_schema(schema: dict[str, Any]) -> None:
+    """The document states that a stored spec may predate today's rules (see `spec`), so an
+    old record's spec is documented rather than a schema violation."""
+    schema.setdefault("anyOf", []).append(
+        {
+            "type": "object",
+            "title": "StoredSpec",
+            "description": "A spec stored under earlier rules that no longer validates.",
+        }
+    )
+
+
 class JobRecord(BaseModel):
     id: str
     status: JobStatus
@@ -172,7 +184,12 @@ class JobRecord(BaseModel):
         description='"prune" (POST /v1/jobs: spec is a JobSpec) or "evaluation" '
         "(POST /v1/evaluations: spec is an EvaluationJobSpec).",
     )
-    spec: JobSpec | EvaluationJobSpec
+    spec: JobSpec | EvaluationJobSpec = Field(
+        description="What the job runs, as stored at submission. A record stored before a rule "
+        "was tightened shows its spec as stored, even where it no longer validates (the worker "
+        "then fails the job with invalid_spec instead of running it).",
+        json_schema_extra=_stored_spec_schema,
+    )
     labels: dict[str, str] = Field(default_factory=dict)
     progress: JobProgress = Field(default_factory=JobProgress)
     result: JobResult | None = None

@@ -148,7 +148,7 @@ def test_malformed_and_empty_sets_name_the_line(tmp_path):
         parse_task("t.jsonl", bad)
     with pytest.raises(EvalDataError, match=r'line 1: "completion" must be a string'):
         parse_task("t.jsonl", b'{"prompt": "a"}\n')
-    with pytest.raises(EvalDataError, match=r"line 2: expected a JSON object"):
+    with pytest.raises(EvalDataError, match=r"line 2: not a JSON object"):
         parse_general("g.jsonl", b'{"text": "a b"}\n[1, 2]\n')
     with pytest.raises(EmptyEvalSet):
         parse_general("g.jsonl", b"\n\n")
