@@ -28,6 +28,13 @@ from worker.spec import JobSpec
 
 FUSED_METHODS = frozenset({"fapm", "magnitude"})
 
+# The fused CPU kernel walks a tensor larger than CHUNK_ABOVE_BYTES (of F) in windows of
+# CHUNK_BYTES and hands back the mapped pages behind each pass, so W, F and the output of a huge
+# tensor (a 128k-vocabulary embedding is 1 GB each) are never all resident: peak RSS stays a few
+# windows whatever the vocabulary. Same bytes either way; the environment variables are for tests.
+CHUNK_ABOVE_BYTES = int(os.environ.get("FAPM_CHUNK_ABOVE_BYTES", 256 * 2**20))
+CHUNK_BYTES = int(os.environ.get("FAPM_CHUNK_BYTES", 64 * 2**20))
+
 
 def resolve_device(requested: str) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
@@ -294,7 +301,8 @@ class TensorPruner:
             if out is None:
                 out = torch.empty_like(f)
             k = keep_count(f.numel(), self.spec.density)
-            stats = self.fused.fused_prune(self.spec.method, w, f, k, self.spec.alpha, out)
+            window = CHUNK_BYTES // f.element_size() if f.nbytes > CHUNK_ABOVE_BYTES else None
+            stats = self.fused.fused_prune(self.spec.method, w, f, k, self.spec.alpha, out, window)
             return out, stats
 
         w_dev, f_dev, w32, d32 = self._float32_on_device(w, f)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from worker.io.resident import drop_pages
 from worker.io.safetensors_format import DTYPE_SIZES, build_header
 
 SINGLE_FILE = "model.safetensors"
@@ -172,6 +173,19 @@ def _address(data: object) -> int:
     return np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8).ctypes.data
 
 
+_HASH_WINDOW = 16 * 2**20
+
+
+def _hash(hasher, view: memoryview, mapped: bool) -> None:
+    """Feed `view` to the shard's hash; a view of the mapped shard goes in windows whose pages
+    are handed back behind (hashing a 1 GB tensor would make it all resident again)."""
+    for start in range(0, len(view), _HASH_WINDOW):
+        part = view[start : start + _HASH_WINDOW]
+        hasher.update(part)
+        if mapped:
+            drop_pages(_address(part), len(part))
+
+
 class ShardedWriter:
     """Writes planned shards into `directory`, tensor by tensor, in plan order.
 
@@ -250,10 +264,12 @@ class ShardedWriter:
         offset = shard.header_len + self._places[name][1]
         with self._lock:
             destination = self._destinations.pop(name, None)
-        if destination is None or not view or _address(view) != _address(destination):
+        in_place = destination is not None and bool(view)
+        in_place = in_place and _address(view) == _address(destination)
+        if not in_place:
             pwrite_all(shard.fd, view, offset)
         del destination
-        shard.hasher.update(view)
+        _hash(shard.hasher, view, in_place)
         start_writeback(shard.fd, offset, len(view))
         self._next += 1
         if self._next == len(self._order) or self._order[self._next][0] != shard_index:

@@ -33,11 +33,13 @@ Work is split into fixed 64Ki-entry chunks, so results do not depend on the thre
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from worker.engine.compose import TensorStats
+from worker.io.resident import MappedPages
 
 try:  # numba is optional: callers fall back to the torch path when it is missing.
     from llvmlite import ir as _llvm_ir
@@ -346,16 +348,16 @@ if _HAVE_NUMBA:
         return parts
 
     @njit(nogil=True, cache=True)
-    def _sample_keys(wb, fb, c, m, stride):
-        """Keys of m entries: all of them when stride is 1, else runs of _RUN consecutive
-        entries, one run per window of `stride` entries at a hashed offset (a run shares
-        cache lines: m / _RUN memory accesses, not m)."""
-        keys = np.empty(m, np.uint32)
+    def _sample_keys(wb, fb, c, stride, w0, w1, keys):
+        """Sampled keys into `keys`: every entry's when stride is 1, else runs of _RUN
+        consecutive entries, one run per window of `stride` entries at a hashed offset (a run
+        shares cache lines: m / _RUN memory accesses, not m), for windows w0 .. w1 - 1 (window
+        `win` reads entries [win * stride, (win + 1) * stride) only)."""
         if stride == 1:
-            for i in range(m):
+            for i in range(keys.shape[0]):
                 keys[i] = np.uint32(_key_at(wb, fb, i, c))
-            return keys
-        for win in range(m // _RUN):
+            return
+        for win in range(w0, w1):
             h = (win * np.int64(2654435761) + np.int64(12345)) & np.int64(0xFFFFFFFF)
             h ^= h >> 15
             h = (h * np.int64(2246822519)) & np.int64(0xFFFFFFFF)
@@ -363,7 +365,6 @@ if _HAVE_NUMBA:
             i0 = win * stride + h % (stride - _RUN + 1)
             for r in range(_RUN):
                 keys[win * _RUN + r] = np.uint32(_key_at(wb, fb, i0 + r, c))
-        return keys
 
     @njit(nogil=True, cache=True)
     def _radix_sort(a):
@@ -673,13 +674,74 @@ def _candidate_cap(per_chunk: float, n: int, nchunks: int) -> int:
     return max(1, min(cap, max(1 << 21, n // 8) // nchunks))
 
 
+class _Windows:
+    """W, F and the output's bit views, walked in windows of whole chunks, each window's mapped
+    pages handed back once a pass is past it (`worker/io/resident.py`). Every pass calls the
+    kernels on the windows' slices: chunk boundaries, and so every result, are those of one
+    whole-tensor call, while at most one window of each array stays mapped."""
+
+    def __init__(self, wb: np.ndarray, fb: np.ndarray, ob: np.ndarray, window: int | None):
+        self.wb, self.fb, self.ob = wb, fb, ob
+        self.n = wb.shape[0]
+        self.nchunks = -(-self.n // _CHUNK)
+        self.chunks = self.nchunks if window is None else max(1, window // _CHUNK)
+        self.pages = MappedPages(wb, fb, ob) if self.chunks < self.nchunks else None
+
+    def __iter__(self) -> Iterator[tuple[slice, slice]]:
+        """(chunk slice, entry slice) of each window; its pages go once the caller moves on."""
+        for ch0 in range(0, self.nchunks, self.chunks):
+            ch1 = min(self.nchunks, ch0 + self.chunks)
+            entries = slice(ch0 * _CHUNK, min(self.n, ch1 * _CHUNK))
+            yield slice(ch0, ch1), entries
+            self.release(entries.start, entries.stop)
+
+    def release(self, start: int, stop: int) -> None:
+        if self.pages is not None:
+            self.pages.release(start, stop)
+
+    def sample_keys(self, c, m: int, stride: int) -> np.ndarray:
+        keys = np.empty(m, np.uint32)
+        if stride == 1:  # a small tensor: every entry
+            _sample_keys(self.wb, self.fb, c, 1, 0, 0, keys)
+            return keys
+        runs = m // _RUN
+        group = max(1, self.chunks * _CHUNK // stride)  # sample windows per window of chunks
+        for w0 in range(0, runs, group):
+            w1 = min(runs, w0 + group)
+            _sample_keys(self.wb, self.fb, c, stride, w0, w1, keys)
+            self.release(w0 * stride, min(self.n, w1 * stride))
+        return keys
+
+    def sweep(self, c, lo, hi, shift, nbins, cap, cand_key, cnt_in, recomp) -> np.ndarray:
+        """`_sweep` over the whole tensor: histograms add up, per-chunk counts line up."""
+        parts = []
+        for ch, e in self:
+            keys = cand_key[ch.start * cap : ch.stop * cap]
+            wb, fb = self.wb[e], self.fb[e]
+            parts.append(_sweep(wb, fb, c, lo, hi, shift, nbins, cap, keys, cnt_in[ch], recomp[ch]))
+        return np.concatenate(parts) if nbins == 0 else np.sum(parts, axis=0)
+
+
+def _cand_slice(cand: tuple[np.ndarray, ...], ch: slice, cap: int) -> tuple[np.ndarray, ...]:
+    return tuple(a[ch.start * cap : ch.stop * cap] for a in cand)
+
+
 def fused_prune(
-    method: str, w: torch.Tensor, f: torch.Tensor, k: int, alpha: float, out: torch.Tensor
+    method: str,
+    w: torch.Tensor,
+    f: torch.Tensor,
+    k: int,
+    alpha: float,
+    out: torch.Tensor,
+    window: int | None = None,
 ) -> TensorStats:
     """Tensor-scope top-k pruning of F - W into `out` (F where kept, W elsewhere), bit-exact.
 
     Same result as `top_k_mask(order_keys(scores).view(1, -1), k)` + `compose_output(..., 1.0)`
-    and `delta_stats` of the torch path (float sums to rounding).
+    and `delta_stats` of the torch path (float sums to rounding). `window` (entries, rounded
+    down to whole 64Ki chunks): walk each pass in windows of that size and hand back the mapped
+    pages behind it, so a huge tensor never has all of W, F and the output resident; the bytes
+    and statistics are the same as without.
     """
     if method not in ("fapm", "magnitude"):
         raise ValueError(f"fused_prune: unsupported method {method!r} (fapm, magnitude)")
@@ -691,7 +753,8 @@ def fused_prune(
         return TensorStats()
     k = min(max(int(k), 0), n)
     wb, fb, ob = _bits_view(w), _bits_view(f), _bits_view(out)
-    nchunks = -(-n // _CHUNK)
+    tensor = _Windows(wb, fb, ob, window)
+    nchunks = tensor.nchunks
     cnts = np.zeros((nchunks, 4), np.int64)
     st_i = np.zeros((nchunks, 5), np.int64)
     st_f = np.zeros((nchunks, 4), np.float64)
@@ -699,22 +762,25 @@ def fused_prune(
     if k == 0 or k == n:  # no selection: the statistics (and W copied) in one pass
         nan = np.float32(np.nan)
         th = (np.float32(np.inf), nan, nan)  # nothing kept, nothing inside or equal
-        _scan(wb, fb, ob, None, th, 0, _no_candidates(wb.dtype), cnts, st_i, st_f)
+        for ch, e in tensor:
+            _scan(wb[e], fb[e], ob[e], None, th, 0, _no_candidates(wb.dtype),
+                  cnts[ch], st_i[ch], st_f[ch])  # fmt: skip
+            if k == n:  # everything kept: F
+                np.copyto(ob[e], fb[e])
         stats = _stats(n, st_i, st_f, None, None)
-        if k == n:  # everything kept: F, and the kept statistics are the totals
-            np.copyto(ob, fb)
+        if k == n:  # the kept statistics are the totals
             stats.kept, stats.kept_nonzero = n, stats.nonzero_delta
             stats.l1_kept, stats.l2sq_kept = stats.l1_total, stats.l2sq_total
         return stats
 
     c = None
     if method == "fapm":
-        parts = _abs_sum_parts(wb, nchunks)
+        parts = np.concatenate([_abs_sum_parts(wb[e], ch.stop - ch.start) for ch, e in tensor])
         c = np.float32(alpha * (math.fsum(parts) / n))
 
     stride = 1 if n <= 2 * _SAMPLE else n // (_SAMPLE // _RUN)  # window length
     m = n if stride == 1 else _SAMPLE
-    lo, hi, ge, expected = _bracket(_radix_sort(_sample_keys(wb, fb, c, m, stride)), n, k, stride)
+    lo, hi, ge, expected = _bracket(_radix_sort(tensor.sample_keys(c, m, stride)), n, k, stride)
     cap = _candidate_cap(expected / nchunks, n, nchunks)
     size = nchunks * cap
     cand_key = np.empty(size, np.uint32)
@@ -724,7 +790,10 @@ def fused_prune(
         np.empty(size, np.float32),
         np.empty(size, wb.dtype),
     )
-    _scan(wb, fb, ob, c, _thresholds(lo, hi, ge), cap, cand, cnts, st_i, st_f)
+    th = _thresholds(lo, hi, ge)
+    for ch, e in tensor:
+        _scan(wb[e], fb[e], ob[e], c, th, cap, _cand_slice(cand, ch, cap),
+              cnts[ch], st_i[ch], st_f[ch])  # fmt: skip
 
     # Where is the k-th key t: above hi, at hi, inside, at lo, or below lo?
     kept_prov, inside, at_hi, at_lo = (int(x) for x in cnts.sum(axis=0))
@@ -738,15 +807,15 @@ def fused_prune(
         t, r, eq = hi, k - above, cnts[:, 2]
         fix_suffix, fix_prefix = ge, not ge  # the ties at hi past / up to the cut flip
     elif above + at_hi < k <= above + at_hi + inside:
-        t, r = _narrow(wb, fb, c, lo + 1, hi - 1, above + at_hi, k, cap, cand_key, cnt_in, recomp)
-        eq = _sweep(wb, fb, c, t, t, 0, 0, cap, cand_key, cnt_in, recomp)
+        t, r = _narrow(tensor, c, lo + 1, hi - 1, above + at_hi, k, cap, cand_key, cnt_in, recomp)
+        eq = tensor.sweep(c, t, t, 0, 0, cap, cand_key, cnt_in, recomp)
     elif above + at_hi + inside < k <= above + at_hi + inside + at_lo:
         t, r, eq = lo, k - above - at_hi - inside, cnts[:, 3]
         fix_prefix = True  # the ties at lo up to the cut flip to kept
     else:  # the bracket missed (sampling bad luck or a NaN k-th key): decide everything again
         recomp[:] = True
-        t, r = _narrow(wb, fb, c, 0, _MAX_KEY, 0, k, cap, cand_key, cnt_in, recomp)
-        eq = _sweep(wb, fb, c, t, t, 0, 0, cap, cand_key, cnt_in, recomp)
+        t, r = _narrow(tensor, c, 0, _MAX_KEY, 0, k, cap, cand_key, cnt_in, recomp)
+        eq = tensor.sweep(c, t, t, 0, 0, cap, cand_key, cnt_in, recomp)
 
     # The r-th tie at t (in index order) is the last kept one.
     cum = np.cumsum(eq)
@@ -757,17 +826,19 @@ def fused_prune(
     if fix_suffix:
         recomp[cut_chunk:] = True
     pk = np.zeros((nchunks, 4), np.float64)
-    _patch(wb, fb, ob, c, t, cut, cap, cand, cnt_in, recomp, pk)
+    for ch, e in tensor:
+        _patch(wb[e], fb[e], ob[e], c, t, cut - e.start, cap, _cand_slice(cand, ch, cap),
+               cnt_in[ch], recomp[ch], pk[ch])  # fmt: skip
     return _stats(n, st_i, st_f, pk, recomp)
 
 
-def _narrow(wb, fb, c, lo, hi, gt, k, cap, cand_key, cnt_in, recomp) -> tuple[int, int]:
+def _narrow(tensor: _Windows, c, lo, hi, gt, k, cap, cand_key, cnt_in, recomp) -> tuple[int, int]:
     """The k-th key t, given that it is in [lo, hi] and gt keys are above hi, and r: how many
     of its ties are kept. Histogram passes over [lo, hi] (65536 bins each)."""
     while lo < hi:
         shift = max(0, (hi - lo).bit_length() - 16)
         nbins = ((hi - lo) >> shift) + 1
-        hist = _sweep(wb, fb, c, lo, hi, shift, nbins, cap, cand_key, cnt_in, recomp)
+        hist = tensor.sweep(c, lo, hi, shift, nbins, cap, cand_key, cnt_in, recomp)
         from_top = np.cumsum(hist[::-1])
         idx = int(np.searchsorted(from_top, k - gt))  # first bin reaching the k-th
         b = nbins - 1 - idx
