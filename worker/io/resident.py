@@ -67,8 +67,9 @@ class MappedPages:
         ]
 
     @property
-    def any_mapped(self) -> bool:
-        return bool(self._mapped)
+    def mapped(self) -> int:
+        """How many of the arrays are file-mapped (and so released)."""
+        return len(self._mapped)
 
     def release(self, start: int, stop: int) -> None:
         """Drop entries [start, stop) of every mapped array from this process's memory."""
