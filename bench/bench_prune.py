@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_prune.py --sizes 2,4            # the full run (about 15 minutes)
     .venv/bin/python bench/bench_prune.py --sizes 2 --skip-mergekit
+    .venv/bin/python bench/bench_prune.py --sizes 2.2 --vocab 128256 --skip-mergekit  # Llama-3 vocab
 
 For each size (decimal GB per model) it makes the pair if needed (bench/make_pair.py, into
 bench/out/pair-<N>gb) and times, each as its own subprocess:
@@ -30,7 +31,8 @@ RSS; a run during which other processes kept more than 0.3 of a core busy, or th
 is discarded and run again (at most 2 x --repeat times). The slow legs (b') and (c) run once.
 
 Per leg: wall time, input GB/s = (base + fine-tuned safetensors bytes) / wall, peak RSS (ru_maxrss of
-the child from os.wait4, taken in bench/measure.py) and CPU seconds (user + sys of the child). The
+the child from os.wait4, taken in bench/measure.py), the peaks of its RssAnon and RssFile (sampled
+every 10 ms) and CPU seconds (user + sys of the child). The
 markdown table goes to stdout and, with --markdown FILE, to a file; raw numbers to
 bench/out/bench-results.json.
 Other processes on the machine skew wall times (a shared 2-core box): before each leg the script
@@ -60,7 +62,7 @@ MERGEKIT_VENV = BENCH / ".mergekit-venv"
 MERGEKIT_YAML = MERGEKIT_VENV / "bin" / "mergekit-yaml"
 
 sys.path.insert(0, str(BENCH))
-from make_pair import make_pair  # noqa: E402
+from make_pair import VOCAB, make_pair  # noqa: E402
 
 # Offline: nothing may try the hub (mergekit/transformers look for tokenizers and configs).
 # NUMBA_DEBUG_CACHE makes numba log cache loads/saves: a save in a timed fapm leg means it compiled.
@@ -90,6 +92,8 @@ class Leg:
     wall_s: float = 0.0
     input_gb_s: float = 0.0
     peak_rss_gb: float = 0.0
+    peak_anon_gb: float = 0.0  # RssAnon, sampled (bench/measure.py)
+    peak_file_gb: float = 0.0  # RssFile: mapped pages of inputs and outputs
     cpu_s: float = 0.0
     others_cores: float = 0.0
     note: str = ""
@@ -337,6 +341,8 @@ def run_leg(leg: Leg, pair: Path, log_dir: Path, quiet_wait: float, repeats: int
     leg.wall_s = statistics.median(r["wall_s"] for r in good)
     leg.cpu_s = statistics.median(r["cpu_s"] for r in good)
     leg.peak_rss_gb = max(r["peak_rss_bytes"] for r in good) / 1e9
+    leg.peak_anon_gb = max(r.get("peak_rss_anon_bytes", 0) for r in good) / 1e9
+    leg.peak_file_gb = max(r.get("peak_rss_file_bytes", 0) for r in good) / 1e9
     leg.others_cores = max(r["others_cores"] for r in good)
     input_bytes = weights_bytes(pair / "base") + weights_bytes(pair / "finetuned")
     leg.input_gb_s = input_bytes / 1e9 / leg.wall_s
@@ -350,7 +356,7 @@ def run_leg(leg: Leg, pair: Path, log_dir: Path, quiet_wait: float, repeats: int
         leg.note += f"; {discarded} run(s) discarded as noisy"
     print(
         f"  ({leg.leg}) {leg.wall_s:7.1f}s  {leg.input_gb_s:5.2f} GB/s  "
-        f"RSS {leg.peak_rss_gb:5.2f} GB  CPU {leg.cpu_s:6.1f}s  "
+        f"RSS {leg.peak_rss_gb:5.2f} GB (anon {leg.peak_anon_gb:.2f})  CPU {leg.cpu_s:6.1f}s  "
         f"others {leg.others_cores:.2f} cores  {leg.note}",
         file=sys.stderr,
         flush=True,
@@ -360,8 +366,9 @@ def run_leg(leg: Leg, pair: Path, log_dir: Path, quiet_wait: float, repeats: int
 
 def markdown(results: list[Leg], sizes: dict[str, dict]) -> str:
     lines = [
-        "| size/model | leg | run | wall s | input GB/s | peak RSS GB | CPU s | others' cores | vs (a) | note |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| size/model | leg | run | wall s | input GB/s | peak RSS GB | peak RssAnon GB "
+        "| peak RssFile GB | CPU s | others' cores | vs (a) | note |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for leg in results:
         a = next((x for x in results if x.size == leg.size and x.leg == "a" and x.ok), None)
@@ -369,7 +376,7 @@ def markdown(results: list[Leg], sizes: dict[str, dict]) -> str:
         gb = sizes[leg.size]["bytes_per_model"] / 1e9
         lines.append(
             f"| {gb:.2f} GB | ({leg.leg}) | {leg.label} | {leg.wall_s:.1f} | {leg.input_gb_s:.2f} | "
-            f"{leg.peak_rss_gb:.2f} | {leg.cpu_s:.1f} | {leg.others_cores:.2f} | {ratio} | {leg.note} |"
+            f"{leg.peak_rss_gb:.2f} | {leg.peak_anon_gb:.2f} | {leg.peak_file_gb:.2f} | {leg.cpu_s:.1f} | {leg.others_cores:.2f} | {ratio} | {leg.note} |"
         )
     lines += ["", "| size/model | target | measured | met |", "| --- | --- | --- | --- |"]
     for size in sizes:
@@ -439,6 +446,13 @@ def main(argv: list[str] | None = None) -> int:
         help="measure worker/ as of this git revision (e.g. HEAD), extracted into bench/out/, "
         "instead of the working tree (which others may be editing)",
     )
+    parser.add_argument(
+        "--vocab",
+        type=int,
+        default=VOCAB,
+        help=f"vocabulary of the pairs ({VOCAB}); e.g. 128256 for Llama-3 shapes, whose "
+        "embedding and lm_head are 1.05 GB each (pairs go to bench/out/pair-<N>gb-vocab<V>)",
+    )
     args = parser.parse_args(argv)
 
     with_mergekit = not args.skip_mergekit
@@ -467,8 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(exist_ok=True)
     for size in sizes_list:
         with_torch = fused and size in torch_sizes
-        pair = OUT / f"pair-{float(size):g}gb"
-        sizes[size] = make_pair(pair, float(size))
+        vocab_tag = "" if args.vocab == VOCAB else f"-vocab{args.vocab}"
+        pair = OUT / f"pair-{float(size):g}gb{vocab_tag}"
+        sizes[size] = make_pair(pair, float(size), vocab=args.vocab)
         work = OUT / f"work-{float(size):g}gb"
         work.mkdir(parents=True, exist_ok=True)
         print(f"{size} GB/model ({sizes[size]['bytes_per_model'] / 1e9:.2f} GB):", file=sys.stderr)

@@ -7,6 +7,7 @@ and the pair is made larger than the whole budget, so holding either model in me
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,10 +32,11 @@ print(os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024)
 """
 
 
-def _peak_rss_bytes(*args: str) -> int:
+def _peak_rss_bytes(*args: str, env: dict[str, str] | None = None) -> int:
     result = subprocess.run(
         [sys.executable, "-S", "-c", _LAUNCHER, *args],
         cwd=REPO,
+        env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
         timeout=600,
@@ -71,14 +73,15 @@ def _write_model(directory: Path, seed: int, shift: float) -> int:
     return total
 
 
-def test_peak_memory_stays_within_a_budget_smaller_than_the_pair(tmp_path):
+def _footprint(tmp_path: Path) -> int:
+    """Peak RSS of the CLI pruning an 8x8 pair: the process's own footprint."""
     tiny_base, tiny_ft = tmp_path / "tiny_base", tmp_path / "tiny_ft"
     for directory, value in ((tiny_base, 1.0), (tiny_ft, 1.5)):
         directory.mkdir()
         save_file({"w": torch.full((8, 8), value)}, directory / "model.safetensors")
     # Twice, keeping the smaller: a first run on a fresh checkout may also JIT-compile the numba
     # kernels into their cache, which takes far more memory than pruning does.
-    footprint = min(
+    return min(
         _peak_rss_bytes(
             "prune",
             "--base",
@@ -90,6 +93,10 @@ def test_peak_memory_stays_within_a_budget_smaller_than_the_pair(tmp_path):
         )
         for attempt in (1, 2)
     )
+
+
+def test_peak_memory_stays_within_a_budget_smaller_than_the_pair(tmp_path):
+    footprint = _footprint(tmp_path)
 
     pair_bytes = _write_model(tmp_path / "base", 1, 0.0) + _write_model(tmp_path / "ft", 2, 0.002)
     tensor_bytes = TENSOR_ROWS * TENSOR_COLS * 2
@@ -105,3 +112,46 @@ def test_peak_memory_stays_within_a_budget_smaller_than_the_pair(tmp_path):
           f"budget {budget / 2**20:.0f} MiB, pair {pair_bytes / 2**20:.0f} MiB")  # fmt: skip
     assert peak < budget
     assert len(list((tmp_path / "out").glob("*.safetensors"))) == 4
+
+
+VOCAB, HIDDEN = 2**20, 64  # 128 MiB bf16 embedding and lm_head, a tiny hidden size
+CHUNKING = {"FAPM_CHUNK_ABOVE_BYTES": str(64 * 2**20), "FAPM_CHUNK_BYTES": str(16 * 2**20)}
+
+
+def _write_large_vocabulary_model(directory: Path, seed: int, shift: float) -> None:
+    directory.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        base = torch.randn(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(len(name)))
+        noise = torch.randn(VOCAB, HIDDEN, generator=generator) * shift
+        tensors[name] = (base * 0.02 + noise).to(torch.bfloat16)
+    tensors["model.norm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_a_large_vocabulary_is_pruned_in_windows_within_one_tensor_of_memory(tmp_path):
+    """Embedding and lm_head far larger than the rest: the fused kernel walks them in windows
+    (thresholds lowered through the environment to fit a test) and hands their pages back, so
+    the peak grows by less than one tensor; without windows W, F and the output of one of them
+    are resident together, three tensors' worth."""
+    footprint = _footprint(tmp_path)
+    _write_large_vocabulary_model(tmp_path / "base", 1, 0.0)
+    _write_large_vocabulary_model(tmp_path / "ft", 2, 0.002)
+    tensor_bytes = VOCAB * HIDDEN * 2
+    budget = footprint + tensor_bytes
+
+    def peak(out: str, env: dict[str, str]) -> int:
+        return _peak_rss_bytes(
+            "prune", "--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / "ft"),
+            "--out", str(tmp_path / out), "--sparsity", "0.9", env=env,
+        )  # fmt: skip
+
+    windowed = peak("windowed", CHUNKING)
+    whole = peak("whole", {"FAPM_CHUNK_ABOVE_BYTES": str(2**40)})
+    print(f"footprint {footprint / 2**20:.0f} MiB, windowed peak {windowed / 2**20:.0f} MiB, "
+          f"whole-tensor peak {whole / 2**20:.0f} MiB, tensor {tensor_bytes / 2**20:.0f} MiB")  # fmt: skip
+    assert windowed < budget
+    assert whole > budget + tensor_bytes  # the bound is one the unchunked path cannot meet
+    outputs = [(tmp_path / d / "model.safetensors").read_bytes() for d in ("windowed", "whole")]
+    assert outputs[0] == outputs[1]
