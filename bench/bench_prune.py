@@ -119,6 +119,23 @@ def warm_inputs(*directories: Path) -> float:
 _BUFFER = bytearray(64 * 2**20)
 
 
+def drop_inputs(*directories: Path) -> None:
+    """Evict the inputs from the page cache (--cold-inputs): the run reads them from the disk.
+    POSIX_FADV_DONTNEED needs no root, unlike /proc/sys/vm/drop_caches; the pages are clean
+    (written long before, and `sync` ran), so the kernel can drop every one."""
+    for directory in directories:
+        for path in sorted(directory.glob("*.safetensors")):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+# --cold-inputs: each run starts with its inputs evicted from the page cache instead of read in.
+COLD_INPUTS = False
+
+
 def run_measured(command: list[str], log: Path) -> dict:
     """Run `command` under bench/measure.py; its exit code, wall s, peak RSS bytes, user/sys s."""
     result = log.with_suffix(".json")
@@ -292,8 +309,8 @@ def run_once(leg: Leg, pair: Path, log: Path, quiet_wait: float) -> dict:
     out = output_of(leg)
     shutil.rmtree(out, ignore_errors=True)
     subprocess.run(["sync"], check=True)
-    warm_inputs(pair / "base", pair / "finetuned")
     wait_for_quiet(quiet_wait)
+    (drop_inputs if COLD_INPUTS else warm_inputs)(pair / "base", pair / "finetuned")
     busy_start = cpu_busy_s()
     measured = run_measured(leg.command, log)
     if measured["exit"] == 0 and leg.leg == "c":
@@ -453,7 +470,20 @@ def main(argv: list[str] | None = None) -> int:
         help=f"vocabulary of the pairs ({VOCAB}); e.g. 128256 for Llama-3 shapes, whose "
         "embedding and lm_head are 1.05 GB each (pairs go to bench/out/pair-<N>gb-vocab<V>)",
     )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        help="where the legs write their outputs (bench/out/work-<N>gb); e.g. a tmpfs such as "
+        "/dev/shm/fapm-bench for a disk whose writes and fsync cost nothing",
+    )
+    parser.add_argument(
+        "--cold-inputs",
+        action="store_true",
+        help="evict the inputs from the page cache before each run (they are read in otherwise)",
+    )
     args = parser.parse_args(argv)
+    global COLD_INPUTS
+    COLD_INPUTS = args.cold_inputs
 
     with_mergekit = not args.skip_mergekit
     if with_mergekit and not MERGEKIT_YAML.exists():
@@ -484,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         vocab_tag = "" if args.vocab == VOCAB else f"-vocab{args.vocab}"
         pair = OUT / f"pair-{float(size):g}gb{vocab_tag}"
         sizes[size] = make_pair(pair, float(size), vocab=args.vocab)
-        work = OUT / f"work-{float(size):g}gb"
+        work = (args.work or OUT) / f"work-{float(size):g}gb"
         work.mkdir(parents=True, exist_ok=True)
         print(f"{size} GB/model ({sizes[size]['bytes_per_model'] / 1e9:.2f} GB):", file=sys.stderr)
         for leg in legs_for(size, pair, with_torch, with_mergekit, work):

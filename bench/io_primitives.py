@@ -89,12 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     data = np.random.default_rng(0).integers(0, 255, CHUNK, dtype=np.uint8)
     out = args.file.parent.parent / "io-primitives.tmp"
 
-    def writer(reserve: bool, writeback: bool, mapped: bool) -> Callable[[], None]:
+    def writer(
+        reserve: bool, writeback: bool, mapped: bool, fsync: bool = True, populate: bool = False
+    ) -> Callable[[], None]:
         def run() -> None:
             out_fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             if reserve:
                 assert preallocate(out_fd, n)
-            target = mmap.mmap(out_fd, n) if mapped else None
+            flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
+            target = mmap.mmap(out_fd, n, flags=flags) if mapped else None
             dest = np.frombuffer(target, np.uint8) if target is not None else None
             for off, length in spans:
                 if dest is not None:
@@ -106,20 +109,26 @@ def main(argv: list[str] | None = None) -> int:
             del dest
             if target is not None:
                 target.close()
-            os.fsync(out_fd)
+            if fsync:
+                os.fsync(out_fd)
             os.close(out_fd)
 
         return run
 
-    for label, reserve, writeback, mapped in (
+    for label, reserve, writeback, mapped, *rest in (
         ("write + fsync (a plain writer)", False, False, False),
         ("fallocate, write + fsync", True, False, False),
         ("fallocate, write, start writeback per piece + fsync", True, True, False),
         ("fallocate, mmap + memcpy, start writeback per piece + fsync (fapm)", True, True, True),
+        # The CPU price of each way into the page cache, with the disk left out (no fsync):
+        ("write, no fsync", False, False, False, False),
+        ("fallocate, write, no fsync", True, False, False, False),
+        ("fallocate, mmap + memcpy, no fsync", True, False, True, False),
+        ("fallocate, mmap (MAP_POPULATE) + memcpy, no fsync", True, False, True, False, True),
     ):
         out.unlink(missing_ok=True)
         os.sync()
-        timed(label, n, writer(reserve, writeback, mapped))
+        timed(label, n, writer(reserve, writeback, mapped, *rest))
     out.unlink(missing_ok=True)
     os.close(fd)
     return 0
