@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.io.resident import drop_pages
+from worker.io.resident import MappedPages, drop_pages
 from worker.io.safetensors_format import DTYPE_SIZES, build_header
 
 SINGLE_FILE = "model.safetensors"
@@ -173,17 +173,25 @@ def _address(data: object) -> int:
     return np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8).ctypes.data
 
 
-_HASH_WINDOW = 16 * 2**20
+_WINDOW = 16 * 2**20
 
 
-def _hash(hasher, view: memoryview, mapped: bool) -> None:
-    """Feed `view` to the shard's hash; a view of the mapped shard goes in windows whose pages
-    are handed back behind (hashing a 1 GB tensor would make it all resident again)."""
-    for start in range(0, len(view), _HASH_WINDOW):
-        part = view[start : start + _HASH_WINDOW]
-        hasher.update(part)
-        if mapped:
+def _store(shard: _ShardFile, view: memoryview, offset: int, in_place: bool) -> None:
+    """Write `view` at `offset` (unless it was computed there, in place) and feed it to the
+    shard's hash, in windows whose mapped pages are handed back behind: the shard's own (in
+    place) or a copied tensor's input mapping. Otherwise a 1 GB tensor would be resident whole."""
+    source = None
+    if not in_place and len(view) > _WINDOW:
+        source = MappedPages(np.frombuffer(view, dtype=np.uint8))  # only if it is a file mapping
+    for start in range(0, len(view), _WINDOW):
+        part = view[start : start + _WINDOW]
+        if not in_place:
+            pwrite_all(shard.fd, part, offset + start)
+        shard.hasher.update(part)
+        if in_place:
             drop_pages(_address(part), len(part))
+        elif source is not None:
+            source.release(start, start + len(part))
 
 
 class ShardedWriter:
@@ -266,10 +274,8 @@ class ShardedWriter:
             destination = self._destinations.pop(name, None)
         in_place = destination is not None and bool(view)
         in_place = in_place and _address(view) == _address(destination)
-        if not in_place:
-            pwrite_all(shard.fd, view, offset)
         del destination
-        _hash(shard.hasher, view, in_place)
+        _store(shard, view, offset, in_place)
         start_writeback(shard.fd, offset, len(view))
         self._next += 1
         if self._next == len(self._order) or self._order[self._next][0] != shard_index:
