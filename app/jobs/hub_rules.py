@@ -37,9 +37,6 @@ from worker.io.uri import parse_uri
 
 PLACEHOLDERS = ("repo", "name", "sha", "short_sha", "revision")
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
-# Hub repo ids: org/name of letters, digits, '-', '_', '.'; no '..' (it ends up in paths).
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
 class HubRulesError(ValueError):

@@ -199,12 +199,12 @@ def test_hub_rules_and_pushed_repos_get_the_name_checks(make_stack, local_root, 
             f"{stack.api_url}/v1/hooks/huggingface", json=payload, headers=headers, timeout=30
         )
 
-    # A pushed repo whose id the Hub's own validator refuses ('--') starts no job.
+    # A pushed repo whose id the Hub's own validator refuses ('--') starts no job: the payload
+    # is refused by the same rules as every hf:// location.
     refused = deliver(push("acme/llama--sft", "a" * 40))
-    assert _fields(_problem(refused, "invalid_location")) == {
-        "finetuned": refused.json()["errors"][0]["message"]
-    }
-    assert "'--'" in refused.json()["errors"][0]["message"]
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["code"] == "invalid_hub_payload"
+    assert "'--'" in refused.json()["detail"]
     assert deliver(push("acme/llama-sft", "b" * 40)).status_code == 202
 
     # A rule whose output names an IP address as a bucket is refused when the file is loaded.

@@ -20,7 +20,8 @@ from app.api.deps import ServicesDep
 from app.api.services import Services
 from app.api.strict_json import StrictJSONRoute
 from app.core.problems import ProblemError, field_errors_from_pydantic, problem_responses
-from app.jobs.hub_rules import COMMIT_SHA, REPO_ID, HubRulesError
+from app.jobs.hub_rules import HubRulesError
+from worker.io.location_names import COMMIT_SHA, check_hub_repo_id
 
 # Only pushes of content start jobs (the Hub's scope for commits is `repo.content`).
 TRIGGER_SCOPE = "repo.content"
@@ -174,8 +175,10 @@ def huggingface_webhook(
         return HubWebhookAnswer(
             ignored=f"event {payload.event.scope}/{payload.event.action} starts no job"
         )
-    if not REPO_ID.match(repo) or ".." in repo:
-        raise ProblemError(422, "invalid_hub_payload", f"repo.name {repo!r} is not a Hub repo id")
+    try:
+        check_hub_repo_id(repo)  # the Hub's own rules, as every hf:// location is checked
+    except ValueError as exc:
+        raise ProblemError(422, "invalid_hub_payload", f"repo.name: {exc}") from None
     if services.hub_rules is None:
         return HubWebhookAnswer(ignored="no rules file configured (FAPM_HF_WEBHOOK_RULES_FILE)")
     try:
@@ -187,7 +190,7 @@ def huggingface_webhook(
     sha = _pushed_sha(payload, rule.revision)
     if isinstance(sha, HubWebhookAnswer):
         return sha
-    if sha is None or not COMMIT_SHA.match(sha):
+    if sha is None or not COMMIT_SHA.fullmatch(sha):
         raise ProblemError(
             422, "invalid_hub_payload", f"no commit sha (40 hex digits) for {repo}: {sha!r}"
         )
