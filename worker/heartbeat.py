@@ -95,13 +95,27 @@ class Heartbeat(threading.Thread):
             log.warning("job %s was never enqueued (API crashed?); enqueueing it", job_id)
             self.enqueue(job_id, queue)
             self.store.mark_enqueued(job_id)
-        self.restore_taken_but_never_started(now - grace)
-        for orphan in self.store.claim_orphans(now - grace, claim_seconds=grace):
+        # Each step on its own: a broker hiccup in one must not skip the others (the webhooks
+        # below included); what a failed step missed comes back on a later beat.
+        try:
+            self.restore_taken_but_never_started(now - grace)
+        except Exception:
+            log.exception("could not restore messages taken by dead workers")
+        orphans = self.store.claim_orphans(
+            now - grace,
+            claim_seconds=grace,
+            requeue_hold_seconds=self.settings.visibility_timeout_seconds,
+        )
+        for orphan in orphans:
             log.warning(
                 "job %s is running with no lease (its worker died); re-enqueueing it first",
                 orphan.job_id,
             )
-            self.broker.enqueue_first(orphan.job_id, orphan.queue)
+            try:
+                self.broker.enqueue_first(orphan.job_id, orphan.queue)
+            except Exception:  # its claim lapses after the grace and it comes back
+                log.exception("job %s: could not re-enqueue it", orphan.job_id)
+                continue
             self.store.mark_requeued(orphan)
         for job_id in self.store.owed_webhooks_before(int((now - grace) * 1000)):
             log.warning(

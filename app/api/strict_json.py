@@ -59,6 +59,11 @@ class StrictJSONRoute(APIRoute):
         return strict_handler
 
 
+def _not_json(name: str) -> Any:
+    # Python's json reads NaN, Infinity and -Infinity; RFC 8259 has no such values.
+    raise ValueError(f"{name} is not JSON (RFC 8259 has no non-finite numbers)")
+
+
 def decode_json_body(body: bytes) -> Any:
     """The JSON value of a request body; a 422 problem unless it is UTF-8 JSON of valid
     Unicode text."""
@@ -69,7 +74,7 @@ def decode_json_body(body: bytes) -> Any:
             f"byte {exc.start} is not UTF-8 (JSON bodies are UTF-8)", exc.start
         ) from exc
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_not_json)
     except json.JSONDecodeError as exc:
         raise _json_invalid(exc.msg, exc.pos) from exc
     except RecursionError as exc:

@@ -185,7 +185,8 @@ end
 return {'finished', current}
 """
 
-# Orphans to re-enqueue. KEYS: running, requeued. ARGV: cutoff (unix s), now, claim_ms, prefix.
+# Orphans to re-enqueue. KEYS: running, requeued. ARGV: cutoff (unix s), now, claim_ms, prefix,
+# requeued-before (unix s: an older re-enqueue no longer holds the job back).
 # A job indexed running before the cutoff, still active, with no lease, not already re-enqueued
 # and not being re-enqueued by another sweeper (requeue-claim:{id}, expiring) is claimed and
 # returned with its queue; a finished one leaves the index. Returns {id, queue, id, queue, ...}.
@@ -193,10 +194,12 @@ _CLAIM_ORPHANS = """
 local out = {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])) do
   local job = redis.call('HMGET', ARGV[4] .. 'job:' .. id, 'status', 'queue')
+  local requeued = redis.call('ZSCORE', KEYS[2], id)
   if job[1] ~= 'queued' and job[1] ~= 'running' then
     redis.call('ZREM', KEYS[1], id)
+    redis.call('ZREM', KEYS[2], id)
   elseif redis.call('EXISTS', ARGV[4] .. 'lease:' .. id) == 0
-      and not redis.call('ZSCORE', KEYS[2], id)
+      and (not requeued or tonumber(requeued) < tonumber(ARGV[5]))
       and redis.call('SET', ARGV[4] .. 'requeue-claim:' .. id, '1', 'NX', 'PX', ARGV[3]) then
     redis.call('ZADD', KEYS[1], 'XX', ARGV[2], id)  -- the claim's stamp, see _MARK_REQUEUED
     out[#out + 1] = id
@@ -679,15 +682,20 @@ class JobStore:
         """When a worker last took the job (or the sweeper last re-enqueued it), unix seconds."""
         return self.redis.zscore(_key("running"), job_id)
 
-    def claim_orphans(self, cutoff: float, claim_seconds: float) -> list[Orphan]:
+    def claim_orphans(
+        self, cutoff: float, claim_seconds: float, requeue_hold_seconds: float
+    ) -> list[Orphan]:
         """Active jobs indexed before `cutoff` (unix s) that nobody holds a lease on (their
-        worker died) and that are not re-enqueued already. Each is claimed for `claim_seconds`,
-        so concurrent sweepers re-enqueue it once; call `mark_requeued` once its message is sent
-        (if the sweeper dies before, the claim lapses and the job comes back)."""
+        worker died) and that were not re-enqueued in the last `requeue_hold_seconds` (a
+        re-enqueued message that was itself lost, e.g. with a Redis that kept no AOF, is sent
+        again after that long, as Celery's visibility timeout would). Each is claimed for
+        `claim_seconds`, so concurrent sweepers re-enqueue it once; call `mark_requeued` once
+        its message is sent (if the sweeper dies before, the claim lapses and the job comes
+        back)."""
         now = time.time()
         reply = self._claim_orphans(
             keys=[_key("running"), _key("requeued")],
-            args=[cutoff, repr(now), int(claim_seconds * 1000), PREFIX],
+            args=[cutoff, repr(now), int(claim_seconds * 1000), PREFIX, now - requeue_hold_seconds],
         )
         pairs = zip(reply[::2], reply[1::2], strict=True)
         return [Orphan(job_id, queue, now) for job_id, queue in pairs]

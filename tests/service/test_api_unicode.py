@@ -264,3 +264,15 @@ def test_a_cursor_whose_job_expired_continues_the_list(api_stack, store, local_r
         rest = http.get("/v1/jobs", params={"limit": 2, "cursor": first["next_cursor"]})
         assert rest.status_code == 200, rest.text
         assert [job["id"] for job in rest.json()["jobs"]] == [ids[1], ids[0]]
+
+
+@pytest.mark.parametrize("word", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_not_json(api_stack, store, local_root, word):
+    """Python's json reads NaN and Infinity; RFC 8259 does not, and neither does the API."""
+    body = json.dumps(_job_body(local_root, alpha=123.5)).encode()
+    before = _job_count(store)
+    with client(api_stack) as http:
+        response = http.post("/v1/jobs", content=body.replace(b"123.5", word.encode()))
+    problem = assert_problem(response, 422, "validation_error")
+    assert f"{word} is not JSON" in json.dumps(problem)
+    assert _job_count(store) == before

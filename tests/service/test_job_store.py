@@ -104,8 +104,9 @@ def test_an_orphan_is_claimed_once_until_its_message_is_taken(api_stack):
     time.sleep(0.1)
     later = time.time() + 1
 
-    def claimed() -> list:
-        return [o for o in store.claim_orphans(later, claim_seconds=60) if o.job_id == job_id]
+    def claimed(hold: float = 3600) -> list:
+        orphans = store.claim_orphans(later, claim_seconds=60, requeue_hold_seconds=hold)
+        return [o for o in orphans if o.job_id == job_id]
 
     (orphan,) = claimed()
     assert not claimed()  # the claim holds
@@ -113,6 +114,10 @@ def test_an_orphan_is_claimed_once_until_its_message_is_taken(api_stack):
     store.mark_requeued(orphan)
     assert store.is_requeued(job_id)
     assert not claimed()  # its message waits on the queue
+    assert (
+        len(claimed(hold=-5)) == 1
+    )  # ... unless it was re-enqueued longer ago than the hold (lost)
+    store.redis.delete(f"fapm:requeue-claim:{job_id}")
     store.note_running(job_id)  # a worker took it ...
     assert not store.is_requeued(job_id)
     store.redis.delete(f"fapm:requeue-claim:{job_id}")
@@ -120,5 +125,7 @@ def test_an_orphan_is_claimed_once_until_its_message_is_taken(api_stack):
     store.note_running(job_id)  # taken again before the sweeper marked it: left unmarked
     store.mark_requeued(again)
     assert not store.is_requeued(job_id)
+    store.redis.zadd("fapm:requeued", {job_id: time.time()})
     store.finish(job_id, "failed", error={"code": "x", "message": "y"})
     assert not claimed() and store.noted_running_at(job_id) is None  # finished: forgotten
+    assert not store.is_requeued(job_id)  # ... by the re-enqueue marks too

@@ -22,7 +22,13 @@ from pathlib import Path
 from huggingface_hub import HfApi, constants, errors, hf_hub_download, snapshot_download
 from huggingface_hub.utils import build_hf_headers, get_session
 
-from worker.errors import AccessDenied, FapmError, SourceNotFound, SourceUnavailable
+from worker.errors import (
+    AccessDenied,
+    FapmError,
+    InvalidLocation,
+    SourceNotFound,
+    SourceUnavailable,
+)
 from worker.io.source import ListedSource, byte_view, pread_exactly
 
 # Reads up to this size of a file not yet in the cache go over HTTP ranges (headers, index
@@ -35,9 +41,7 @@ def hub_error(exc: Exception, where: str) -> FapmError:
     if isinstance(exc, FapmError):
         return exc
     if isinstance(exc, errors.HFValidationError):
-        return FapmError(
-            f"{where}: not a valid Hub repo id or revision ({exc})", code="invalid_location"
-        )
+        return InvalidLocation(f"{where}: not a valid Hub repo id or revision ({exc})")
     if isinstance(exc, errors.RevisionNotFoundError):
         return SourceNotFound(f"{where}: the revision does not exist on the Hub")
     if isinstance(exc, errors.GatedRepoError):
