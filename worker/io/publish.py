@@ -52,11 +52,6 @@ def fapm_report(data: bytes) -> dict | None:
     return None
 
 
-def is_fapm_report(data: bytes) -> bool:
-    """Whether `data` is a pruning report as fapm writes it."""
-    return fapm_report(data) is not None
-
-
 def carried_folders(report: dict) -> set[str]:
     """The top-level folders of an output that its report says fapm carried over from the
     fine-tune (`1_Pooling`, ...): the only folders a model fapm published holds."""
