@@ -22,7 +22,9 @@ about two lease periods instead of the visibility timeout (48 h):
     delivery continues the retry schedule from the record and ends at its give-up time.
 
 A duplicate message is harmless: the lease lets one run at a time, a finished job's message is
-dropped, and webhook deliveries share one webhook-id for the receiver to deduplicate.
+dropped, and a webhook delivery claims each attempt before POSTing it (a second delivery chain,
+queued while the first one's worker was alive but busy, stops at the claim); deliveries share one
+webhook-id for the receiver to deduplicate what is left (a POST that outlived its claim).
 
 Lease: while a job runs, a thread renews its lease every lease_seconds/3. If a renewal finds the
 lease gone (this worker stalled for a whole lease period and another one may have taken over),

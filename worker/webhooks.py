@@ -206,6 +206,14 @@ def next_delay(attempt: int, settings: Settings, retry_after: float | None = Non
     return max(delay, retry_after or 0.0)
 
 
+def attempt_claim_seconds(settings: Settings) -> float:
+    """How long a delivery holds the claim on the attempt it makes: the POST's timeout plus
+    half a lease of slack. The sweeper re-queues a delivery a webhook timeout and a whole lease
+    after its claim (the claim moves the owed stamp), so a dead holder's claim has lapsed by
+    then."""
+    return settings.webhook_timeout_seconds + settings.lease_seconds / 2
+
+
 def delivery_ended(record: JobRecord) -> bool:
     """Whether a job's webhook delivery has ended: its last recorded attempt delivered it, or
     scheduled no other (410 Gone, or out of retry time)."""
@@ -217,8 +225,9 @@ def deliver(
     store: JobStore, settings: Settings, job_id: str, event_type: str, webhook_id: str
 ) -> float | None:
     """Make the next delivery attempt of a job's event and record it in the job record.
-    Returns the delay before the attempt after it, or None when the delivery has ended
-    (delivered, gone, out of retry time, or nothing to deliver).
+    Returns the delay before the attempt after it, or None when this delivery chain ends:
+    the delivery has ended (delivered, gone, out of retry time, or nothing to deliver), or
+    another chain is making this attempt (see claim_webhook_attempt) and carries it on.
 
     The schedule lives in the record, not in the Celery message: the attempt number, the first
     attempt's time (which the retry window counts from) and when the next attempt is due come
@@ -244,6 +253,25 @@ def deliver(
         return wait
     attempt = len(done) + 1
     first_attempt_at = done[0].at.timestamp() if done else now
+    # One POST per attempt however many delivery chains run (the sweeper re-queues a delivery
+    # whose worker is alive but busy, e.g. holding a retry's countdown behind a long job): the
+    # attempt is claimed first, and a chain that cannot claim it stops here. Nothing is lost: the
+    # holder records the attempt and carries the schedule on, and if it dies the webhook stays
+    # owed and the sweeper re-queues it a lease after the stamp, by when the claim has lapsed.
+    if not store.claim_webhook_attempt(
+        job_id,
+        attempt,
+        claim_seconds=attempt_claim_seconds(settings),
+        expected_by=now + settings.webhook_timeout_seconds,
+    ):
+        log.info(
+            "webhook %s of job %s: attempt %d is made or was made by another delivery; "
+            "this one stops",
+            webhook_id,
+            job_id,
+            attempt,
+        )
+        return None
 
     event = WebhookEvent(
         type=event_type, timestamp=record.finished_at or datetime.now(UTC), data=record

@@ -20,6 +20,8 @@ Keys (prefix `fapm:`):
   requeue-claim:{id}    a sweeper re-enqueueing the job now (expires: a dead sweeper's lapses)
   webhooks-owed         zset of finished jobs whose webhook has not ended (delivered or given
                         up), by when its delivery should have shown progress (ms)
+  webhook-attempt:{id}:{n}  a delivery making attempt n of the job's webhook now (expires: a
+                        dead one's lapses), so a second delivery chain never POSTs it too
   workers               zset of worker hostnames by last heartbeat; worker:{host} its details
   stats                 hash of gauges and counters for /metrics
 """
@@ -227,6 +229,30 @@ for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], 'XX', ARGV[2], id) end
 return ids
 """
 
+# A delivery claims the next attempt of a job's webhook before POSTing it.
+# KEYS: webhook-attempt:{id}:{n}, job, webhooks-owed. ARGV: id, n, claim_ms, expected_by_ms.
+# Claimed only if attempt n is the next one (n - 1 attempts recorded: a chain that read the record
+# before another recorded attempt n does not make it again) and no other delivery holds it; the
+# owed stamp then moves to when this attempt should be recorded, so the sweeper re-queues the
+# delivery only once the claim of a delivery that died mid-POST has lapsed. Returns 1 or 0.
+_CLAIM_WEBHOOK_ATTEMPT = """
+local recorded = #cjson.decode(redis.call('HGET', KEYS[2], 'webhook_deliveries') or '[]')
+if recorded ~= tonumber(ARGV[2]) - 1 then return 0 end
+if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[3], 'XX', ARGV[4], ARGV[1])
+return 1
+"""
+
+# The owed webhook's delivery is queued or scheduled. KEYS: webhooks-owed, job.
+# ARGV: id, by_ms, dispatched ('1' also notes the first enqueue, on a record that exists only:
+# an HSET would otherwise create a stray hash).
+_WEBHOOK_EXPECTED_BY = """
+redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[1])
+if ARGV[3] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('HSET', KEYS[2], 'webhook_dispatched', '1')
+end
+"""
+
 
 @dataclass(frozen=True)
 class CreateOutcome:
@@ -275,6 +301,8 @@ class JobStore:
         self._claim_orphans = client.register_script(_CLAIM_ORPHANS)
         self._claim_owed_webhooks = client.register_script(_CLAIM_OWED_WEBHOOKS)
         self._mark_requeued = client.register_script(_MARK_REQUEUED)
+        self._claim_webhook_attempt = client.register_script(_CLAIM_WEBHOOK_ATTEMPT)
+        self._webhook_expected_by = client.register_script(_WEBHOOK_EXPECTED_BY)
 
     @classmethod
     def from_url(cls, url: str, job_ttl_seconds: int | None = None) -> JobStore:
@@ -750,12 +778,28 @@ class JobStore:
         """The owed webhook's delivery is queued or scheduled and should show progress (an
         attempt recorded, or its end) by `by` (unix s). Only moves the stamp of a webhook still
         owed (one that ended meanwhile stays ended); `dispatched` also notes the first enqueue."""
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zadd(_key("webhooks-owed"), {job_id: int(by * 1000)}, xx=True)
-            # Only on a record that exists: the HSET would otherwise create a stray hash.
-            if dispatched and self.redis.exists(job_key(job_id)):
-                pipe.hset(job_key(job_id), "webhook_dispatched", "1")
-            pipe.execute()
+        self._webhook_expected_by(
+            keys=[_key("webhooks-owed"), job_key(job_id)],
+            args=[job_id, int(by * 1000), "1" if dispatched else "0"],
+        )
+
+    def claim_webhook_attempt(
+        self, job_id: str, attempt: int, claim_seconds: float, expected_by: float
+    ) -> bool:
+        """Claim attempt `attempt` of the job's webhook for `claim_seconds` before POSTing it:
+        False if another delivery holds it or it is not the next attempt (one recorded since
+        this delivery read the record), and this delivery must not make it. On a claim, the
+        owed stamp moves to `expected_by` (unix s), when the attempt should be recorded."""
+        return bool(
+            self._claim_webhook_attempt(
+                keys=[
+                    _key("webhook-attempt", job_id, str(attempt)),
+                    job_key(job_id),
+                    _key("webhooks-owed"),
+                ],
+                args=[job_id, attempt, int(claim_seconds * 1000), int(expected_by * 1000)],
+            )
+        )
 
     def webhook_settled(self, job_id: str) -> None:
         """The webhook's delivery has ended (delivered, refused, given up, or there is none):
