@@ -56,7 +56,21 @@ NESTED_FLAGS: dict[str, tuple[str, str | None, str]] = {
     "--eval-batch-size": ("evaluate", "batch_size", "evaluate: sequences per forward pass"),
     "--min-skill-kept": ("target", "min_skill_kept", 'sparsity "auto": the skill floor (0.95)'),
     "--methods": ("methods", None, 'sparsity "auto": comma-separated methods to search'),
+    "--bands": ("nps", "bands", "nps: number of bands (8)"),
+    "--band-edges": ("nps", "band_edges", "nps: comma-separated rank-fraction edges 0,...,1"),
+    "--bounds": ("nps", "bounds", "nps: lo,hi of each band weight (0,2.5)"),
+    "--sigma0": ("nps", "sigma0", "nps: CMA-ES initial step size (0.3)"),
+    "--population": ("nps", "population", "nps: CMA-ES population (4 + 3 ln bands)"),
+    "--generations": ("nps", "generations", "nps: CMA-ES generations (20)"),
+    "--objective": ("nps", "objective", "nps: skill or balanced (balanced)"),
+    "--lam": ("nps", "lam", "nps: rescale of the kept update (1)"),
+    "--nps-seed": ("nps", "seed", "nps: seed of the search (0)"),
+    "--max-evaluations": ("nps", "max_evaluations", "nps: stop after N evaluations"),
+    "--max-seconds": ("nps", "max_seconds", "nps: stop after N seconds"),
+    "--nps-weights": ("nps", "weights", "nps: comma-separated band weights: publish, no search"),
 }
+# Nested keys whose flag takes a comma-separated list.
+LIST_KEYS = frozenset({"band_edges", "bounds", "weights"})
 _NESTED_FIELDS = {field for field, _, _ in NESTED_FLAGS.values()}
 
 
@@ -107,6 +121,8 @@ def spec_from_args(namespace: argparse.Namespace) -> JobSpec:
             continue
         if key is None:  # --methods fapm,magnitude
             values[field] = [m.strip() for m in value.split(",") if m.strip()]
+        elif key in LIST_KEYS:  # --nps-weights 1,0.5,...
+            values.setdefault(field, {})[key] = [v.strip() for v in value.split(",")]
         else:
             values.setdefault(field, {})[key] = value
     return JobSpec.model_validate(values)
@@ -207,6 +223,15 @@ def _print_points(evaluation: dict) -> None:
             f"{p['method']:<12} {fmt(p.get('sparsity')):<9} {fmt(p['skill']):<7} "
             f"{fmt(p['skill_kept']):<7} {fmt(p['perplexity']):<8} {fmt(p['forgetting_left'])}"
             f"{mark}",
+            file=sys.stderr,
+        )
+    nps = evaluation.get("nps")
+    if nps and nps.get("weights"):
+        weights = ",".join(f"{w:.6g}" for w in nps["weights"])
+        print(
+            f"nps: {nps['evaluations']} evaluations ({nps['stopped']}); fitness "
+            f"{fmt(nps['fitness'])} vs magnitude {fmt(nps['magnitude_fitness'])}; weights "
+            f"{weights}",
             file=sys.stderr,
         )
     if evaluation.get("note"):

@@ -37,3 +37,14 @@ class SkillFloorUnreachable(FapmError):
     def __init__(self, message: str, report: dict) -> None:
         super().__init__(message)
         self.report = report
+
+
+class NoAcceptableCandidate(FapmError):
+    """An NPS search rejected every candidate (perplexity not finite, or below the floor).
+    `report` holds every evaluation, as for SkillFloorUnreachable."""
+
+    code = "no_acceptable_candidate"
+
+    def __init__(self, message: str, report: dict) -> None:
+        super().__init__(message)
+        self.report = report

@@ -10,10 +10,11 @@ at that setting; the evaluation adds pruning_report.json's "evaluation" section,
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,7 +30,11 @@ from worker.engine.tensor_pruner import resolve_device
 from worker.errors import JobCancelled
 from worker.evaluation.candidates import CandidateBuilder
 from worker.evaluation.data import load_general, load_task
-from worker.evaluation.errors import SkillFloorUnreachable, SkillUndefined
+from worker.evaluation.errors import (
+    NoAcceptableCandidate,
+    SkillFloorUnreachable,
+    SkillUndefined,
+)
 from worker.evaluation.measures import Reference, forgetting_left, skill_kept
 from worker.evaluation.metrics import Evaluator, encode_general, encode_task
 from worker.evaluation.model import (
@@ -41,7 +46,8 @@ from worker.evaluation.model import (
     load_causal_lm,
     local_model_dir,
 )
-from worker.evaluation.plot import write_plot
+from worker.evaluation.nps_search import NpsSearch, evaluation_budget, run_search
+from worker.evaluation.plot import write_plot, write_search_plot
 from worker.evaluation.search import (
     Point,
     choose,
@@ -52,8 +58,13 @@ from worker.evaluation.search import (
 from worker.io.publish import open_target, published_report
 from worker.io.strict_json import with_finite_note
 from worker.spec import JobSpec
+from worker.spec.nps import band_edges
 
 EVALUATE_STAGE = "evaluate"
+NO_GENERAL_NOTE = (
+    "no general set was given (nps objective skill): perplexity and forgetting_left were not "
+    "measured"
+)
 
 
 @dataclass
@@ -69,16 +80,19 @@ class Evaluation:
     seconds: dict[str, float]
     requested: dict
     candidates: dict  # CandidateBuilder.memory(): the mode used and what it held
+    nps: NpsSearch | None = None  # an NPS search: what it tried and chose
 
     def as_dict(self) -> dict:
-        return {
+        nps = {} if self.nps is None else {"nps": self.nps.as_dict()}
+        return nps | {
             "requested": self.requested,
             "floor": self.floor,
             "references": {k: v.as_dict() for k, v in self.references.items()},
             "points": [p.as_dict() for p in self.points],
             "chosen": None if self.chosen is None else self.chosen.as_dict(),
             "note": self.note,
-            "evaluations": len(self.points) + len(self.references),
+            "evaluations": len(self.nps.evaluated if self.nps else self.points)
+            + len(self.references),
             "tokens_per_second": self.tokens_per_second,
             "seconds": self.seconds,
             "candidates": self.candidates,
@@ -114,6 +128,12 @@ def run_evaluated(
     open_target(spec.output, spec.overwrite, job_id).abort()
 
     evaluation = evaluate_job(spec, report_progress, cancelled)
+    if evaluation.chosen is None and evaluation.floor is None:  # an NPS search, no floor
+        raise NoAcceptableCandidate(
+            f"the NPS search rejected all {len(evaluation.points)} candidates (perplexity not "
+            "finite); nothing was published",
+            report=with_finite_note({"evaluation": evaluation.as_dict()}),
+        )
     if evaluation.chosen is None:
         raise SkillFloorUnreachable(
             f"no candidate kept {evaluation.floor:g} of the fine-tune's skill "
@@ -130,6 +150,8 @@ def run_evaluated(
             "sparsity": chosen.sparsity,
             "target": None,
             "methods": None,
+            # NPS publishes exactly the weights it reports (ALGORITHMS.md "NPS").
+            "nps": _published_nps(spec, evaluation),
         }
     )
     section = evaluation.as_dict()
@@ -142,11 +164,22 @@ def run_evaluated(
             section["chosen"],
             section["floor"],
         )
+        if evaluation.nps is not None:
+            files += write_search_plot(directory, section["nps"])
         card = directory / "README.md"
         card.write_text(card.read_text() + card_section(evaluation, files[0]))
         return {"evaluation": {**section, "plots": files}}
 
     return run_prune(concrete, report_progress, cancelled, job_id, extra_files=extra_files)
+
+
+def _published_nps(spec: JobSpec, evaluation: Evaluation) -> dict | None:
+    """The NPS section of the published job: the searched weights, or the job's own."""
+    if evaluation.nps is None:
+        return None if spec.nps is None else spec.nps.model_dump()
+    best = evaluation.nps.best
+    assert best is not None
+    return {**spec.nps_settings.model_dump(), "weights": best.weights}
 
 
 def evaluate_job(
@@ -176,7 +209,14 @@ def _evaluate(
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     methods = spec.search_methods if spec.auto else [spec.method]
-    total = 2 + (len(methods) * evaluations_per_method() if spec.auto else 1)
+    if spec.searched:
+        edges = band_edges(spec.sparsity, spec.nps_settings)  # type: ignore[arg-type]
+        candidates_planned = evaluation_budget(spec.nps_settings, len(edges) - 1)
+    elif spec.auto:
+        candidates_planned = len(methods) * evaluations_per_method()
+    else:
+        candidates_planned = 1
+    total = 2 + candidates_planned
     done = 0
 
     def tick() -> None:
@@ -189,7 +229,8 @@ def _evaluate(
     report_progress(Progress(EVALUATE_STAGE, 0, total))
     device = resolve_device(spec.device)
     task = load_task(settings.task, settings.max_examples)
-    general = load_general(settings.general, settings.max_examples)
+    # Only an NPS search on skill alone runs without a general set (the spec checks it).
+    general = load_general(settings.general, settings.max_examples) if settings.general else []
     # The work model: built from the fine-tune's directory (its tokenizer and shapes), or the
     # base's for an adapter; candidates are written into its parameters.
     # Remote inputs are copied to local directories, kept until the evaluation ends: the
@@ -201,7 +242,9 @@ def _evaluate(
     loaded.append(work)
     evaluator = Evaluator(
         encode_task(work.tokenizer, task, work.context, settings.task),
-        encode_general(work.tokenizer, general, work.context, settings.general),
+        encode_general(work.tokenizer, general, work.context, settings.general)
+        if settings.general
+        else [],
         settings.batch_size,
         _pad_id(work.tokenizer),
         device,
@@ -233,7 +276,10 @@ def _evaluate(
     ft_scores = _measure(evaluator, work.model, work_uri)
     tick()
     ref = Reference(base_scores[0], ft_scores[0], base_scores[2], ft_scores[2])
-    floor = (spec.target.min_skill_kept if spec.target else 0.95) if spec.auto else None
+    if spec.auto:
+        floor: float | None = spec.target.min_skill_kept if spec.target else 0.95
+    else:  # an NPS search rejects candidates below a floor only when one is given
+        floor = spec.target.min_skill_kept if spec.target and spec.searched else None
 
     def point(method: str, sparsity: float, scores, build: float) -> Point:
         kept = skill_kept(scores[0], ref)
@@ -254,20 +300,43 @@ def _evaluate(
         "base": point("base", 1.0, base_scores, 0.0),
         "finetuned": point("finetuned", 0.0, ft_scores, 0.0),
     }
-    if spec.auto and ref.skill_ft <= 0:
+    if (spec.auto or spec.searched) and ref.skill_ft <= 0:
         raise SkillUndefined(
             "the fine-tuned model scores 0 on the task set, so no skill can be kept: check the "
             "task set's format against the fine-tune (prompt + completion, exact match)"
         )
 
-    def measure(method: str, sparsity: float) -> Point:
-        build = builder.write(method, sparsity)
+    def measure(method: str, sparsity: float, weights: list[float] | None = None) -> Point:
+        if method == "nps":
+            nps = spec.nps_settings
+            weights = weights or nps.weights or [1.0] * (len(band_edges(sparsity, nps)) - 1)
+            build = builder.write_nps(sparsity, weights, nps.lam)
+        else:
+            build = builder.write(method, sparsity)
         where = f"the {method} candidate at sparsity {sparsity:g}"
         result = point(method, sparsity, _measure(evaluator, work.model, where), build)
         tick()
         return result
 
-    if spec.auto:
+    search: NpsSearch | None = None
+    if spec.searched:
+        assert isinstance(spec.sparsity, float)
+        sparsity = spec.sparsity
+        search = run_search(
+            spec.nps_settings,
+            sparsity,
+            edges,
+            lambda weights: measure("nps", sparsity, weights),
+            len(evaluator.task_set),
+            floor,
+        )
+        best = search.best
+        # The all-ones candidate is magnitude at this sparsity (ALGORITHMS.md): plotted as such.
+        points = [replace(search.magnitude.point, method="magnitude")]
+        chosen = None if best is None else best.point
+        if chosen is not None:
+            points.append(chosen)
+    elif spec.auto:
         points = [p for method in methods for p in search_method(method, measure)]
         chosen = choose(points)
     else:
@@ -282,7 +351,12 @@ def _evaluate(
         chosen=chosen,
         floor=floor,
         note="; ".join(
-            n for n in (added_vocabulary_note(added, work_uri), ref.forgetting_note) if n
+            n
+            for n in (
+                added_vocabulary_note(added, work_uri),
+                ref.forgetting_note if settings.general else NO_GENERAL_NOTE,
+            )
+            if n
         )
         or None,
         tokens_per_second=evaluator.throughput.tokens_per_second,
@@ -295,6 +369,7 @@ def _evaluate(
             "device": device.type,
         },
         candidates=builder.memory(),
+        nps=search,
     )
 
 
@@ -312,8 +387,9 @@ def _measure(
     """(skill, completion loss, perplexity, seconds) of one model."""
     started = time.perf_counter()
     skill = evaluator.skill(model, where)
-    general = evaluator.general(model, where)
-    return skill.accuracy, skill.loss, general.perplexity, time.perf_counter() - started
+    # No general set (NPS on skill alone): perplexity is not measured.
+    ppl = evaluator.general(model, where).perplexity if evaluator.general_set else math.nan
+    return skill.accuracy, skill.loss, ppl, time.perf_counter() - started
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -330,7 +406,12 @@ def card_section(evaluation: Evaluation, png: str) -> str:
         "## Evaluation",
         "",
         f"Measured by fapm-service on `{requested['evaluate']['task']}` (skill: exact match of "
-        f"the greedy completion) and `{requested['evaluate']['general']}` (perplexity).",
+        "the greedy completion)"
+        + (
+            f" and `{requested['evaluate']['general']}` (perplexity)."
+            if requested["evaluate"]["general"]
+            else "; no general set (perplexity not measured)."
+        ),
     ]
     if requested["sparsity"] == "auto":
         lines.append(
@@ -338,6 +419,8 @@ def card_section(evaluation: Evaluation, png: str) -> str:
             f"forgetting that keeps {evaluation.floor:g} of the fine-tune's skill is "
             f"**{chosen.method} at sparsity {chosen.sparsity:g}**."
         )
+    if evaluation.nps is not None:
+        lines += nps_card_lines(evaluation.nps)
     if evaluation.note:
         lines.append(f"Note: {evaluation.note}.")
     lines += [
@@ -355,3 +438,24 @@ def card_section(evaluation: Evaluation, png: str) -> str:
             f"{p.completion_loss:.4f} | {p.perplexity:.4f} | {_fmt(p.forgetting_left)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def nps_card_lines(search: NpsSearch) -> list[str]:
+    """What the NPS search tried and chose, for the card."""
+    best = search.best
+    assert best is not None
+    magnitude = search.magnitude.fitness
+    gain = (
+        "" if magnitude == float("-inf") else f" (magnitude at the same sparsity: {magnitude:.4f})"
+    )
+    weights = ", ".join(f"{w:.4g}" for w in best.weights)
+    edges = ", ".join(f"{e:.4g}" for e in search.edges)
+    return [
+        "",
+        f"The task vector's band weights were searched by NPS (arXiv 2505.18713; CMA-ES, "
+        f"{len(search.evaluated)} evaluations in {len(search.generations) - 1} generations, "
+        f"stopped by {search.stopped}) with objective **{search.objective}**: fitness "
+        f"{best.fitness:.4f}{gain}.",
+        f"Bands (rank fractions of |update|): {edges}; chosen weights: {weights}; "
+        f"lam {search.lam:g}. Fitness per generation: `nps_search.png`.",
+    ]

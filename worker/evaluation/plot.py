@@ -68,3 +68,36 @@ def write_plot(
     figure.savefig(directory / SVG, format="svg", metadata={"Date": None})
     plt.close(figure)
     return [PNG, SVG]
+
+
+SEARCH_PNG, SEARCH_SVG = "nps_search.png", "nps_search.svg"
+
+
+def write_search_plot(directory: Path, nps: dict) -> list[str]:
+    """Write nps_search.png/.svg: each generation's best and mean fitness, the best so far, and
+    magnitude's fitness (the all-ones candidate, generation 0) as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    generations = [g for g in nps["generations"] if g["index"] > 0]
+    figure, axes = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    for key, style in (("best", "o-"), ("mean", "s--"), ("best_so_far", "-")):
+        series = [(g["index"], g[key]) for g in generations if g[key] is not None]
+        if series:
+            axes.plot(*zip(*series, strict=True), style, label=key.replace("_", " "), alpha=0.8)
+    if nps["magnitude_fitness"] is not None:
+        axes.axhline(
+            nps["magnitude_fitness"], linestyle=":", color="gray", label="magnitude (all ones)"
+        )
+    axes.set_xlabel("generation")
+    axes.set_ylabel(f"fitness ({nps['objective']})")
+    axes.set_title(f"NPS search at sparsity {nps['sparsity']:g} ({nps['bands']} bands)")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(directory / SEARCH_PNG, format="png", metadata={"Software": None})
+    figure.savefig(directory / SEARCH_SVG, format="svg", metadata={"Date": None})
+    plt.close(figure)
+    return [SEARCH_PNG, SEARCH_SVG]

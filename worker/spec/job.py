@@ -101,7 +101,9 @@ class JobSpec(BaseModel):
         'model(s); required by sparsity "auto".',
     )
     target: TargetSpec | None = Field(
-        default=None, description='sparsity "auto": the skill floor (default 0.95).'
+        default=None,
+        description='sparsity "auto": the skill floor (default 0.95); an NPS search: rejects '
+        "candidates below it (no floor by default).",
     )
     methods: list[MethodName] | None = Field(
         default=None,
@@ -148,8 +150,8 @@ class JobSpec(BaseModel):
                     'evaluate: sparsity "auto" needs evaluate {task, general} to measure with'
                 )
         else:
-            if self.target is not None:
-                raise ValueError('target: applies to sparsity "auto" only')
+            if self.target is not None and not self.searched:
+                raise ValueError('target: applies to sparsity "auto" and the NPS search only')
             if self.methods is not None:
                 raise ValueError('methods: applies to sparsity "auto" only (use method)')
         if self.methods is not None and len(set(self.methods)) != len(self.methods):
