@@ -54,6 +54,22 @@ def new_job_id() -> str:
     return f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
 
 
+# The index scores a job by when it was written, a moment after its id took its time: a scan
+# from a cursor's time reaches this much later, so no job with a smaller id is missed.
+CURSOR_SCORE_SLACK_MS = 60_000
+
+
+def _cursor_max_score(cursor: str) -> str:
+    """The highest index score a job listed after an unknown cursor can have. An id's first 12
+    hex digits are its millisecond; a shorter cursor is padded with f (any id below it is
+    below that), and one that is not hex bounds nothing."""
+    try:
+        cursor_ms = int(cursor[:12].ljust(12, "f"), 16)
+    except ValueError:
+        return "+inf"
+    return str(cursor_ms + CURSOR_SCORE_SLACK_MS)
+
+
 def _key(*parts: str) -> str:
     return PREFIX + ":".join(parts)
 
@@ -454,10 +470,11 @@ class JobStore:
         if cursor:
             score = self.redis.zscore(index, cursor)
             # A cursor whose job expired (its index entry dropped) still marks a place: ids sort
-            # by creation time, so the page goes on with the ids below it.
+            # by creation time, so the page goes on with the ids below it, and the scan starts
+            # at the cursor's own time instead of at the newest job (a forged cursor must not
+            # make every listing read all of a tenant's jobs).
             known_cursor = score is not None
-            if known_cursor:
-                max_score = str(int(score))
+            max_score = str(int(score)) if known_cursor else _cursor_max_score(cursor)
         page: list[JobRecord] = []
         expired: list[str] = []  # removed only after the scan: offsets must not shift
         offset = 0
@@ -469,16 +486,20 @@ class JobStore:
                 if not ids:
                     return page, None
                 offset += len(ids)
-                with self.redis.pipeline(transaction=False) as pipe:
-                    for job_id in ids:
-                        pipe.hgetall(job_key(job_id))
-                    rows = pipe.execute()
-                for job_id, fields in zip(ids, rows, strict=True):
+                # Only the ids past the cursor are read.
+                wanted = []
+                for job_id in ids:
                     if not passed_cursor:
                         passed_cursor = job_id == cursor
-                        continue
-                    if cursor and not known_cursor and job_id >= cursor:
-                        continue
+                    elif not (cursor and not known_cursor and job_id >= cursor):
+                        wanted.append(job_id)
+                if not wanted:
+                    continue
+                with self.redis.pipeline(transaction=False) as pipe:
+                    for job_id in wanted:
+                        pipe.hgetall(job_key(job_id))
+                    rows = pipe.execute()
+                for job_id, fields in zip(wanted, rows, strict=True):
                     if not fields:
                         expired.append(job_id)  # the record expired: drop its index entry after
                         continue
