@@ -33,6 +33,22 @@ JOB_REQUEST_EXAMPLES: dict[str, dict[str, Any]] = {
             "device": "cpu",
         },
     },
+    "nps_search": {
+        "summary": "NPS: search the task vector's band weights on your sets (arXiv 2505.18713)",
+        "value": {
+            "base": "hf://meta-llama/Llama-3.1-8B@main",
+            "finetuned": "s3://acme-models/llama-3.1-8b-sft/",
+            "output": "s3://acme-pruned/llama-3.1-8b-sft-nps/",
+            "method": "nps",
+            "sparsity": 0.9,
+            "nps": {"bands": 8, "generations": 20, "objective": "balanced", "seed": 0},
+            "evaluate": {
+                "task": "s3://acme-evals/sft/task.jsonl",
+                "general": "s3://acme-evals/general.jsonl",
+                "max_examples": 200,
+            },
+        },
+    },
 }
 
 _SPEC = {

@@ -100,3 +100,34 @@ def test_evaluation_sets_outside_the_roots_are_refused_at_submission(service, ca
         missing = api.post("/v1/jobs", json={**body(case, local_root / "y"), "evaluate": None})
         assert missing.status_code == 422
         assert "evaluate" in missing.text
+
+
+def test_nps_job_through_the_api(service, case, local_root):
+    jobs = Jobs(service)
+    out = local_root / "eval-out-nps"
+    nps = {"generations": 1, "population": 4, "objective": "balanced", "seed": 0}
+    seen: list = []
+    record = jobs.wait(
+        jobs.submit(body(case, out, method="nps", sparsity=0.8, nps=nps)), timeout=180, seen=seen
+    )
+    assert record.status == "succeeded", record.error
+    search = record.result.report["evaluation"]["nps"]
+    assert search["evaluations"] == 1 + 4 and search["fitness"] >= search["magnitude_fitness"]
+    assert jobs.report(record.id)["spec"]["nps"]["weights"] == search["weights"]
+    assert (out / "nps_search.png").exists()
+    # Progress counted each evaluation: 2 references + 5 candidates.
+    totals = {r.progress.tensors_total for r in seen if r.progress.stage == "evaluate"}
+    assert totals == {7}
+
+
+def test_nps_without_its_sets_is_a_422_problem(service, case, local_root):
+    with client(service) as api:
+        no_sets = {**body(case, local_root / "n1", method="nps", sparsity=0.8), "evaluate": None}
+        response = api.post("/v1/jobs", json=no_sets)
+        assert response.status_code == 422, response.text
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert "evaluate" in response.text and "nps" in response.text
+        balanced = body(case, local_root / "n2", method="nps", sparsity=0.8)
+        del balanced["evaluate"]["general"]
+        response = api.post("/v1/jobs", json=balanced)
+        assert response.status_code == 422 and "general" in response.text

@@ -48,6 +48,14 @@ _AFTER_EVALUATION = {
     "publish": _SINGLE_PASS["publish"],
     "done": _SINGLE_PASS["done"],
 }
+# An NPS search in scope model publishes with the two counting passes after its evaluation.
+_PUBLISH_THIRD = (PRUNE_END - EVALUATE_END - 0.01) / 3
+_AFTER_EVALUATION_MODEL = {
+    **_AFTER_EVALUATION,
+    "scan1": (EVALUATE_END + 0.01, EVALUATE_END + 0.01 + _PUBLISH_THIRD),
+    "scan2": (EVALUATE_END + 0.01 + _PUBLISH_THIRD, EVALUATE_END + 0.01 + 2 * _PUBLISH_THIRD),
+    "prune": (EVALUATE_END + 0.01 + 2 * _PUBLISH_THIRD, PRUNE_END),
+}
 # Evaluation jobs (kind "evaluation", worker/evaluation/standalone.py) only measure: the stage
 # "evaluate" counts measured models and is the whole job.
 _EVALUATION_ONLY = {
@@ -63,8 +71,8 @@ def stage_spans(
 ) -> dict[str, tuple[float, float]]:
     if kind == "evaluation":
         return _EVALUATION_ONLY
-    if evaluate:  # sparsity "auto" refuses scope model: one pass after the evaluation
-        return _AFTER_EVALUATION
+    if evaluate:  # only NPS evaluates in scope model
+        return _AFTER_EVALUATION_MODEL if scope == "model" else _AFTER_EVALUATION
     return _THREE_PASSES if scope == "model" else _SINGLE_PASS
 
 
