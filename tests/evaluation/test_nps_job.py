@@ -15,6 +15,7 @@ from tests.evaluation.test_auto import spec_for
 from worker.cli import main
 from worker.engine.pipeline import run_prune
 from worker.evaluation.job import run_job_spec
+from worker.evaluation.search import COARSE, evaluations_per_method
 from worker.spec import JobSpec
 
 # Magnitude keeps half the skill at 0.7 and none at 0.85 on this pair (24 examples).
@@ -154,3 +155,33 @@ def test_max_evaluations_stops_early_with_the_best_so_far(eval_case, tmp_path):
 def test_nps_settings_that_cannot_run_are_refused_up_front(extra, field):
     with pytest.raises(ValueError, match=field):
         JobSpec.model_validate({"base": "/b", "finetuned": "/f", "output": "/o", **extra})
+
+
+def test_auto_with_nps_searches_weights_where_magnitudes_order_loses_the_floor(eval_case, tmp_path):
+    out = tmp_path / "auto"
+    spec = spec_for(
+        eval_case,
+        out,
+        sparsity="auto",
+        methods=["magnitude", "nps"],
+        target={"min_skill_kept": 0.9},
+        nps={"generations": 2, "objective": "skill"},
+    )
+    report = strict(json.dumps(run_job_spec(spec).report))
+    evaluation = report["evaluation"]
+    ones = [p for p in evaluation["points"] if p["method"] == "nps"][: len(COARSE) + 3]
+    magnitude = [p for p in evaluation["points"] if p["method"] == "magnitude"]
+    # The all-ones order is magnitude's: the same skill at every sparsity both evaluated.
+    assert [(p["sparsity"], p["skill"]) for p in ones] == [
+        (p["sparsity"], p["skill"]) for p in magnitude
+    ]
+    nps = evaluation["nps"]
+    edge = min(p["sparsity"] for p in ones if not p["meets_floor"] and p["sparsity"] > max(
+        q["sparsity"] for q in ones if q["meets_floor"]))  # fmt: skip
+    assert nps["sparsity"] == edge
+    assert all(e["fitness"] is None or e["skill_kept"] >= 0.9 for e in nps["evaluated"])
+    chosen = evaluation["chosen"]
+    assert chosen["meets_floor"]
+    assert evaluation["evaluations"] == 2 + 2 * evaluations_per_method() + nps["evaluations"]
+    if chosen["method"] == "nps":  # published with exactly the weights of its candidate
+        assert report["spec"]["nps"]["weights"] in (nps["weights"], [1.0] * nps["bands"])

@@ -80,6 +80,7 @@ class Evaluation:
     seconds: dict[str, float]
     requested: dict
     candidates: dict  # CandidateBuilder.memory(): the mode used and what it held
+    evaluations: int = 0  # models measured: the references and every candidate
     nps: NpsSearch | None = None  # an NPS search: what it tried and chose
 
     def as_dict(self) -> dict:
@@ -91,8 +92,7 @@ class Evaluation:
             "points": [p.as_dict() for p in self.points],
             "chosen": None if self.chosen is None else self.chosen.as_dict(),
             "note": self.note,
-            "evaluations": len(self.nps.evaluated if self.nps else self.points)
-            + len(self.references),
+            "evaluations": self.evaluations,
             "tokens_per_second": self.tokens_per_second,
             "seconds": self.seconds,
             "candidates": self.candidates,
@@ -174,12 +174,29 @@ def run_evaluated(
 
 
 def _published_nps(spec: JobSpec, evaluation: Evaluation) -> dict | None:
-    """The NPS section of the published job: the searched weights, or the job's own."""
-    if evaluation.nps is None:
-        return None if spec.nps is None else spec.nps.model_dump()
-    best = evaluation.nps.best
-    assert best is not None
-    return {**spec.nps_settings.model_dump(), "weights": best.weights}
+    """The NPS section of the published job: exactly the weights of the chosen candidate."""
+    chosen = evaluation.chosen
+    assert chosen is not None
+    if chosen.method != "nps":
+        return None
+    nps = spec.nps_settings
+    search = evaluation.nps
+    if search is not None and search.best is not None and chosen is search.best.point:
+        weights = search.best.weights
+    else:  # a fixed-weights job, or an all-ones point of sparsity "auto"
+        bands = len(band_edges(chosen.sparsity, nps)) - 1
+        weights = nps.weights or [1.0] * bands
+    return {**nps.model_dump(), "weights": weights}
+
+
+def _first_sparsity_losing_the_floor(points: list[Point]) -> float | None:
+    """The lowest evaluated sparsity above every one that keeps the floor and that does not
+    keep it itself (where the bisection ended), or None when none keeps it or all do."""
+    keeping = [p.sparsity for p in points if p.meets_floor]
+    if not keeping:
+        return None
+    above = [p.sparsity for p in points if not p.meets_floor and p.sparsity > max(keeping)]
+    return min(above, default=None)
 
 
 def evaluate_job(
@@ -214,6 +231,8 @@ def _evaluate(
         candidates_planned = evaluation_budget(spec.nps_settings, len(edges) - 1)
     elif spec.auto:
         candidates_planned = len(methods) * evaluations_per_method()
+        if "nps" in methods:  # and one search at the edge of the floor
+            candidates_planned += evaluation_budget(spec.nps_settings, spec.nps_settings.bands)
     else:
         candidates_planned = 1
     total = 2 + candidates_planned
@@ -318,18 +337,22 @@ def _evaluate(
         tick()
         return result
 
-    search: NpsSearch | None = None
-    if spec.searched:
-        assert isinstance(spec.sparsity, float)
-        sparsity = spec.sparsity
-        search = run_search(
-            spec.nps_settings,
+    def search_weights(sparsity: float) -> NpsSearch:
+        nps = spec.nps_settings
+        edges = band_edges(sparsity, nps)
+        return run_search(
+            nps,
             sparsity,
             edges,
             lambda weights: measure("nps", sparsity, weights),
             len(evaluator.task_set),
             floor,
         )
+
+    search: NpsSearch | None = None
+    if spec.searched:
+        assert isinstance(spec.sparsity, float)
+        search = search_weights(spec.sparsity)
         best = search.best
         # The all-ones candidate is magnitude at this sparsity (ALGORITHMS.md): plotted as such.
         points = [replace(search.magnitude.point, method="magnitude")]
@@ -337,7 +360,17 @@ def _evaluate(
         if chosen is not None:
             points.append(chosen)
     elif spec.auto:
-        points = [p for method in methods for p in search_method(method, measure)]
+        points = []
+        for method in methods:
+            found = search_method(method, measure)
+            points += found
+            edge = _first_sparsity_losing_the_floor(found) if method == "nps" else None
+            if edge is not None:
+                # Where the all-ones order (magnitude's) loses the floor, NPS searches weights
+                # that keep it; its best point competes with every other.
+                search = search_weights(edge)
+                if search.best is not None:
+                    points.append(search.best.point)
         chosen = choose(points)
     else:
         assert isinstance(spec.sparsity, float)
@@ -369,6 +402,7 @@ def _evaluate(
             "device": device.type,
         },
         candidates=builder.memory(),
+        evaluations=done,
         nps=search,
     )
 
@@ -419,7 +453,7 @@ def card_section(evaluation: Evaluation, png: str) -> str:
             f"forgetting that keeps {evaluation.floor:g} of the fine-tune's skill is "
             f"**{chosen.method} at sparsity {chosen.sparsity:g}**."
         )
-    if evaluation.nps is not None:
+    if evaluation.nps is not None and evaluation.nps.best is not None:
         lines += nps_card_lines(evaluation.nps)
     if evaluation.note:
         lines.append(f"Note: {evaluation.note}.")

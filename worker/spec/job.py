@@ -214,8 +214,9 @@ class JobSpec(BaseModel):
 
     @property
     def searched(self) -> bool:
-        """An NPS job that searches its weights (not one told them)."""
-        return self.method == "nps" and self.nps_settings.weights is None
+        """An NPS job at a fixed sparsity that searches its weights (not one told them; sparsity
+        "auto" searches them at the sparsity where magnitude's order loses the floor)."""
+        return self.method == "nps" and not self.auto and self.nps_settings.weights is None
 
     @property
     def auto(self) -> bool:
