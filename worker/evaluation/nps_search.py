@@ -68,6 +68,8 @@ class GenerationSummary:
     best_so_far: float | None
     evaluations: int
     seconds: float
+    build_seconds: float  # writing its candidates into the work model
+    evaluate_seconds: float  # measuring them
 
 
 @dataclass
@@ -249,4 +251,6 @@ def _summary(
         best_so_far=None if best is None else best.fitness,
         evaluations=len(evaluated),
         seconds=seconds,
+        build_seconds=sum(e.point.build_seconds for e in evaluated),
+        evaluate_seconds=sum(e.point.seconds for e in evaluated),
     )
