@@ -283,11 +283,22 @@ def test_hub_webhooks_off_with_an_empty_secret(make_stack):
         ("- repo: a/*\n  base: /b\n  output: /o\n", "tenant"),
         ("{not yaml", "not valid YAML"),
         ("repo: a\n", "expected a list"),
+        ("- repo: a/*\n  tenant: t\n  base: /b\n  output: /o\n  method: nps\n", "evaluate"),
     ],
 )
 def test_rules_parser_names_the_problem(text, message):
     with pytest.raises(HubRulesError, match=message):
         parse_rules(text, "rules.yaml")
+
+
+def test_a_rule_can_start_an_nps_search():
+    text = (
+        "- repo: a/*\n  tenant: t\n  base: /b\n  output: /o/{short_sha}\n  method: nps\n"
+        "  sparsity: 0.9\n  nps: {generations: 5, objective: skill}\n"
+        "  evaluate: {task: /evals/task.jsonl}\n"
+    )
+    spec = parse_rules(text, "rules.yaml")[0].job_request("a/b", "e" * 40).spec()
+    assert spec.method == "nps" and spec.searched and spec.nps_settings.generations == 5
 
 
 def test_rules_parser_reads_json_and_a_rules_key():
