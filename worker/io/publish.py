@@ -17,7 +17,6 @@ shard is computed. `commit` publishes everything at once; `abort` removes whatev
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import stat
@@ -29,8 +28,9 @@ from abc import ABC, abstractmethod
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from worker.errors import InvalidOutput, OutputExists, OutputNotReplaceable
+from worker.errors import FapmError, InvalidOutput, OutputExists, OutputNotReplaceable
 from worker.io import strict_json
+from worker.io.safe_json import JsonLimits, check_size, load_json
 from worker.io.writer import WrittenShard
 
 MANIFEST_FILE = "fapm-manifest.json"
@@ -39,15 +39,44 @@ MANIFEST_FILE = "fapm-manifest.json"
 REPORT_FILE = "pruning_report.json"
 REPORT_FORMAT_PREFIX = "fapm-pruning-report/"
 _HASH_CHUNK = 8 * 2**20
+# What a report or manifest found at an output location may be: whoever can write there can put
+# anything there, so it is read capped and parsed by the one safe loader (worker/io/safe_json.py),
+# never whole and never by json.loads alone. fapm's own are far smaller (a manifest lists at most
+# carry-over's 10,000 files; a report a few entries per tensor).
+PUBLISHED_JSON_LIMITS = JsonLimits(max_bytes=64 * 2**20, max_depth=32, max_values=4 * 2**20)
 
 
-def fapm_report(data: bytes) -> dict | None:
+class _UnreadableJson(FapmError):
+    """A report or manifest at an output that is too large, too deep or not JSON: fapm did not
+    write it (callers turn this into "not fapm's")."""
+
+
+def _published_json(raw: bytes, where: str) -> dict:
+    """A JSON object read from an output location (_UnreadableJson if it is not one within
+    PUBLISHED_JSON_LIMITS)."""
+    return load_json(raw, where, PUBLISHED_JSON_LIMITS, _UnreadableJson)  # type: ignore[return-value]
+
+
+def _read_s3_json_bytes(client, bucket: str, key: str) -> bytes:
+    """An S3 object's bytes, for JSON: its size is checked before a byte is read, and no more
+    than the limit is read even if the store misreports it (the loader then refuses it)."""
+    obj = client.get_object(Bucket=bucket, Key=key)
+    body = obj["Body"]
+    try:
+        size = int(obj.get("ContentLength") or 0)
+        check_size(size, f"s3://{bucket}/{key}", PUBLISHED_JSON_LIMITS, _UnreadableJson)
+        return body.read(PUBLISHED_JSON_LIMITS.max_bytes + 1)
+    finally:
+        body.close()
+
+
+def fapm_report(data: bytes, where: str = REPORT_FILE) -> dict | None:
     """The pruning report in `data` if it is one as fapm writes it, else None."""
     try:
-        report = json.loads(data)
-    except (ValueError, RecursionError):
+        report = _published_json(data, where)
+    except _UnreadableJson:
         return None
-    if isinstance(report, dict) and str(report.get("format", "")).startswith(REPORT_FORMAT_PREFIX):
+    if str(report.get("format", "")).startswith(REPORT_FORMAT_PREFIX):
         return report
     return None
 
@@ -67,14 +96,21 @@ def staged_files(directory: Path) -> list[str]:
     return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
 
 
-def _read_no_follow(path: Path) -> bytes:
-    """A regular file's bytes, never through a symlink (OSError otherwise)."""
+def _read_no_follow(path: Path, max_bytes: int = PUBLISHED_JSON_LIMITS.max_bytes) -> bytes:
+    """A regular file's bytes, never through a symlink, and never more than `max_bytes` of
+    them (OSError otherwise)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise OSError(f"{path}: not a regular file")
+        if info.st_size > max_bytes:
+            raise OSError(f"{path}: {info.st_size:,} bytes, over the {max_bytes:,}-byte limit")
         with os.fdopen(fd, "rb", closefd=False) as handle:
-            return handle.read()
+            data = handle.read(max_bytes + 1)  # it may have grown since the fstat
+        if len(data) > max_bytes:
+            raise OSError(f"{path}: over the {max_bytes:,}-byte limit")
+        return data
     finally:
         os.close(fd)
 
@@ -91,7 +127,7 @@ def check_replaceable(output: Path) -> None:
     try:
         if not stat.S_ISDIR(os.lstat(output).st_mode):
             raise OutputNotReplaceable(refusal)
-        report = fapm_report(_read_no_follow(output / REPORT_FILE))
+        report = fapm_report(_read_no_follow(output / REPORT_FILE), str(output / REPORT_FILE))
         if report is None:
             raise OutputNotReplaceable(refusal)
         with os.scandir(output) as entries:
@@ -157,17 +193,20 @@ def published_report(uri: str, job_id: str, report_file: str) -> dict | None:
     target = parse_uri(uri)
     try:
         if target.scheme == "file":
-            report = json.loads(_read_no_follow(target.local_path / report_file))
+            path = target.local_path / report_file
+            report = _published_json(_read_no_follow(path), str(path))
         elif target.scheme == "s3":
             from worker.io.s3 import s3_client, split_s3_uri
 
             bucket, prefix = split_s3_uri(target.path)
             client = s3_client()
-            manifest = client.get_object(Bucket=bucket, Key=prefix + MANIFEST_FILE)
-            if json.loads(manifest["Body"].read()).get("job_id") != job_id:
+            manifest_key, report_key = prefix + MANIFEST_FILE, prefix + report_file
+            manifest = _published_json(
+                _read_s3_json_bytes(client, bucket, manifest_key), manifest_key
+            )
+            if manifest.get("job_id") != job_id:
                 return None
-            body = client.get_object(Bucket=bucket, Key=prefix + report_file)["Body"].read()
-            report = json.loads(body)
+            report = _published_json(_read_s3_json_bytes(client, bucket, report_key), report_key)
         else:
             return None  # the Hub's single commit: a re-run publishes a second, identical one
     except Exception:  # no such output, or unreadable: not published by this job
@@ -288,11 +327,12 @@ class S3Target(OutputTarget):
             f"{self.uri} is not a model fapm published (no {REPORT_FILE} of fapm's there); "
             "overwrite replaces only those: choose another output"
         )
+        key = self.prefix + REPORT_FILE
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self.prefix + REPORT_FILE)
-        except self.client.exceptions.ClientError:
+            raw = _read_s3_json_bytes(self.client, self.bucket, key)
+        except (self.client.exceptions.ClientError, _UnreadableJson):
             raise OutputNotReplaceable(refusal) from None
-        report = fapm_report(body["Body"].read())
+        report = fapm_report(raw, f"s3://{self.bucket}/{key}")
         if report is None:
             raise OutputNotReplaceable(refusal)
         names = [obj["Key"][len(self.prefix) :] for obj in existing]
