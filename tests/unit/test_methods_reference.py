@@ -51,11 +51,13 @@ def engine_prune(
     w32 = w.to(torch.float32)
     d32 = f.to(torch.float32) - w32
     view = (w.shape[0], -1) if scope == "row" and w.dim() >= 2 else (1, -1)
+    # nps folds scale into lam (its per-entry factors); the other methods ignore lam.
     params = MethodParams(
-        sparsity=sparsity, alpha=alpha, gamma=gamma, seed=seed, tensor_name=tensor_name
+        sparsity=sparsity, alpha=alpha, gamma=gamma, seed=seed, tensor_name=tensor_name, lam=scale
     )
-    keep = impl.mask(w32.reshape(view), d32.reshape(view), params).reshape(w.shape)
-    factor = impl.update_factor(params) * scale
+    keep, factors = impl.select(w32.reshape(view), d32.reshape(view), params)
+    keep = keep.reshape(w.shape)
+    factor = impl.update_factor(params) * scale if factors is None else factors.reshape(w.shape)
     return compose_output(w, f, keep, factor, f.dtype), keep
 
 

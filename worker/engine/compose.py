@@ -82,21 +82,30 @@ def compose_output(
     w: torch.Tensor,
     f: torch.Tensor,
     keep: torch.Tensor,
-    factor: float,
+    factor: float | torch.Tensor,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """The output tensor in `out_dtype`.
 
     `w` and `f` are in their stored dtypes (W is cast to F's when they differ); `keep` has their
-    shape. `factor` is the multiplier on kept updates: 1.0 selects F exactly.
+    shape. `factor` is the multiplier on kept updates: 1.0 selects F exactly. A float32 tensor of
+    their shape gives each entry its own multiplier (nps's c_b): F exactly where it is 1, the
+    rescale elsewhere.
     """
     if w.dtype != f.dtype:
         w = w.to(f.dtype)
-    if factor == 1.0:
+    per_entry = isinstance(factor, torch.Tensor)
+    if not per_entry and factor == 1.0:
         return torch.where(keep, f, w).to(out_dtype)
     w32 = w.to(torch.float32)
     d32 = f.to(torch.float32) - w32
-    factor32 = torch.tensor(factor, dtype=torch.float32, device=w.device)
+    if per_entry:
+        factor32 = factor.to(device=w.device, dtype=torch.float32)
+    else:
+        factor32 = torch.tensor(factor, dtype=torch.float32, device=w.device)
     # Where kept, round once from float32; where dropped, W exactly.
     rescaled = (w32 + factor32 * d32).to(out_dtype)
-    return torch.where(keep, rescaled, w.to(out_dtype))
+    out = torch.where(keep, rescaled, w.to(out_dtype))
+    if per_entry:
+        out = torch.where(keep & (factor32 == 1.0), f.to(out_dtype), out)
+    return out

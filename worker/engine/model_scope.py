@@ -10,7 +10,7 @@ k-th); the write pass keeps keys above it and hands out the remaining ties in or
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,24 +59,45 @@ def find_global_threshold(
 
     `key_passes()` yields each tensor's int32 order keys, in plan order, every time it is called.
     """
+    return find_global_thresholds(key_passes, lambda total: [keep_count(total, density)])[0]
+
+
+def find_global_thresholds(
+    key_passes: Callable[[], Iterable[torch.Tensor]],
+    counts: Callable[[int], Sequence[int]],
+) -> list[GlobalThreshold]:
+    """The global top-k thresholds for several k at once, in the same two streaming passes.
+
+    `counts(total)` gives the k's from the number of entries found by the first pass (nps cuts
+    the |D| order into bands at several ranks). The second pass is skipped when every k is 0 or
+    the total.
+    """
     total = 0
     high = torch.zeros(_BUCKETS, dtype=torch.int64)
     for keys in key_passes():
         ukeys = unsigned_keys(keys.reshape(-1))
         high += torch.bincount(ukeys >> 16, minlength=_BUCKETS)
         total += ukeys.numel()
-    k = keep_count(total, density)
-    if k == 0:
-        return GlobalThreshold(key=2**32, ties_left=0)
-    if k == total:
-        return GlobalThreshold(key=-1, ties_left=0)
-    bucket, above_bucket = _kth_bucket(high, k)
-
-    low = torch.zeros(_BUCKETS, dtype=torch.int64)
-    for keys in key_passes():
-        ukeys = unsigned_keys(keys.reshape(-1))
-        inside = ukeys[(ukeys >> 16) == bucket]
-        low += torch.bincount(inside & 0xFFFF, minlength=_BUCKETS)
-    low_bucket, above_in_bucket = _kth_bucket(low, k - above_bucket)
-    key = (bucket << 16) | low_bucket
-    return GlobalThreshold(key=key, ties_left=k - above_bucket - above_in_bucket)
+    ks = [min(total, max(0, k)) for k in counts(total)]
+    # For each k inside (0, total): its high bucket and the entries in buckets above it.
+    located = {k: _kth_bucket(high, k) for k in ks if 0 < k < total}
+    low = {bucket: torch.zeros(_BUCKETS, dtype=torch.int64) for bucket, _ in located.values()}
+    if low:
+        for keys in key_passes():
+            ukeys = unsigned_keys(keys.reshape(-1))
+            high_part = ukeys >> 16
+            for bucket, histogram in low.items():
+                inside = ukeys[high_part == bucket]
+                histogram += torch.bincount(inside & 0xFFFF, minlength=_BUCKETS)
+    thresholds = []
+    for k in ks:
+        if k == 0:
+            thresholds.append(GlobalThreshold(key=2**32, ties_left=0))
+        elif k == total:
+            thresholds.append(GlobalThreshold(key=-1, ties_left=0))
+        else:
+            bucket, above_bucket = located[k]
+            low_bucket, above_in_bucket = _kth_bucket(low[bucket], k - above_bucket)
+            key = (bucket << 16) | low_bucket
+            thresholds.append(GlobalThreshold(key, k - above_bucket - above_in_bucket))
+    return thresholds

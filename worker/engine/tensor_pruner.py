@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import os
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import ModuleType
 
 import torch
 
 from worker.engine.compose import TensorStats, compose_output, delta_stats
-from worker.engine.methods import MethodParams, get_method
+from worker.engine.methods import MethodParams, get_method, nps
 from worker.engine.methods.base import ScoredMethod
-from worker.engine.model_scope import GlobalThreshold
+from worker.engine.model_scope import GlobalThreshold, find_global_threshold
 from worker.engine.plan import TensorTask
 from worker.engine.select import keep_count, order_keys
 from worker.errors import DeviceUnavailable
 from worker.spec import JobSpec
+from worker.spec.nps import band_edges
 
 FUSED_METHODS = frozenset({"fapm", "magnitude"})
 
@@ -155,8 +156,9 @@ class TensorPruner:
             if self.triton is not None and self.device.type == "cuda"
             else None
         )
-        # Scope "model": set by the pipeline after its counting passes, consumed in plan order.
-        self.global_threshold: GlobalThreshold | None = None
+        # Scope "model": set by the pipeline after its counting passes (`count_model_scope`),
+        # consumed in plan order.
+        self.global_threshold: GlobalThreshold | nps.NpsModelSelection | None = None
 
     @property
     def implementation(self) -> str:
@@ -227,12 +229,39 @@ class TensorPruner:
 
     def _params(self, name: str) -> MethodParams:
         s = self.spec
-        return MethodParams(s.sparsity, s.alpha, s.gamma, s.seed, tensor_name=name)
+        if s.method != "nps":
+            return MethodParams(s.sparsity, s.alpha, s.gamma, s.seed, tensor_name=name)
+        settings = s.nps_settings
+        weights = None if settings.weights is None else tuple(settings.weights)
+        return MethodParams(
+            s.sparsity,
+            s.alpha,
+            s.gamma,
+            s.seed,
+            tensor_name=name,
+            weights=weights,
+            edges=tuple(band_edges(s.sparsity, settings)),  # type: ignore[arg-type]
+            # `scale` multiplies the kept update like lam does: one float32 factor c_b.
+            lam=settings.lam * s.scale,
+        )
 
     def _keys(self, name: str, w32: torch.Tensor, d32: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.method, nps.Nps):  # the |D| order its bands cut
+            return order_keys(d32.reshape(1, -1).abs())
         assert isinstance(self.method, ScoredMethod)
         scores = self.method.scores(w32.reshape(1, -1), d32.reshape(1, -1), self._params(name))
         return order_keys(scores)
+
+    def count_model_scope(
+        self, key_passes: Callable[[], Iterable[torch.Tensor]]
+    ) -> GlobalThreshold | nps.NpsModelSelection:
+        """Scope model: the counting passes over `key_passes()` (each pruned tensor's
+        `order_keys`, in plan order, on every call): two for a ranking method, four for nps (its
+        band cuts, then the top k of the re-weighted update). The result goes to
+        `global_threshold` before the write pass."""
+        if isinstance(self.method, nps.Nps):
+            return nps.count_model_scope(key_passes, self._params(""))
+        return find_global_threshold(key_passes, self.spec.density)
 
     def _float32_on_device(
         self, w: torch.Tensor, f: torch.Tensor
@@ -306,16 +335,26 @@ class TensorPruner:
             return out, stats
 
         w_dev, f_dev, w32, d32 = self._float32_on_device(w, f)
+        factors: torch.Tensor | None = None
         if self.spec.scope == "model":
-            assert self.global_threshold is not None, "model scope needs its counting passes"
-            keep = self.global_threshold.mask(self._keys(name, w32, d32))
+            selection = self.global_threshold
+            assert selection is not None, "model scope needs its counting passes"
+            keys = self._keys(name, w32, d32)
+            if isinstance(self.method, nps.Nps):
+                # A plain threshold here would be magnitude's: nps needs count_model_scope.
+                assert isinstance(selection, nps.NpsModelSelection), "nps: count_model_scope"
+                keep, factors = selection.select(keys)
+            else:
+                assert isinstance(selection, GlobalThreshold)
+                keep = selection.mask(keys)
         else:
             rows = f.shape[0] if self.spec.scope == "row" and f.dim() >= 2 else 1
             params = self._params(name)
-            keep = self.method.mask(w32.reshape(rows, -1), d32.reshape(rows, -1), params)
+            keep, factors = self.method.select(w32.reshape(rows, -1), d32.reshape(rows, -1), params)
         keep = keep.reshape(f.shape)
         stats = delta_stats(w32, f_dev.to(torch.float32), d32, keep)
-        out = compose_output(w_dev, f_dev, keep, self.factor, out_dtype)
+        factor = self.factor if factors is None else factors.reshape(f.shape)
+        out = compose_output(w_dev, f_dev, keep, factor, out_dtype)
         return out.cpu(), stats
 
     def _prune_triton(

@@ -7,10 +7,11 @@ from worker.engine.methods.breadcrumbs import Breadcrumbs
 from worker.engine.methods.dare import Dare
 from worker.engine.methods.fapm import Fapm
 from worker.engine.methods.magnitude import Magnitude
+from worker.engine.methods.nps import Nps
 from worker.engine.methods.random import RandomSubset
 
 REGISTRY: dict[str, PruningMethod] = {
-    m.name: m for m in (Fapm(), Magnitude(), RandomSubset(), Dare(), Breadcrumbs())
+    m.name: m for m in (Fapm(), Magnitude(), RandomSubset(), Dare(), Breadcrumbs(), Nps())
 }
 
 

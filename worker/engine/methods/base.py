@@ -26,6 +26,11 @@ class MethodParams:
     gamma: float = 0.01
     seed: int = 0
     tensor_name: str = ""
+    # nps: one weight per band (None: all 1), the band edges as rank fractions (None: the
+    # default bands at this sparsity), and the rescale of the kept, re-weighted update.
+    weights: tuple[float, ...] | None = None
+    edges: tuple[float, ...] | None = None
+    lam: float = 1.0
 
     @property
     def density(self) -> float:
@@ -46,6 +51,15 @@ class PruningMethod(ABC):
     def update_factor(self, params: MethodParams) -> float:
         """Multiplier on kept updates (1.0 for methods that only select)."""
         return 1.0
+
+    def select(
+        self, w: torch.Tensor, d: torch.Tensor, params: MethodParams
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(keep-mask, per-entry float32 multipliers on kept updates or None).
+
+        None: the scalar `update_factor` applies to every kept entry (every method but nps).
+        """
+        return self.mask(w, d, params), None
 
 
 class ScoredMethod(PruningMethod):
