@@ -1,7 +1,7 @@
 """The typed job descriptions: JobSpec (a pruning job, with a section per operation) and
 EvaluationJobSpec (a standalone evaluation).
 
-The CLI generates its flags from these fields (`worker/cli.py`), the API validates REST bodies with
+The CLI generates its flags from these fields (`worker/cli/spec_flags.py`), the API validates REST bodies with
 them, the Celery message carries them, and the model card and report embed them. This package
 imports no torch so the API can use it.
 

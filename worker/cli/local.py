@@ -1,0 +1,96 @@
+"""Commands that run in this process: `fapm prune`, `fapm eval` (without --submit), `fapm demo`.
+
+Engine imports stay inside the handlers, so the client commands never load torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pydantic import ValidationError
+
+from worker.cli.common import EXIT_USAGE, evaluation_spec, job_error, print_points, progress_bar
+from worker.cli.remote import client_command, submit_evaluation
+from worker.cli.spec_flags import one_line_validation_error, spec_from_args
+
+
+def prune_command(namespace: argparse.Namespace) -> int:
+    try:
+        spec = spec_from_args(namespace)
+    except ValidationError as exc:
+        print(f"fapm: error: {one_line_validation_error(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+
+    from worker.errors import FapmError
+    from worker.evaluation.job import run_job_spec
+
+    try:
+        result = run_job_spec(spec, progress=progress_bar())
+    except FapmError as exc:
+        status = job_error(exc)
+        evaluation = (getattr(exc, "report", None) or {}).get("evaluation")
+        if evaluation:
+            print_points(evaluation)
+        return status
+    except ValueError as exc:  # a spec value only the engine can check (e.g. device)
+        print(f"fapm: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fapm: interrupted; nothing was written to the output", file=sys.stderr)
+        return 130
+    totals = result.report["totals"]
+    evaluation = result.report.get("evaluation")
+    if evaluation:
+        print_points(evaluation)
+    done = result.report["spec"]  # the method and sparsity published ("auto" resolved)
+    print(
+        f"wrote {result.output} ({done['method']}, sparsity {done['sparsity']:g}: kept "
+        f"{totals['kept']} of {totals['n']} update entries, "
+        f"{result.report['seconds']['total']:.1f}s)"
+    )
+    for note in result.report.get("notes", []):  # e.g. how tensor names were paired
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+def eval_command(namespace: argparse.Namespace) -> int:
+    """`fapm eval`: skill and perplexity of a model the user has, against its base; in this
+    process, or with --submit as an evaluation job of the service."""
+    import json
+
+    from pydantic import ValidationError as _ValidationError
+
+    try:
+        spec = evaluation_spec(namespace)
+    except _ValidationError as exc:
+        print(f"fapm: error: {one_line_validation_error(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    if namespace.submit:  # the same flags, measured by the service; no torch imported here
+        return client_command(submit_evaluation)(namespace)
+
+    from worker.errors import FapmError
+    from worker.evaluation.standalone import evaluate_model
+
+    settings = spec.evaluate
+    try:
+        result = evaluate_model(
+            namespace.base, namespace.model, settings, namespace.device, namespace.finetuned
+        )
+    except FapmError as exc:
+        return job_error(exc)
+    except ValueError as exc:
+        print(f"fapm: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print_points(result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+# -- the service client ---------------------------------------------------------------------------
+
+
+def demo_command(namespace: argparse.Namespace) -> int:
+    from worker.demo import run_demo
+
+    return run_demo(namespace.workdir)
