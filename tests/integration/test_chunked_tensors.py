@@ -9,7 +9,6 @@ coarsely quantised, so the k-th score has many ties that straddle windows.
 
 from __future__ import annotations
 
-import typing
 from pathlib import Path
 
 import pytest
@@ -20,12 +19,12 @@ from worker.engine import tensor_pruner
 from worker.engine.kernels import cpu_fused
 from worker.engine.pipeline import run_prune
 from worker.io.resident import MappedPages
-from worker.spec import MODEL_SCOPE_METHODS, JobSpec, MethodName
+from worker.spec import MODEL_SCOPE_METHODS, TASK_VECTOR_METHODS, JobSpec
 
 pytestmark = pytest.mark.skipif(not cpu_fused.fused_available(), reason="numba is not installed")
 
 BIG = (1000, 1100)  # 1.1 M entries: above 2 x the kernel's sample, so the sample is strided
-METHODS = typing.get_args(MethodName)
+METHODS = TASK_VECTOR_METHODS
 
 
 def _write_pair(root: Path, dtype: torch.dtype) -> tuple[Path, Path]:

@@ -15,16 +15,29 @@ from worker.spec.evaluation import (
     JobKind,
     TargetSpec,
 )
-from worker.spec.job import METHOD_NAMES, MODEL_SCOPE_METHODS, JobSpec, MethodName
+from worker.spec.job import (
+    CALIBRATED_METHODS,
+    METHOD_NAMES,
+    MODEL_SCOPE_METHODS,
+    TASK_VECTOR_METHODS,
+    WEIGHT_METHODS,
+    JobSpec,
+    MethodName,
+)
 from worker.spec.nps import NpsSpec
 from worker.spec.values import NOT_BLANK, ByteSize, Sparsity, parse_byte_size, parse_sparsity
+from worker.spec.weights import CalibrationSpec
 
 __all__ = [
+    "CALIBRATED_METHODS",
     "JOB_KINDS",
     "METHOD_NAMES",
     "MODEL_SCOPE_METHODS",
     "NOT_BLANK",
+    "TASK_VECTOR_METHODS",
+    "WEIGHT_METHODS",
     "ByteSize",
+    "CalibrationSpec",
     "EvaluationJobSpec",
     "EvaluationSpec",
     "JobKind",

@@ -13,15 +13,22 @@ from worker.exclude_pattern import MAX_EXCLUDE_CHARS, ExcludePattern
 from worker.spec.evaluation import EvaluationSpec, TargetSpec
 from worker.spec.nps import NpsSpec, band_edges
 from worker.spec.values import NOT_BLANK, ByteSize, Sparsity, not_blank
+from worker.spec.weights import CalibrationSpec, parse_pattern
 
 # Method names are listed here, not imported from the engine, so this module stays torch-free;
 # tests/unit/test_methods.py checks that this list and the engine's registry agree.
-MethodName = Literal["fapm", "magnitude", "random", "dare", "breadcrumbs", "nps"]
+MethodName = Literal[
+    "fapm", "magnitude", "random", "dare", "breadcrumbs", "nps", "wanda", "sparsegpt"
+]
 METHOD_NAMES: tuple[str, ...] = MethodName.__args__  # type: ignore[attr-defined]
 # Methods that rank entries by a score, so one threshold can span the whole model.
 MODEL_SCOPE_METHODS = ("fapm", "magnitude", "random", "nps")
 # Methods that search on the user's data (they need evaluate unless told their result).
 SEARCHED_METHODS = ("nps",)
+# What each operation ("prune") accepts: the task vector's methods, or the weights' own.
+WEIGHT_METHODS = ("wanda", "sparsegpt", "magnitude")
+CALIBRATED_METHODS = ("wanda", "sparsegpt")
+TASK_VECTOR_METHODS = tuple(m for m in METHOD_NAMES if m not in CALIBRATED_METHODS)
 
 
 class JobSpec(BaseModel):
@@ -29,11 +36,23 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    base: str = Field(
+    prune: Literal["task_vector", "weights"] = Field(
+        default="task_vector",
+        description="What is pruned: the task vector (finetuned - base, kept against the base) "
+        "or the weights of one model (model; Wanda, SparseGPT, magnitude).",
+    )
+    base: str | None = Field(
+        default=None,
         description="Base (pre-trained) checkpoint: a local directory, file:// URI, "
-        "s3://bucket/prefix/ or hf://org/name@rev.",
+        "s3://bucket/prefix/ or hf://org/name@rev. Required to prune a task vector.",
         min_length=1,
         json_schema_extra={"examples": ["hf://meta-llama/Llama-3.1-8B@main"], "pattern": NOT_BLANK},
+    )
+    model: str | None = Field(
+        default=None,
+        min_length=1,
+        description='prune "weights": the model whose weights are pruned (any location).',
+        json_schema_extra={"pattern": NOT_BLANK},
     )
     finetuned: str | None = Field(
         default=None,
@@ -110,6 +129,15 @@ class JobSpec(BaseModel):
         min_length=1,
         description='sparsity "auto": the methods to search (default: method).',
     )
+    calibration: CalibrationSpec | None = Field(
+        default=None,
+        description='prune "weights" with wanda or sparsegpt: the calibration sets and mode.',
+    )
+    pattern: str | None = Field(
+        default=None,
+        description='prune "weights": an N:M pattern ("2:4", "4:8"), N kept of every M '
+        "consecutive weights of a row; sparsity must then be 1 - N/M.",
+    )
     nps: NpsSpec | None = Field(
         default=None,
         description='method "nps": how the band weights are searched (defaults apply when absent).',
@@ -125,8 +153,60 @@ class JobSpec(BaseModel):
 
     @field_validator("base", "output")
     @classmethod
-    def _not_blank(cls, value: str) -> str:
-        return not_blank(value)
+    def _not_blank(cls, value: str | None) -> str | None:
+        return None if value is None else not_blank(value)
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_pattern(value)
+        return value
+
+    @model_validator(mode="after")
+    def _operation_inputs(self) -> JobSpec:
+        if self.prune == "weights":
+            return self._weights_fit()
+        if self.base is None:
+            raise ValueError("base: required to prune a task vector (finetuned - base)")
+        for name in ("model", "calibration", "pattern"):
+            if getattr(self, name) is not None:
+                raise ValueError(f'{name}: applies to prune "weights" only')
+        if self.method in CALIBRATED_METHODS:
+            raise ValueError(f'method: {self.method} prunes weights: set prune "weights" and model')
+        return self
+
+    def _weights_fit(self) -> JobSpec:
+        if self.model is None:
+            raise ValueError('model: prune "weights" needs the model whose weights are pruned')
+        for name in ("base", "finetuned", "adapter", "nps", "target", "methods"):
+            if getattr(self, name) is not None:
+                raise ValueError(f'{name}: does not apply to prune "weights" (give model)')
+        if self.method not in WEIGHT_METHODS:
+            raise ValueError(f'method: prune "weights" takes {", ".join(WEIGHT_METHODS)}')
+        if self.sparsity == "auto":
+            raise ValueError('sparsity: prune "weights" takes a number, not "auto"')
+        if self.pattern is not None:
+            n, m = parse_pattern(self.pattern)
+            if abs(self.sparsity - (1 - n / m)) > 1e-9:  # type: ignore[operator]
+                raise ValueError(
+                    f"sparsity: pattern {self.pattern} keeps {n} of {m}: sparsity must be "
+                    f"{1 - n / m:g}, not {self.sparsity:g}"
+                )
+        calibration = self.calibration
+        if self.method in CALIBRATED_METHODS:
+            if calibration is None:
+                raise ValueError(
+                    f"calibration: {self.method} weighs weights by activations: give "
+                    "calibration {mode, general, task}"
+                )
+            if calibration.needs_general and calibration.general is None:
+                raise ValueError(f"calibration: general: mode {calibration.mode} needs it")
+            if calibration.needs_task and calibration.task is None:
+                raise ValueError(f"calibration: task: mode {calibration.mode} needs it")
+        elif calibration is not None:
+            raise ValueError("calibration: magnitude needs no data (use wanda or sparsegpt)")
+        return self
 
     @model_validator(mode="after")
     def _scope_fits_method(self) -> JobSpec:
@@ -138,6 +218,8 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _one_update_source(self) -> JobSpec:
+        if self.prune == "weights":
+            return self
         if (self.finetuned is None) == (self.adapter is None):
             raise ValueError("finetuned: give exactly one of 'finetuned' and 'adapter'")
         return self
