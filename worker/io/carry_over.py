@@ -17,6 +17,9 @@ and `1_Pooling/`, custom code (`modeling_*.py`), processor configs, `LICENSE`, t
 - files over `MAX_FILE_BYTES`, and those that would take the total over `MAX_TOTAL_BYTES` or the
   count over `MAX_FILES`: listed as not carried (the output is still a model; the report says
   what is missing).
+- in a repo of more than 50,000 files and folders (`MAX_LISTED_FILES`, worker/io/source.py),
+  whatever lies past them: the listing stops there (lazily: a prefix of a million objects is
+  neither listed whole nor held in memory), and one not-carried entry (`*`) says so.
 
 Files are read through the source, never by path, so a service job's reads stay confined to the
 tenant's roots (worker/io/source.py): a symlink out of them fails the job with `invalid_location`.
@@ -30,12 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from worker.errors import JobCancelled
-from worker.io.source import ModelSource
+from worker.io.source import ModelSource, TooManyFiles
 from worker.io.staging import STAGING_MARK
 
 MAX_FILE_BYTES = 2 * 2**30
 MAX_TOTAL_BYTES = 8 * 2**30
 MAX_FILES = 10_000
+# The not-carried entry of a listing that stopped at MAX_LISTED_FILES (no file has this name).
+LISTING_STOPPED = "*"
 _CHUNK = 16 * 2**20
 
 # Suffixes of model weights (any format, any folder). Matched on whole suffixes only, so
@@ -124,9 +129,15 @@ def carry_over(
     """
     transforms = transforms or {}
     cancelled = should_cancel or (lambda: False)
-    names = source.all_files()
-    folders = {str(parent) for name in names for parent in PurePosixPath(name).parents}
     result = CarryOver()
+    names = []
+    try:
+        for name in source.iter_files():
+            names.append(name)
+    except TooManyFiles as exc:
+        result.skip(LISTING_STOPPED, f"{exc}: the files past it are not carried")
+    names.sort()
+    folders = {str(parent) for name in names for parent in PurePosixPath(name).parents}
     for name in names:
         reason = _exclusion(name)
         if reason is None and name in folders:

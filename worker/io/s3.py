@@ -11,14 +11,21 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from worker.errors import AccessDenied, FapmError, SourceNotFound, SourceUnavailable
-from worker.io.source import ListedSource, byte_view
+from worker.errors import (
+    AccessDenied,
+    FapmError,
+    SourceNotFound,
+    SourceUnavailable,
+    UnsupportedFormat,
+)
+from worker.io.source import MAX_LISTED_FILES, ListedSource, TooManyFiles, byte_view
 
 # A tensor larger than this is fetched as parallel part GETs of this size.
 PART_BYTES = 16 * 2**20
@@ -61,7 +68,9 @@ def split_s3_uri(path: str) -> tuple[str, str]:
 
 class S3Source(ListedSource):
     """The objects under `s3://bucket/prefix/` (nested ones as `folder/name`), read by byte
-    ranges."""
+    ranges. Opening lists the top level only (`Delimiter="/"`: the weights and their configs);
+    nested objects are listed page by page as `iter_files` is consumed (carry-over), so a prefix
+    with millions of objects below it is never listed whole."""
 
     def __init__(self, uri: str, bucket: str, prefix: str, client=None) -> None:
         self.uri = uri
@@ -73,20 +82,52 @@ class S3Source(ListedSource):
         self._pool: ThreadPoolExecutor | None = None
         self._sizes: dict[str, int] = {}
         self._etags: dict[str, str] = {}
+        listed = folders = 0
         try:
-            pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=bucket, Prefix=prefix
-            )
-            for page in pages:
+            for page in self._pages(Delimiter="/"):
+                folders += len(page.get("CommonPrefixes", []))
+                listed += len(page.get("Contents", []))
+                if listed + folders > MAX_LISTED_FILES:
+                    raise UnsupportedFormat(
+                        f"{uri}: more than {MAX_LISTED_FILES:,} objects and folders directly "
+                        "under this prefix; give the prefix of one model directory"
+                    )
                 for obj in page.get("Contents", []):
-                    name = obj["Key"][len(prefix) :]
-                    if name and not name.endswith("/"):  # "folder/" markers hold no data
-                        self._sizes[name] = obj["Size"]
-                        self._etags[name] = obj.get("ETag", "").strip('"')
+                    self._note(obj)
         except (ClientError, BotoCoreError) as exc:
             raise s3_error(exc, uri) from exc
-        if not self._sizes:
+        if not self._sizes and not folders:
             raise SourceNotFound(f"{uri}: no objects under this prefix")
+
+    def _pages(self, **params: str):
+        return self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.prefix, **params
+        )
+
+    def _note(self, obj: dict) -> str | None:
+        """Keep a listed object's size and ETag; its name, or None for a "folder/" marker (no
+        data) or the prefix itself."""
+        name = obj["Key"][len(self.prefix) :]
+        if not name or name.endswith("/"):
+            return None
+        self._sizes[name] = obj["Size"]
+        self._etags[name] = obj.get("ETag", "").strip('"')
+        return name
+
+    def iter_files(self) -> Iterator[str]:
+        """Every object under the prefix, in key order, a page at a time as it is consumed."""
+        looked_at = 0
+        try:
+            for page in self._pages():
+                for obj in page.get("Contents", []):
+                    looked_at += 1
+                    if looked_at > MAX_LISTED_FILES:
+                        raise TooManyFiles(self.uri)
+                    name = self._note(obj)
+                    if name is not None:
+                        yield name
+        except (ClientError, BotoCoreError) as exc:
+            raise s3_error(exc, self.uri) from exc
 
     def stored_digest(self, name: str) -> str:
         return f"etag:{self._etags.get(name, '')}"

@@ -20,11 +20,29 @@ import os
 import stat
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from pathlib import Path
 
 from worker.errors import InvalidLocation, SourceNotFound
+
+# Most entries (files, folders) a source looks at when it lists a directory (its top level at
+# open, or the whole tree when the repo is carried over): listing is lazy and stops here, so a
+# prefix or tree of millions of files is neither listed whole nor held in memory. Five times
+# carry-over's cap on files carried (10,000): room for the weights, `.git` and the rest that is
+# left out.
+MAX_LISTED_FILES = 50_000
+
+
+class TooManyFiles(Exception):
+    """Raised by `iter_files` once it has looked at MAX_LISTED_FILES entries: what it yielded
+    so far stands, the rest of the directory was not listed. The message says so for a report."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(
+            f"{uri}: more than {MAX_LISTED_FILES:,} files and folders; listing stopped there"
+        )
+
 
 # The local roots the current job may read under; None: anywhere (the CLI).
 _READ_ROOTS: ContextVar[tuple[Path, ...] | None] = ContextVar("fapm_read_roots", default=None)
@@ -103,10 +121,12 @@ class ModelSource(ABC):
     def files(self) -> list[str]:
         """Names of the files in the directory (not recursive), sorted."""
 
-    def all_files(self) -> list[str]:
-        """Names of every file under the directory, nested ones as `folder/name`, sorted.
-        Names come from the store as they are: callers that write them as paths check them."""
-        return self.files()
+    def iter_files(self) -> Iterator[str]:
+        """Names of every file under the directory, nested ones as `folder/name`, listed lazily
+        (in no promised order): what the caller does not consume is never listed, and past
+        MAX_LISTED_FILES entries looked at it raises TooManyFiles. Names come from the store as
+        they are: callers that write them as paths check them."""
+        yield from _capped(self.files(), self.uri)
 
     @abstractmethod
     def size(self, name: str) -> int:
@@ -155,9 +175,10 @@ class ModelSource(ABC):
 
 
 class ListedSource(ModelSource):
-    """A remote directory whose file names and sizes are listed once, when it opens (an S3
-    prefix, a Hub repo at one commit): subclasses fill `_sizes` with every file, nested ones
-    included."""
+    """A remote directory whose file names and sizes are listed by the store (an S3 prefix, a
+    Hub repo at one commit): subclasses fill `_sizes` with every file they have listed, the top
+    level when they open (a Hub repo: every file, nested ones included, in one answer) and
+    nested files as `iter_files` lists them."""
 
     remote = True
     _sizes: dict[str, int]
@@ -165,8 +186,8 @@ class ListedSource(ModelSource):
     def files(self) -> list[str]:
         return sorted(name for name in self._sizes if "/" not in name)
 
-    def all_files(self) -> list[str]:
-        return sorted(self._sizes)
+    def iter_files(self) -> Iterator[str]:
+        yield from _capped(sorted(self._sizes), self.uri)
 
     def size(self, name: str) -> int:
         try:
@@ -181,6 +202,13 @@ class ListedSource(ModelSource):
                 f"{self.uri.rstrip('/')}/{name}: file ends at byte {self.size(name)}, "
                 f"expected {offset + length} (truncated?)"
             )
+
+
+def _capped(names: Iterable[str], uri: str) -> Iterator[str]:
+    for count, name in enumerate(names):
+        if count == MAX_LISTED_FILES:
+            raise TooManyFiles(uri)
+        yield name
 
 
 def byte_view(buffer: memoryview) -> memoryview:
@@ -223,23 +251,33 @@ class LocalDirSource(ModelSource):
     def files(self) -> list[str]:
         return list(self._files)
 
-    def all_files(self) -> list[str]:
+    def iter_files(self) -> Iterator[str]:
         """Every regular file below the directory, through symlinks to files (each is checked
         against the job's roots when it is opened, as any file is); symlinked folders are not
-        entered (a cycle, or a tree outside the model)."""
-        names = []
-        for folder, subfolders, filenames in os.walk(self.path, followlinks=False):
-            subfolders.sort()
-            relative = Path(folder).relative_to(self.path)
-            for filename in filenames:
-                path = Path(folder) / filename
-                try:
-                    regular = stat.S_ISREG(os.stat(path).st_mode)
-                except OSError:  # a dangling symlink: nothing to read
-                    continue
-                if regular:
-                    names.append((relative / filename).as_posix())
-        return sorted(names)
+        entered (a cycle, or a tree outside the model). Read entry by entry as it is consumed
+        (os.walk would read a whole folder first), so a folder of millions of files costs
+        MAX_LISTED_FILES entries at most."""
+        looked_at = 0
+        folders = [""]  # relative paths of the folders still to list ("" is the directory)
+        while folders:
+            folder = folders.pop()
+            try:
+                entries = os.scandir(self.path / folder)
+            except OSError:  # gone or unreadable since it was listed, as os.walk skips it
+                continue
+            with entries:
+                for entry in entries:
+                    looked_at += 1
+                    if looked_at > MAX_LISTED_FILES:
+                        raise TooManyFiles(self.uri)
+                    name = f"{folder}/{entry.name}" if folder else entry.name
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            folders.append(name)
+                        elif entry.is_file():  # a regular file, or a symlink to one
+                            yield name
+                    except OSError:  # a dangling symlink: nothing to read
+                        continue
 
     def size(self, name: str) -> int:
         return os.fstat(self._fd(name)).st_size
