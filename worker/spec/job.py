@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from worker.exclude_pattern import MAX_EXCLUDE_CHARS, ExcludePattern
 from worker.spec.evaluation import EvaluationSpec, TargetSpec
+from worker.spec.mlflow import MlflowSection
 from worker.spec.nps import NpsSpec, band_edges
 from worker.spec.values import NOT_BLANK, ByteSize, Sparsity, not_blank
 from worker.spec.weights import CalibrationSpec, parse_pattern
@@ -141,6 +142,9 @@ class JobSpec(BaseModel):
     nps: NpsSpec | None = Field(
         default=None,
         description='method "nps": how the band weights are searched (defaults apply when absent).',
+    )
+    mlflow: MlflowSection = Field(
+        default=None, description="output mlflow://NAME: the registered version's alias."
     )
     overwrite: bool = Field(default=False, description="Replace an existing output.")
 
