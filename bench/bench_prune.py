@@ -12,7 +12,9 @@ bench/out/pair-<N>gb) and times, each as its own subprocess:
   (a') the same copy-through with fapm's write path (--engine-io: shards preallocated, each
        tensor's writeback started at once): how much of (b)'s standing against (a) is I/O
   (b)  `fapm prune --sparsity 0.9 --shard-size 1GB` (FAPM, --kernel auto: the fused numba kernel
-       when worker/engine/kernels/cpu_fused.py is there); when that kernel is there, also
+       when worker/engine/kernels/cpu_fused.py is there)
+  (b+) the same through bench/fapm_early.py: the input digests start before `import torch`
+       (the worker/cli.py change proposed in bench/RESULTS.md); when the kernel is there, also
   (b') the same with --kernel torch (the reference torch path), at the first size only unless
        --torch-sizes says otherwise (it runs at ~2 min per GB)
   (c)  mergekit 0.1.5 `ties`, density 0.1, weight 1.0, normalize false, dtype bfloat16, in
@@ -26,9 +28,11 @@ inputs in the page cache (24 GB of RAM holds them). Legs (a) and (b) are run onc
 small pair first, so numba's on-disk JIT cache is filled (compiling is not what is measured; a fapm
 leg that compiled anyway, because the kernel source changed meanwhile, says so in its note).
 
-Legs (a) and (b) run --repeat times (3) and report the median wall and CPU and the largest peak
-RSS; a run during which other processes kept more than 0.3 of a core busy, or that JIT-compiled,
-is discarded and run again (at most 2 x --repeat times). The slow legs (b') and (c) run once.
+Legs (a), (a'), (b) and (b+) run --repeat times (3), interleaved (a, a', b, b+, a, a', ...: the
+ratios come from one stretch of a shared machine), and report the median wall and CPU and the
+largest peak RSS; a run during which other processes kept more than 0.3 of a core busy, or that
+JIT-compiled, is discarded and run again in a later round (at most 2 x --repeat times). The slow
+legs (b') and (c) run once, after them.
 
 Per leg: wall time, input GB/s = (base + fine-tuned safetensors bytes) / wall, peak RSS (ru_maxrss of
 the child from os.wait4, taken in bench/measure.py), the peaks of its RssAnon and RssFile (sampled
@@ -276,6 +280,19 @@ def legs_for(size: str, pair: Path, with_torch: bool, with_mergekit: bool, work:
             fapm_command(base, ft, work / "fapm", "auto"),
         ),
     ]
+    early = [
+        str(PROJECT_PY),
+        str(BENCH / "fapm_early.py"),
+        *fapm_command(base, ft, work / "fapm", "auto")[1:],
+    ]
+    legs.append(
+        Leg(
+            size,
+            "b+",
+            "(b) with the input digests started before `import torch` (bench/fapm_early.py)",
+            early,
+        )
+    )
     if with_torch:
         legs.append(
             Leg(
@@ -333,26 +350,62 @@ def run_once(leg: Leg, pair: Path, log: Path, quiet_wait: float) -> dict:
     return measured
 
 
-def run_leg(leg: Leg, pair: Path, log_dir: Path, quiet_wait: float, repeats: int) -> Leg:
-    """Run the leg `repeats` times: wall and CPU are the medians, peak RSS the largest."""
-    runs: list[dict] = []
-    discarded = 0
-    attempt = 0
-    while len(runs) < repeats:
-        log = log_dir / f"{leg.size}-{leg.leg.replace(chr(39), 'p')}-{attempt}.log"
-        attempt += 1
-        run = run_once(leg, pair, log, quiet_wait)
-        if run["exit"] != 0:
-            runs.append(run)
-            leg.ok = False
-            leg.note = f"exit {run['exit']}; see {log}"
+FAST_LEGS = ("a", "a'", "b", "b+")
+
+
+def run_legs(legs: list[Leg], pair: Path, log_dir: Path, quiet_wait: float, repeats: int) -> None:
+    """Run the fast legs in rounds, one run of each per round (a, a', b, b+, a, a', ...), so
+    every leg sees the same stretch of a shared machine and the ratios between them come from
+    one run of the bench; then the slow legs once each. A fast leg's run during which others
+    kept the machine busy (or that compiled) is run again in a later round, twice per repeat
+    at most."""
+    fast = [leg for leg in legs if leg.leg in FAST_LEGS]
+    runs: dict[int, list[dict]] = {id(leg): [] for leg in legs}
+    discarded: dict[int, int] = {id(leg): 0 for leg in legs}
+    attempts = 0
+    while True:
+        todo = [
+            leg
+            for leg in fast
+            if leg.ok and len(runs[id(leg)]) < repeats  # once its discards are used, a run is kept
+        ]
+        if not todo:
             break
-        # A fast leg that shared the machine with other work (or compiled) is run again, twice at most.
-        noisy = run["others_cores"] > NOISY_CORES or "numba compiled" in run["note"]
-        if repeats > 1 and noisy and discarded < 2 * repeats:
-            discarded += 1
-            continue
-        runs.append(run)
+        for leg in todo:
+            run = _attempt(leg, pair, log_dir, quiet_wait, attempts)
+            attempts += 1
+            if run["exit"] != 0:
+                runs[id(leg)].append(run)
+                leg.ok = False
+                continue
+            noisy = run["others_cores"] > NOISY_CORES or "numba compiled" in run["note"]
+            if repeats > 1 and noisy and discarded[id(leg)] < 2 * repeats:
+                discarded[id(leg)] += 1
+                continue
+            runs[id(leg)].append(run)
+    for leg in legs:
+        if leg.leg not in FAST_LEGS:
+            runs[id(leg)].append(_attempt(leg, pair, log_dir, quiet_wait, attempts))
+            attempts += 1
+        _summarize(leg, runs[id(leg)], discarded[id(leg)], pair)
+
+
+def _attempt(leg: Leg, pair: Path, log_dir: Path, quiet_wait: float, attempt: int) -> dict:
+    log = log_dir / f"{leg.size}-{leg.leg.replace(chr(39), 'p').replace('+', 'plus')}-{attempt}.log"
+    run = run_once(leg, pair, log, quiet_wait)
+    if run["exit"] != 0:
+        leg.note = f"exit {run['exit']}; see {log}"
+    print(
+        f"    ({leg.leg}) run: {run['wall_s']:.2f}s CPU {run.get('cpu_s', 0):.1f}s "
+        f"others {run.get('others_cores', 0):.2f} cores",
+        file=sys.stderr,
+        flush=True,
+    )
+    return run
+
+
+def _summarize(leg: Leg, runs: list[dict], discarded: int, pair: Path) -> None:
+    """Wall and CPU are the medians of the runs kept, peak RSS the largest."""
     leg.runs = runs
     good = [r for r in runs if r["exit"] == 0] or runs
     leg.wall_s = statistics.median(r["wall_s"] for r in good)
@@ -378,7 +431,6 @@ def run_leg(leg: Leg, pair: Path, log_dir: Path, quiet_wait: float, repeats: int
         file=sys.stderr,
         flush=True,
     )
-    return leg
 
 
 def markdown(results: list[Leg], sizes: dict[str, dict]) -> str:
@@ -415,6 +467,11 @@ def markdown(results: list[Leg], sizes: dict[str, dict]) -> str:
         if "a'" in got and "b" in got:
             r = got["b"].wall_s / got["a'"].wall_s
             lines.append(f"| {gb} | (b)/(a'), for reference: against the same I/O | {r:.2f} | - |")
+        if "b+" in got and "a" in got:
+            r = got["b+"].wall_s / got["a"].wall_s
+            lines.append(
+                f"| {gb} | (b+)/(a): digests started before torch is imported | {r:.2f} | - |"
+            )
         if "b'" in got and "a" in got:
             r = got["b'"].wall_s / got["a"].wall_s
             lines.append(f"| {gb} | (b') torch path, for reference: (b')/(a) | {r:.2f} | - |")
@@ -428,7 +485,7 @@ def warm_up() -> None:
     work = OUT / "work-warmup"
     work.mkdir(parents=True, exist_ok=True)
     for leg in legs_for("warmup", pair, False, False, work):
-        if leg.leg == "a'":  # needs worker/ from 16ed349 on; a --commit before that fails it alone
+        if leg.leg in ("a'", "b+"):  # a' needs worker/ from 16ed349 on; b+ is (b) again
             continue
         code = subprocess.run(leg.command, cwd=REPO, env=CHILD_ENV, capture_output=True).returncode
         if code != 0:
@@ -517,9 +574,9 @@ def main(argv: list[str] | None = None) -> int:
         work = (args.work or OUT) / f"work-{float(size):g}gb"
         work.mkdir(parents=True, exist_ok=True)
         print(f"{size} GB/model ({sizes[size]['bytes_per_model'] / 1e9:.2f} GB):", file=sys.stderr)
-        for leg in legs_for(size, pair, with_torch, with_mergekit, work):
-            repeats = args.repeat if leg.leg in ("a", "a'", "b") else 1
-            results.append(run_leg(leg, pair, log_dir, args.quiet_wait, repeats))
+        legs = legs_for(size, pair, with_torch, with_mergekit, work)
+        run_legs(legs, pair, log_dir, args.quiet_wait, args.repeat)
+        results.extend(legs)
     table = markdown(results, sizes)
     print(table)
     if args.markdown:

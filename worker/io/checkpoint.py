@@ -9,12 +9,18 @@ own, through the page cache, from the moment the checkpoint opens: the engine's 
 wait for it, and on two cores the hash fills the time the kernel leaves. For other sources it is
 computed from the very reads the engine makes when they arrive in file order (the usual case), so
 identifying the inputs costs no second read.
+
+`start_early_digests` lets a program start hashing local inputs before it imports the engine
+(torch's import takes 1.5-2 s of one core): the job's digest thread then waits for those
+results instead of hashing the same file again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from worker.errors import CorruptCheckpoint, SourceNotFound, UnsupportedFormat
@@ -26,7 +32,7 @@ from worker.io.safetensors_format import (
     parse_header,
     read_header_length,
 )
-from worker.io.source import ModelSource
+from worker.io.source import LocalDirSource, ModelSource
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -81,22 +87,18 @@ class _BackgroundDigests:
                 before = self._source.stat(file)
                 key = None if before is None else digest_cache.file_key(before)
                 cached = None if key is None else digest_cache.lookup(key)
+                if cached is None and key is not None:
+                    cached = _early_result(key, self._stop)
                 if cached is not None:
                     self._digests[file] = cached
                     continue
-                hasher = hashlib.sha256()
-                size = self._source.size(file)
-                for offset in range(0, size, _MAP_CHUNK):
-                    if self._stop.is_set():
-                        return
-                    length = min(_MAP_CHUNK, size - offset)
-                    chunk = self._source.map_range(file, offset, length)
-                    hasher.update(chunk if chunk is not None else b"")
-                    del chunk  # unmapped here
-                self._digests[file] = hasher.hexdigest()
+                digest = _hash_mapped(self._source, file, self._stop)
+                if digest is None:
+                    return  # stopped
+                self._digests[file] = digest
                 after = self._source.stat(file)
                 if key is not None and after is not None and digest_cache.file_key(after) == key:
-                    digest_cache.remember(key, self._digests[file])  # unchanged while hashed
+                    digest_cache.remember(key, digest)  # unchanged while hashed
         except BaseException as exc:  # re-raised by result()
             self._error = exc
 
@@ -113,6 +115,96 @@ class _BackgroundDigests:
 
     def join(self) -> None:
         self._thread.join()
+
+
+def _hash_mapped(source: ModelSource, file: str, stop: threading.Event | None) -> str | None:
+    """sha256 of a whole file through mapped 16 MiB windows, each unmapped once hashed (hashlib
+    releases the GIL on them); None if `stop` was set meanwhile."""
+    hasher = hashlib.sha256()
+    size = source.size(file)
+    for offset in range(0, size, _MAP_CHUNK):
+        if stop is not None and stop.is_set():
+            return None
+        chunk = source.map_range(file, offset, min(_MAP_CHUNK, size - offset))
+        hasher.update(chunk if chunk is not None else b"")
+        del chunk  # unmapped here
+    return hasher.hexdigest()
+
+
+class _EarlyDigest:
+    """A digest being computed by `start_early_digests`, for one file key."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.sha256: str | None = None  # None once done: failed or the file changed
+
+
+_EARLY: dict[str, _EarlyDigest] = {}
+_EARLY_LOCK = threading.Lock()
+
+
+def _early_result(key: str, stop: threading.Event) -> str | None:
+    """The early digest of the file with this key (waiting for it), or None if none was started
+    or it failed: the caller then hashes the file itself."""
+    with _EARLY_LOCK:
+        early = _EARLY.get(key)
+    if early is None:
+        return None
+    while not early.done.wait(0.05):
+        if stop.is_set():
+            return None
+    return early.sha256
+
+
+def start_early_digests(directories: Iterable[str | os.PathLike[str]]) -> None:
+    """Start hashing the weight files of these local model directories now, one daemon thread
+    per directory, for a job this process is about to run (the `fapm` program calls it before
+    importing the engine, so the hashing overlaps that import on a second core).
+
+    Best effort and silent: a directory that is not a local safetensors checkpoint is skipped
+    (the job itself reports it). A file is matched to the job's by its digest-cache key
+    (device, inode, size, mtime, ctime), checked again once hashed, so a file changed meanwhile
+    is hashed again by the job and a different file is never given this digest.
+    """
+    for directory in directories:
+        try:
+            source = LocalDirSource(directory)
+            files = SafetensorsCheckpoint(source).files
+            keys = []
+            for file in files:
+                stat = source.stat(file)
+                keys.append(None if stat is None else digest_cache.file_key(stat))
+        except Exception:  # the job reports the problem, with its own message
+            continue
+        jobs = []
+        with _EARLY_LOCK:
+            for file, key in zip(files, keys, strict=True):
+                if key is not None and key not in _EARLY:
+                    _EARLY[key] = _EarlyDigest()
+                    jobs.append((file, key, _EARLY[key]))
+        if jobs:
+            threading.Thread(
+                target=_run_early, args=(source, jobs), name="fapm-early-digests", daemon=True
+            ).start()
+        else:
+            source.close()
+
+
+def _run_early(source: LocalDirSource, jobs: list[tuple[str, str, _EarlyDigest]]) -> None:
+    try:
+        for file, key, early in jobs:
+            try:
+                digest = digest_cache.lookup(key) or _hash_mapped(source, file, None)
+                after = source.stat(file)
+                if after is not None and digest_cache.file_key(after) == key:
+                    early.sha256 = digest
+                    digest_cache.remember(key, digest)
+            except Exception:  # the job's own thread hashes it and reports
+                pass
+            finally:
+                early.done.set()
+    finally:
+        source.close()
 
 
 def parse_index(raw: bytes, where: str) -> dict[str, str]:
