@@ -10,7 +10,7 @@ from worker.io.uri import parse_uri
 from worker.spec import JobSpec
 
 
-def _hub_id(uri: str) -> str:
+def hub_id(uri: str) -> str:
     parsed = parse_uri(uri)
     return parsed.path if parsed.scheme == "hf" else uri
 
@@ -44,7 +44,7 @@ def model_card(
     update = spec.finetuned or spec.adapter
     front = [
         "---",
-        f"base_model: {json.dumps(_hub_id(spec.base))}",
+        f"base_model: {json.dumps(hub_id(spec.base))}",
         "library_name: transformers",
         "tags:",
         "- fapm-service",
@@ -54,7 +54,7 @@ def model_card(
         "---",
     ]
     body = f"""
-# Pruned fine-tune of {_hub_id(update or "")}
+# Pruned fine-tune of {hub_id(update or "")}
 
 This model is `base + mask * (finetuned - base)`: the fine-tuned model with part of its update
 removed by **{paper}**, so it keeps the new skill and forgets less of what the base model knew.

@@ -105,7 +105,12 @@ def run_job_spec(
     should_cancel: Callable[[], bool] | None = None,
     job_id: str | None = None,
 ) -> PruneResult:
-    """Run any job: evaluated ones through the evaluation, the rest through run_prune."""
+    """Run any job: weight pruning through its engine (worker/compress/), evaluated task-vector
+    jobs through the evaluation, the rest through run_prune."""
+    if spec.prune == "weights":
+        from worker.compress.pipeline import run_compress
+
+        return run_compress(spec, progress, should_cancel, job_id)
     if spec.evaluate is None:
         return run_prune(spec, progress, should_cancel, job_id)
     return run_evaluated(spec, progress, should_cancel, job_id)

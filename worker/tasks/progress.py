@@ -36,6 +36,24 @@ _THREE_PASSES = {
     "scan2": (PRUNE_START + _THIRD, PRUNE_START + 2 * _THIRD),
     "prune": (PRUNE_START + 2 * _THIRD, PRUNE_END),
 }
+# NPS in scope model counts in four passes (two for its band cuts, two for its threshold).
+_FIFTH = (PRUNE_END - PRUNE_START) / 5
+_FIVE_PASSES = {
+    **_SINGLE_PASS,
+    **{f"scan{i}": (PRUNE_START + (i - 1) * _FIFTH, PRUNE_START + i * _FIFTH) for i in range(1, 5)},
+    "prune": (PRUNE_START + 4 * _FIFTH, PRUNE_END),
+}
+# prune "weights" (worker/compress/): calibration inputs, the layers, then (with evaluate) the
+# pruned model measured against the unpruned one before it is published.
+_WEIGHTS = {
+    "plan": (0.0, 0.01),
+    "calibrate": (0.01, 0.05),
+    "prune": (0.05, 0.80),
+    "finalize": (0.80, 0.81),
+    "evaluate": (0.81, 0.98),
+    "publish": (0.98, 0.99),
+    "done": (1.0, 1.0),
+}
 # Evaluated jobs (worker/evaluation/job.py) measure models before they prune: the stage
 # "evaluate" counts evaluations in tensors_done/tensors_total (base, fine-tune, candidates) and
 # takes most of the job; the prune that publishes the choice follows.
@@ -48,13 +66,18 @@ _AFTER_EVALUATION = {
     "publish": _SINGLE_PASS["publish"],
     "done": _SINGLE_PASS["done"],
 }
-# An NPS search in scope model publishes with the two counting passes after its evaluation.
-_PUBLISH_THIRD = (PRUNE_END - EVALUATE_END - 0.01) / 3
+# An NPS search in scope model publishes with its four counting passes after its evaluation.
+_PUBLISH_FIFTH = (PRUNE_END - EVALUATE_END - 0.01) / 5
 _AFTER_EVALUATION_MODEL = {
     **_AFTER_EVALUATION,
-    "scan1": (EVALUATE_END + 0.01, EVALUATE_END + 0.01 + _PUBLISH_THIRD),
-    "scan2": (EVALUATE_END + 0.01 + _PUBLISH_THIRD, EVALUATE_END + 0.01 + 2 * _PUBLISH_THIRD),
-    "prune": (EVALUATE_END + 0.01 + 2 * _PUBLISH_THIRD, PRUNE_END),
+    **{
+        f"scan{i}": (
+            EVALUATE_END + 0.01 + (i - 1) * _PUBLISH_FIFTH,
+            EVALUATE_END + 0.01 + i * _PUBLISH_FIFTH,
+        )
+        for i in range(1, 5)
+    },
+    "prune": (EVALUATE_END + 0.01 + 4 * _PUBLISH_FIFTH, PRUNE_END),
 }
 # Evaluation jobs (kind "evaluation", worker/evaluation/standalone.py) only measure: the stage
 # "evaluate" counts measured models and is the whole job.
@@ -67,13 +90,17 @@ MIN_FRACTION_FOR_ETA = 0.02
 
 
 def stage_spans(
-    scope: str, evaluate: bool = False, kind: str = "prune"
+    scope: str, evaluate: bool = False, kind: str = "prune", method: str = "", weights: bool = False
 ) -> dict[str, tuple[float, float]]:
     if kind == "evaluation":
         return _EVALUATION_ONLY
+    if weights:
+        return _WEIGHTS
     if evaluate:  # only NPS evaluates in scope model
         return _AFTER_EVALUATION_MODEL if scope == "model" else _AFTER_EVALUATION
-    return _THREE_PASSES if scope == "model" else _SINGLE_PASS
+    if scope == "model":
+        return _FIVE_PASSES if method == "nps" else _THREE_PASSES
+    return _SINGLE_PASS
 
 
 def fraction_of(event: Progress, spans: dict[str, tuple[float, float]]) -> float:
@@ -99,10 +126,12 @@ class ProgressReporter:
         clock: Callable[[], float] = time.monotonic,
         evaluate: bool = False,
         kind: str = "prune",
+        method: str = "",
+        weights: bool = False,
     ) -> None:
         self.store = store
         self.lease = lease
-        self.spans = stage_spans(scope, evaluate, kind)
+        self.spans = stage_spans(scope, evaluate, kind, method, weights)
         self.interval = interval
         self.clock = clock
         self.started = clock()

@@ -133,6 +133,8 @@ def execute(store: JobStore, settings: Settings, lease: Lease) -> str:
             spec.scope,
             settings.progress_interval_seconds,
             evaluate=spec.evaluate is not None,
+            method=spec.method,
+            weights=spec.prune == "weights",
         )
     with LeaseKeeper(store, lease, settings.lease_seconds) as keeper:
         pause_for_test("started", job_id)
