@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from app.api.body_limit import BodyLimitMiddleware
 from app.api.header_limit import HeaderLimitMiddleware
-from app.api.routes import evaluations, events, health, hooks, jobs
+from app.api.routes import evaluations, events, health, hooks, jobs, mlflow_hooks
 from app.api.services import Services
 from app.api.webhooks_out import declare_outbound_webhooks
 from app.core.config import Settings, get_settings
@@ -65,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(HeaderLimitMiddleware)  # added last: runs first
     install_problem_handlers(app)
-    for module in (jobs, evaluations, events, hooks, health):
+    for module in (jobs, evaluations, events, hooks, mlflow_hooks, health):
         app.include_router(module.router)
     declare_outbound_webhooks(app)
 

@@ -100,6 +100,31 @@ class Settings(BaseSettings):
     hf_webhook_rules_file: Path | None = Field(
         default=None, description="YAML or JSON rules mapping Hub repos to jobs."
     )
+    mlflow_webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="The secret of the MLflow registry webhook (MLflow signs each delivery "
+        "with it: X-MLflow-Signature); unset or empty, POST /v1/hooks/mlflow answers 401.",
+    )
+    mlflow_webhook_rules_file: Path | None = Field(
+        default=None, description="YAML or JSON rules mapping MLflow model versions to jobs."
+    )
+    mlflow_webhook_tolerance_seconds: int = Field(
+        default=300,
+        ge=1,
+        description="An MLflow delivery whose X-MLflow-Timestamp is further than this from now "
+        "is refused (401); a delivery id is remembered twice as long, so a replay is refused too.",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        description="The MLflow tracking server the webhook's versions are looked up on "
+        "(default: MLFLOW_TRACKING_URI, as MLflow's own clients use; workers register "
+        "mlflow:// outputs there).",
+    )
+    mlflow_artifacts_destination: str | None = Field(
+        default=None,
+        description="The server's --artifacts-destination (s3://bucket/path or a local path) "
+        "when it serves artifacts as mlflow-artifacts:/...: such sources are read from there.",
+    )
 
     # -- API process only (added with the REST API) ------------------------------------------------
     sse_keepalive_seconds: float = Field(

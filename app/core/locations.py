@@ -19,8 +19,12 @@ finetuned, adapter, model, evaluate.task, evaluate.general) and WRITE (output):
           - /data/acme
           - s3://acme-models/pruned/        # a prefix of a bucket
           - hf://acme
+          - mlflow://acme-*                 # MLflow registered models named acme-...
 
-`s3://*` and `hf://*` stand for any bucket and any Hub repo (e.g. `read: [hf://*]` lets a tenant
+`mlflow://NAME` is one registered model of the MLflow registry at MLFLOW_TRACKING_URI and
+`mlflow://PREFIX*` every model whose name starts with PREFIX: an output there registers a new
+version of it. `s3://*`, `hf://*` and `mlflow://*` stand for any bucket, Hub repo and registered
+model (e.g. `read: [hf://*]` lets a tenant
 start from any public base on the Hub without letting it write there). A tenant not in the file
 may use no location at all. Without the file, every tenant shares FAPM_LOCAL_ROOTS (read and
 write) and any bucket or Hub repo, as a single-tenant deployment wants.
@@ -46,7 +50,7 @@ import yaml
 
 from app.core.netguard import check_local_output, check_local_uri
 from worker.evaluation.data import split_file_uri
-from worker.io.uri import parse_uri
+from worker.io.uri import check_mlflow_model_name, parse_uri
 
 if TYPE_CHECKING:
     from app.core.config import Settings
@@ -61,14 +65,17 @@ ANY = "*"
 
 @dataclass(frozen=True)
 class LocationSet:
-    """Local roots (real paths), S3 (bucket, prefix) spaces and Hub namespaces (`org` or
-    `org/name`, lower case); `any_s3`/`any_hub` allow every bucket/repo."""
+    """Local roots (real paths), S3 (bucket, prefix) spaces, Hub namespaces (`org` or
+    `org/name`, lower case) and MLflow registered model names (`name`, or `prefix*`);
+    `any_s3`/`any_hub`/`any_mlflow` allow every bucket/repo/registered model."""
 
     local: tuple[Path, ...] = ()
     s3: tuple[tuple[str, str], ...] = ()
     hub: tuple[str, ...] = ()
     any_s3: bool = False
     any_hub: bool = False
+    mlflow: tuple[str, ...] = ()
+    any_mlflow: bool = False
 
     def __or__(self, other: LocationSet) -> LocationSet:
         return LocationSet(
@@ -77,6 +84,8 @@ class LocationSet:
             hub=tuple(dict.fromkeys(self.hub + other.hub)),
             any_s3=self.any_s3 or other.any_s3,
             any_hub=self.any_hub or other.any_hub,
+            mlflow=tuple(dict.fromkeys(self.mlflow + other.mlflow)),
+            any_mlflow=self.any_mlflow or other.any_mlflow,
         )
 
     def s3_space(self, bucket: str, key: str) -> tuple[str, str] | None:
@@ -89,6 +98,13 @@ class LocationSet:
     def holds_repo(self, repo: str) -> bool:
         repo = repo.lower()
         return self.any_hub or repo in self.hub or repo.split("/", 1)[0] in self.hub
+
+    def holds_registered_model(self, name: str) -> bool:
+        """An MLflow registered model name (case-sensitive, as MLflow compares them)."""
+        return self.any_mlflow or any(
+            name.startswith(entry[:-1]) if entry.endswith(ANY) else name == entry
+            for entry in self.mlflow
+        )
 
 
 @dataclass(frozen=True)
@@ -159,9 +175,22 @@ def parse_entry(raw: object, where: str) -> LocationSet:
         if not rest or len(parts) > 2 or "@" in rest or ANY in rest or not all(parts):
             raise ValueError(f"{where}: {raw!r}: use hf://org, hf://org/name or hf://*")
         return LocationSet(hub=(rest,))
+    if lowered.startswith("mlflow://"):
+        rest = raw[9:]
+        if rest == ANY:
+            return LocationSet(any_mlflow=True)
+        try:
+            check_mlflow_model_name(rest.removesuffix(ANY) or "x")
+        except ValueError as exc:
+            raise ValueError(f"{where}: {raw!r}: {exc}") from None
+        if ANY in rest.removesuffix(ANY):
+            raise ValueError(f"{where}: {raw!r}: use mlflow://NAME, mlflow://PREFIX* or mlflow://*")
+        return LocationSet(mlflow=(rest,))
     path = Path(raw[7:] if lowered.startswith("file://") else raw)
     if "://" in raw and not lowered.startswith("file://"):
-        raise ValueError(f"{where}: {raw!r}: unknown scheme (use a path, s3:// or hf://)")
+        raise ValueError(
+            f"{where}: {raw!r}: unknown scheme (use a path, s3://, hf:// or mlflow://)"
+        )
     if not path.is_absolute():
         raise ValueError(f"{where}: {raw!r}: local roots must be absolute paths")
     return LocationSet(local=(path.resolve(),))
@@ -203,7 +232,7 @@ def _load(path: Path, stamp: tuple[int, int], shared_roots: tuple[Path, ...]) ->
 
 
 def _shared(roots: tuple[Path, ...]) -> TenantLocations:
-    local = LocationSet(local=roots, any_s3=True, any_hub=True)
+    local = LocationSet(local=roots, any_s3=True, any_hub=True, any_mlflow=True)
     return TenantLocations(local, local)
 
 
@@ -268,6 +297,11 @@ def _input_place(raw: str, is_file: bool, allowed: TenantLocations) -> _Place:
                 f"{raw}: not in an S3 location this tenant may read ({allowed.setting})"
             )
         return _Place("s3", place.bucket_or_repo, key)
+    if uri.scheme == "mlflow":
+        raise ValueError(
+            f"{raw}: mlflow:// is an output; a registry's versions come in through "
+            "POST /v1/hooks/mlflow, resolved to where their files are"
+        )
     if not readable.holds_repo(uri.path):
         raise ValueError(f"{raw}: not in a Hub namespace this tenant may read ({allowed.setting})")
     return _Place("hf", uri.path.lower(), uri.revision or "main")
@@ -295,6 +329,13 @@ def _output_place(raw: str, allowed: TenantLocations, policy: LocationPolicy) ->
                     f"{raw}: is a configured S3 location or holds one; name a prefix inside it"
                 )
         return _Place("s3", place.bucket_or_repo, prefix)
+    if uri.scheme == "mlflow":
+        # A new version of the model: nothing of an input's is replaced, so no overlap to check.
+        if not writable.holds_registered_model(uri.path):
+            raise ValueError(
+                f"{raw}: not an MLflow registered model this tenant may write ({allowed.setting})"
+            )
+        return _Place("mlflow", uri.path)
     if not writable.holds_repo(uri.path):
         raise ValueError(f"{raw}: not in a Hub namespace this tenant may write ({allowed.setting})")
     return _Place("hf", uri.path.lower(), uri.revision or "main")

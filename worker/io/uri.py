@@ -1,4 +1,6 @@
-"""Model URIs: `file://` and bare local paths, `s3://bucket/prefix/` and `hf://org/name[@rev]`."""
+"""Model URIs: `file://` and bare local paths, `s3://bucket/prefix/`, `hf://org/name[@rev]`, and
+`mlflow://<registered model name>` (an output only: a new version of that model in the MLflow
+Model Registry at MLFLOW_TRACKING_URI)."""
 
 from __future__ import annotations
 
@@ -16,13 +18,32 @@ from worker.io.location_names import (
 from worker.io.source import LocalDirSource, ModelSource
 
 REMOTE_SCHEMES = ("s3", "hf")
+# MLflow keeps registered model names in a 256-character column.
+MAX_MLFLOW_NAME = 256
+
+
+def check_mlflow_model_name(name: str) -> None:
+    """ValueError unless MLflow accepts `name` as a registered model name (its
+    _validate_model_name: not blank, no `/` or `:`, unchanged by normpath), and it has no
+    character a URI or a log line would mangle."""
+    import posixpath
+
+    if not name.strip():
+        raise ValueError("a registered model name must not be blank")
+    if len(name) > MAX_MLFLOW_NAME:
+        raise ValueError(f"registered model name over {MAX_MLFLOW_NAME} characters")
+    bad = [c for c in name if c in "/:?#\\" or ord(c) < 32 or ord(c) == 127]
+    if bad:
+        raise ValueError(f"registered model name {name!r}: no {bad[0]!r} (MLflow's rule and URIs')")
+    if posixpath.normpath(name) != name or name.startswith(".."):
+        raise ValueError(f"registered model name {name!r} is not a plain name (MLflow's rule)")
 
 
 @dataclass(frozen=True)
 class ModelURI:
-    scheme: str  # "file", "s3" or "hf"
+    scheme: str  # "file", "s3", "hf" or "mlflow"
     raw: str
-    path: str  # local path, "bucket/prefix" or "org/name"
+    path: str  # local path, "bucket/prefix", "org/name" or the registered model name
     revision: str | None = None
 
     @property
@@ -66,7 +87,15 @@ def parse_uri(raw: str) -> ModelURI:
         except ValueError as exc:
             raise ValueError(f"{raw}: {exc}") from None
         return ModelURI("hf", raw, repo, revision or None)
-    raise ValueError(f"{raw}: unsupported scheme {scheme!r} (use a path, file://, s3:// or hf://)")
+    if scheme == "mlflow":
+        try:
+            check_mlflow_model_name(rest)
+        except ValueError as exc:
+            raise ValueError(f"{raw}: {exc}") from None
+        return ModelURI("mlflow", raw, rest)
+    raise ValueError(
+        f"{raw}: unsupported scheme {scheme!r} (use a path, file://, s3://, hf:// or mlflow://)"
+    )
 
 
 def open_source(raw: str) -> ModelSource:
@@ -83,4 +112,7 @@ def open_source(raw: str) -> ModelSource:
         from worker.io.hub import HubSource
 
         return HubSource(raw, uri.path, uri.revision)
-    raise UnsupportedFormat(f"{raw}: no reader for {uri.scheme}:// sources")
+    raise UnsupportedFormat(
+        f"{raw}: no reader for {uri.scheme}:// sources (a registry's versions come in through "
+        "POST /v1/hooks/mlflow, resolved to where their files are)"
+    )
