@@ -12,6 +12,8 @@ shard is computed. `commit` publishes everything at once; `abort` removes whatev
   staging objects; a re-run of the same job reuses shards already staged with the same sha256.
 - Hub: the repo is created if missing (private), each shard is pre-uploaded as it completes
   (`preupload_lfs_files`), and one `create_commit` publishes every file at the end.
+- MLflow: each file is logged as an artifact of a run as it completes, and the new model version
+  registered from them is the commit point (worker/io/mlflow_registry.py).
 """
 
 from __future__ import annotations
@@ -207,6 +209,10 @@ def published_report(uri: str, job_id: str, report_file: str) -> dict | None:
             if manifest.get("job_id") != job_id:
                 return None
             report = _published_json(_read_s3_json_bytes(client, bucket, report_key), report_key)
+        elif target.scheme == "mlflow":
+            from worker.io.mlflow_registry import published_version_report
+
+            report = published_version_report(target.path, job_id)
         else:
             return None  # the Hub's single commit: a re-run publishes a second, identical one
     except Exception:  # no such output, or unreadable: not published by this job
@@ -226,6 +232,10 @@ def open_target(uri: str, overwrite: bool, job_id: str | None) -> OutputTarget:
 
         bucket, prefix = split_s3_uri(target.path)
         return S3Target(uri, bucket, prefix, overwrite, job_id or uuid.uuid4().hex[:16])
+    if target.scheme == "mlflow":
+        from worker.io.mlflow_registry import MlflowTarget
+
+        return MlflowTarget(uri, target.path, job_id)  # a new version: nothing to overwrite
     return HubTarget(uri, target.path, target.revision, overwrite)
 
 
