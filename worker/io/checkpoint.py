@@ -158,8 +158,9 @@ def _early_result(key: str, stop: threading.Event) -> str | None:
 
 def start_early_digests(directories: Iterable[str | os.PathLike[str]]) -> None:
     """Start hashing the weight files of these local model directories now, one daemon thread
-    per directory, for a job this process is about to run (the `fapm` program calls it before
-    importing the engine, so the hashing overlaps that import on a second core).
+    per directory, for a job this process is about to run: called before the engine is
+    imported (bench/fapm_early.py; proposed for worker/cli.py `_prune`), the hashing overlaps
+    that import on a second core.
 
     Best effort and silent: a directory that is not a local safetensors checkpoint is skipped
     (the job itself reports it). A file is matched to the job's by its digest-cache key
@@ -169,12 +170,16 @@ def start_early_digests(directories: Iterable[str | os.PathLike[str]]) -> None:
     for directory in directories:
         try:
             source = LocalDirSource(directory)
+        except Exception:  # the job reports the problem, with its own message
+            continue
+        try:
             files = SafetensorsCheckpoint(source).files
             keys = []
             for file in files:
                 stat = source.stat(file)
                 keys.append(None if stat is None else digest_cache.file_key(stat))
-        except Exception:  # the job reports the problem, with its own message
+        except Exception:  # the same
+            source.close()
             continue
         jobs = []
         with _EARLY_LOCK:
