@@ -103,6 +103,7 @@ class Leg:
     note: str = ""
     ok: bool = True
     runs: list[dict] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # over CHILD_ENV, for this leg only
 
 
 def weights_bytes(directory: Path) -> int:
@@ -138,9 +139,10 @@ def drop_inputs(*directories: Path) -> None:
 
 # --cold-inputs: each run starts with its inputs evicted from the page cache instead of read in.
 COLD_INPUTS = False
+BEFORE: tuple[str, Path] | None = None  # --before: (sha, extracted worker/) for leg (b0)
 
 
-def run_measured(command: list[str], log: Path) -> dict:
+def run_measured(command: list[str], log: Path, env: dict[str, str] | None = None) -> dict:
     """Run `command` under bench/measure.py; its exit code, wall s, peak RSS bytes, user/sys s."""
     result = log.with_suffix(".json")
     with open(log, "wb") as sink:
@@ -148,7 +150,7 @@ def run_measured(command: list[str], log: Path) -> dict:
             [sys.executable, "-S", str(BENCH / "measure.py"), str(result), "--", *command],
             stdout=sink,
             stderr=subprocess.STDOUT,
-            env=CHILD_ENV,
+            env={**CHILD_ENV, **(env or {})},
             cwd=REPO,
             check=True,
         )
@@ -188,20 +190,7 @@ def snapshot_source(rev: str) -> Path:
     """Extract worker/ at git revision `rev` into bench/out/src-<sha>/ and make the children import
     it (PYTHONPATH comes before the editable install), so edits to the working tree during a run
     cannot change what is measured. Returns the directory."""
-    sha = subprocess.run(
-        ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    target = OUT / f"src-{sha[:12]}"
-    if not (target / "worker" / "__init__.py").exists():
-        target.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(
-            ["git", "archive", sha, "worker"], cwd=REPO, check=True, capture_output=True
-        ).stdout
-        subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    sha, target = extract_source(rev)
     CHILD_ENV["PYTHONPATH"] = str(target)
     CHILD_ENV["FAPM_BENCH_COMMIT"] = sha
     probe = "import worker, sys; print(worker.__file__)"
@@ -216,6 +205,25 @@ def snapshot_source(rev: str) -> Path:
     if not where.startswith(str(target)):
         raise SystemExit(f"the snapshot of {rev} is not what gets imported ({where})")
     return target
+
+
+def extract_source(rev: str) -> tuple[str, Path]:
+    """worker/ at git revision `rev`, extracted into bench/out/src-<sha>/ (once): (sha, folder)."""
+    sha = subprocess.run(
+        ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    target = OUT / f"src-{sha[:12]}"
+    if not (target / "worker" / "__init__.py").exists():
+        target.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(
+            ["git", "archive", sha, "worker"], cwd=REPO, check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return sha, target
 
 
 def fused_kernel_present() -> bool:
@@ -261,7 +269,14 @@ def fapm_command(base: Path, ft: Path, out: Path, kernel: str) -> list[str]:
     ]
 
 
-def legs_for(size: str, pair: Path, with_torch: bool, with_mergekit: bool, work: Path) -> list[Leg]:
+def legs_for(
+    size: str,
+    pair: Path,
+    with_torch: bool,
+    with_mergekit: bool,
+    work: Path,
+    before: tuple[str, Path] | None = None,
+) -> list[Leg]:
     base, ft = pair / "base", pair / "finetuned"
     copy = [str(PROJECT_PY), str(BENCH / "copy_through.py"), "--base", str(base)]
     copy += ["--finetuned", str(ft), "--out", str(work / "copy"), "--shard-size", "1e9"]
@@ -272,6 +287,19 @@ def legs_for(size: str, pair: Path, with_torch: bool, with_mergekit: bool, work:
             "a'",
             "copy-through with fapm's write path (preallocate, early writeback)",
             [*copy, "--engine-io"],
+        ),
+        *(
+            [
+                Leg(
+                    size,
+                    "b0",
+                    f"(b) with worker/ at {before[0][:7]} (before)",
+                    fapm_command(base, ft, work / "fapm", "auto"),
+                    env={"PYTHONPATH": str(before[1])},
+                )
+            ]
+            if before is not None
+            else []
         ),
         Leg(
             size,
@@ -329,7 +357,7 @@ def run_once(leg: Leg, pair: Path, log: Path, quiet_wait: float) -> dict:
     wait_for_quiet(quiet_wait)
     (drop_inputs if COLD_INPUTS else warm_inputs)(pair / "base", pair / "finetuned")
     busy_start = cpu_busy_s()
-    measured = run_measured(leg.command, log)
+    measured = run_measured(leg.command, log, leg.env)
     if measured["exit"] == 0 and leg.leg == "c":
         started = time.perf_counter()
         fsync_tree(out)
@@ -350,15 +378,23 @@ def run_once(leg: Leg, pair: Path, log: Path, quiet_wait: float) -> dict:
     return measured
 
 
-FAST_LEGS = ("a", "a'", "b", "b+")
+FAST_LEGS = ("a", "a'", "b0", "b", "b+")
 
 
-def run_legs(legs: list[Leg], pair: Path, log_dir: Path, quiet_wait: float, repeats: int) -> None:
+def run_legs(
+    legs: list[Leg],
+    pair: Path,
+    log_dir: Path,
+    quiet_wait: float,
+    repeats: int,
+    max_discards: int | None = None,
+) -> None:
     """Run the fast legs in rounds, one run of each per round (a, a', b, b+, a, a', ...), so
     every leg sees the same stretch of a shared machine and the ratios between them come from
     one run of the bench; then the slow legs once each. A fast leg's run during which others
-    kept the machine busy (or that compiled) is run again in a later round, twice per repeat
-    at most."""
+    kept the machine busy (or that compiled) is run again in a later round, `max_discards`
+    times at most (default twice per repeat)."""
+    max_discards = 2 * repeats if max_discards is None else max_discards
     fast = [leg for leg in legs if leg.leg in FAST_LEGS]
     runs: dict[int, list[dict]] = {id(leg): [] for leg in legs}
     discarded: dict[int, int] = {id(leg): 0 for leg in legs}
@@ -379,7 +415,7 @@ def run_legs(legs: list[Leg], pair: Path, log_dir: Path, quiet_wait: float, repe
                 leg.ok = False
                 continue
             noisy = run["others_cores"] > NOISY_CORES or "numba compiled" in run["note"]
-            if repeats > 1 and noisy and discarded[id(leg)] < 2 * repeats:
+            if repeats > 1 and noisy and discarded[id(leg)] < max_discards:
                 discarded[id(leg)] += 1
                 continue
             runs[id(leg)].append(run)
@@ -484,10 +520,11 @@ def warm_up() -> None:
     make_pair(pair, 0.0, layers=1, vocab=1024)
     work = OUT / "work-warmup"
     work.mkdir(parents=True, exist_ok=True)
-    for leg in legs_for("warmup", pair, False, False, work):
+    for leg in legs_for("warmup", pair, False, False, work, BEFORE):
         if leg.leg in ("a'", "b+"):  # a' needs worker/ from 16ed349 on; b+ is (b) again
             continue
-        code = subprocess.run(leg.command, cwd=REPO, env=CHILD_ENV, capture_output=True).returncode
+        env = {**CHILD_ENV, **leg.env}
+        code = subprocess.run(leg.command, cwd=REPO, env=env, capture_output=True).returncode
         if code != 0:
             raise SystemExit(f"warm-up of ({leg.leg}) failed: {' '.join(leg.command)}")
     shutil.rmtree(work, ignore_errors=True)
@@ -538,9 +575,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="evict the inputs from the page cache before each run (they are read in otherwise)",
     )
+    parser.add_argument(
+        "--before",
+        help="also run (b) with worker/ as of this git revision (leg b0), interleaved with the "
+        "others, so a change's before and after come from the same stretch of the machine",
+    )
+    parser.add_argument(
+        "--max-discards",
+        type=int,
+        help="noisy runs a fast leg may discard before it keeps one anyway (2 x --repeat)",
+    )
     args = parser.parse_args(argv)
-    global COLD_INPUTS
+    global COLD_INPUTS, BEFORE
     COLD_INPUTS = args.cold_inputs
+    BEFORE = extract_source(args.before) if args.before else None
 
     with_mergekit = not args.skip_mergekit
     if with_mergekit and not MERGEKIT_YAML.exists():
@@ -574,8 +622,8 @@ def main(argv: list[str] | None = None) -> int:
         work = (args.work or OUT) / f"work-{float(size):g}gb"
         work.mkdir(parents=True, exist_ok=True)
         print(f"{size} GB/model ({sizes[size]['bytes_per_model'] / 1e9:.2f} GB):", file=sys.stderr)
-        legs = legs_for(size, pair, with_torch, with_mergekit, work)
-        run_legs(legs, pair, log_dir, args.quiet_wait, args.repeat)
+        legs = legs_for(size, pair, with_torch, with_mergekit, work, BEFORE)
+        run_legs(legs, pair, log_dir, args.quiet_wait, args.repeat, args.max_discards)
         results.extend(legs)
     table = markdown(results, sizes)
     print(table)
