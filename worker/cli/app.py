@@ -44,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_spec_arguments(prune)
     prune.set_defaults(handler=prune_command)
+    compress = commands.add_parser(
+        "compress",
+        help="prune a model's weights (Wanda, SparseGPT, magnitude) with calibration data",
+        description="`fapm prune --prune weights`: the decoder layers' weights of --model, "
+        "pruned layer by layer with activations of --calibration-general/--calibration-task.",
+    )
+    add_spec_arguments(compress)
+    compress.set_defaults(handler=prune_command, prune="weights")
     evaluate = commands.add_parser(
         "eval",
         parents=[api_url],

@@ -35,6 +35,13 @@ NESTED_FLAGS: dict[str, tuple[str, str | None, str]] = {
     "--max-evaluations": ("nps", "max_evaluations", "nps: stop after N evaluations"),
     "--max-seconds": ("nps", "max_seconds", "nps: stop after N seconds"),
     "--nps-weights": ("nps", "weights", "nps: comma-separated band weights: publish, no search"),
+    "--calibration": ("calibration", "mode", "weights: general, task, mixed or taskaware"),
+    "--calibration-general": ("calibration", "general", "weights: JSONL of {text}"),
+    "--calibration-task": ("calibration", "task", "weights: JSONL of {prompt, completion}"),
+    "--calibration-max-examples": ("calibration", "max_examples", "weights: sequences per set"),
+    "--calibration-max-tokens": ("calibration", "max_tokens", "weights: tokens per sequence"),
+    "--exclusive-frac": ("calibration", "exclusive_frac", "taskaware: exclusive channels (0.1)"),
+    "--beta": ("calibration", "beta", "taskaware: general weight on shared channels (0.5)"),
 }
 # Nested keys whose flag takes a comma-separated list.
 LIST_KEYS = frozenset({"band_edges", "bounds", "weights"})

@@ -38,10 +38,14 @@ from worker.compress.decoder import (
 )
 from worker.compress.hidden import HiddenStates, hidden_budget, hidden_stores
 from worker.compress.scores import ChannelStats, column_weights, keep_mask, wanda_scores
-from worker.compress.sparsegpt import HessianAccumulator, sparsegpt_prune
+from worker.compress.sparsegpt import (
+    HessianAccumulator,
+    SparseGPTNumericalError,
+    sparsegpt_prune,
+)
 from worker.engine.pipeline import Progress, ProgressCallback, PruneResult
 from worker.engine.readers import CheckpointReader
-from worker.errors import JobCancelled
+from worker.errors import FapmError, JobCancelled
 from worker.evaluation.model import context_length
 from worker.io import strict_json
 from worker.io.carry_over import carry_over
@@ -53,6 +57,12 @@ from worker.spec import JobSpec
 from worker.spec.weights import parse_pattern
 
 CALIBRATE_STAGE = "calibrate"
+
+
+class CalibrationTooSmall(FapmError):
+    """SparseGPT could not factorise a layer's Hessian: too little (or degenerate) data."""
+
+    code = "calibration_too_small"
 
 
 def run_compress(
@@ -299,9 +309,14 @@ class _LayerWalk:
         if calibration.mode == "taskaware":  # the Hessian is the mixed one; weigh the columns
             mixed = stats.mean("general", "task").sqrt()
             factor = (columns / mixed.clamp_min(1e-30)).to(torch.float32)
-        pruned, keep = sparsegpt_prune(
-            weight, hessian.hessian, sparsity, self.pattern, column_factor=factor
-        )
+        if self.pattern is not None and weight.shape[1] % self.pattern[1]:
+            keep_mask(weight, sparsity, self.pattern, True, where)  # raises PatternMismatch
+        try:
+            pruned, keep = sparsegpt_prune(
+                weight, hessian.hessian, sparsity, self.pattern, column_factor=factor
+            )
+        except SparseGPTNumericalError as exc:
+            raise CalibrationTooSmall(f"{where}: {exc}") from None
         return pruned * keep, keep
 
     def calibration_summary(self) -> dict:
