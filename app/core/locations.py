@@ -6,7 +6,8 @@ a symlink or a directory can change in between. The worker then confines every l
 opens to `readable_roots` (worker/io/source.py).
 
 FAPM_TENANT_LOCATIONS_FILE (YAML or JSON) lists, per tenant, what its jobs may READ (base,
-finetuned, adapter, model, evaluate.task, evaluate.general) and WRITE (output):
+finetuned, adapter, model, evaluate.task, evaluate.general, calibration.task,
+calibration.general) and WRITE (output):
 
     tenants:
       acme:
@@ -386,6 +387,9 @@ def check_job_locations(
     evaluate = getattr(job, "evaluate", None)
     if evaluate is not None:
         named += [(f"evaluate.{n}", getattr(evaluate, n), True) for n in EVALUATION_FIELDS]
+    calibration = getattr(job, "calibration", None)  # prune "weights": its calibration sets
+    if calibration is not None:
+        named += [(f"calibration.{n}", getattr(calibration, n), True) for n in EVALUATION_FIELDS]
     for name, raw, is_file in named:
         if raw is None:
             continue
