@@ -59,7 +59,7 @@ database = "none"
 enabled = true
 
 [[operations]]
-include-name-regex = "^POST /v1/(jobs|evaluations|hooks/huggingface)$"
+include-name-regex = "^POST /v1/(jobs|evaluations|hooks/huggingface|hooks/mlflow)$"
 checks.positive_data_acceptance.expected-statuses = [
   "2xx", "3xx", "401", "403", "404", "409", "422", "429", "5xx"
 ]
