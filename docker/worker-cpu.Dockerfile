@@ -26,8 +26,17 @@ FROM ${PYTHON_IMAGE}
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    NUMBA_THREADING_LAYER=omp \
     NUMBA_CACHE_DIR=/home/fapm/.cache/numba \
     HF_HUB_CACHE=/home/fapm/.cache/huggingface/hub
+# numba's thread-safe OpenMP layer needs the system libgomp (numba's wheel does not bring it).
+# Without it numba falls back to its workqueue layer, which aborts the process when two threads
+# run parallel kernels at once (the worker's kernel warm-up and a job): NUMBA_THREADING_LAYER=omp
+# makes a missing libgomp an error at the first parallel kernel instead of that fallback.
+ARG LIBGOMP_VERSION=12.2.0-14+deb12u1
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends "libgomp1=${LIBGOMP_VERSION}" \
+    && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 fapm \
     && useradd --system --uid 10001 --gid fapm --home-dir /home/fapm --create-home fapm \
     && install -d -o fapm -g fapm /data /home/fapm/.cache/numba /home/fapm/.cache/huggingface/hub

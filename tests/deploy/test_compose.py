@@ -177,3 +177,35 @@ def test_workers_consume_every_queue_of_the_service() -> None:
 
 def test_api_is_on_localhost_8000() -> None:
     assert compose()["services"]["api"]["ports"] == ["127.0.0.1:8000:8000"]
+
+
+LOCAL_OVERRIDE = ROOT / "docker" / "compose.local.yml"
+
+
+def test_local_override_keeps_the_stack_offline_and_on_local_images() -> None:
+    """docker/compose.local.yml (what scripts/containers runs): every image built here, one
+    internal network, and the same services as the real file."""
+    cli = _compose_cli()
+    assert cli is not None, "docker-compose is missing: run scripts/setup"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FAPM_", "MINIO_"))}
+    result = subprocess.run(
+        [*cli, "-f", str(COMPOSE), "-f", str(LOCAL_OVERRIDE), "--profile", "gpu", "config"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rendered = yaml.safe_load(result.stdout)
+    assert set(rendered["services"]) == set(compose()["services"])
+    for name, service in rendered["services"].items():
+        assert service["image"].startswith("localhost/"), name
+    assert rendered["networks"]["default"]["internal"] is True
+    # The persistence settings under test are the real file's, not the override's.
+    assert rendered["services"]["redis"]["command"] == compose()["services"]["redis"]["command"]
+    for name in ("worker-cpu", "worker-webhooks"):
+        env_ = rendered["services"][name]["environment"]
+        assert env_["FAPM_TEST_PAUSE_DIR"].startswith("/data/")
+        assert int(env_["FAPM_LEASE_SECONDS"]) < 60
+    assert "FAPM_TEST_PAUSE_DIR" not in str(compose()), "the real stack has no test hook"

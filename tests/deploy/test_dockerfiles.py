@@ -27,6 +27,8 @@ API = DOCKER / "api.Dockerfile"
 WORKER_CPU = DOCKER / "worker-cpu.Dockerfile"
 WORKER_GPU = DOCKER / "worker-gpu.Dockerfile"
 ENTRYPOINT = ["python", "/opt/fapm/worker_entrypoint.py"]
+# Images only the local stack of scripts/containers uses (moto's S3 server in place of MinIO).
+LOCAL_DOCKERFILES = sorted((DOCKER / "local").glob("*.Dockerfile"))
 
 
 def hadolint() -> str:
@@ -46,7 +48,7 @@ def test_the_three_images_exist() -> None:
     ]
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("dockerfile", [*DOCKERFILES, *LOCAL_DOCKERFILES], ids=lambda p: p.name)
 def test_hadolint_finds_nothing(dockerfile: Path) -> None:
     # The default failure threshold: any finding, down to style and info, fails.
     result = subprocess.run(
@@ -155,10 +157,12 @@ def test_torch_builds() -> None:
     (cpu_pin,) = pyproject["project"]["optional-dependencies"]["cpu"]
     assert cpu_pin == f"torch=={_build_arg(WORKER_CPU, 'TORCH_VERSION')}"
     assert _build_arg(WORKER_CPU, "TORCH_INDEX_URL").endswith("/whl/cpu")
+    assert _build_arg(WORKER_GPU, "TORCH_VERSION") == _build_arg(WORKER_CPU, "TORCH_VERSION")
     assert re.search(r"/whl/cu\d+$", _build_arg(WORKER_GPU, "TORCH_INDEX_URL"))
-    assert _build_arg(WORKER_GPU, "CUDA_IMAGE").startswith("nvidia/cuda:")
-    assert "-runtime-" in _build_arg(WORKER_GPU, "CUDA_IMAGE")
-    assert _build_arg(WORKER_GPU, "PYTHON_VERSION").startswith("3.11.")
+    # One Python base for every image (the CUDA wheels bring their runtime; no nvidia/cuda base).
+    bases = {_build_arg(path, "PYTHON_IMAGE") for path in DOCKERFILES}
+    assert len(bases) == 1 and bases.pop().startswith("python:3.11."), bases
+    assert "nvidia/cuda" not in WORKER_GPU.read_text()
     assert "'.[worker,gpu]'" in WORKER_GPU.read_text()  # triton comes with the gpu extra
     assert "'.[worker]'" in WORKER_CPU.read_text()
 
@@ -196,3 +200,23 @@ def test_dockerignore_lets_in_what_copy_needs(dockerfile: Path) -> None:
             assert any(
                 source == a or source.startswith(a + "/") or Path(source).match(a) for a in allowed
             ), f"{dockerfile.name}: {source} is excluded by {ignore.name}"
+
+
+def test_constraints_are_what_pin_writes() -> None:
+    """docker/constraints-*.txt agree with pyproject and the tested .venv (re-run docker/pin.py)."""
+    result = subprocess.run(
+        [sys.executable, str(DOCKER / "pin.py"), "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_tzdata_is_a_core_dependency_pinned_in_both_images() -> None:
+    # kombu looks up UTC at import; a base without /usr/share/zoneinfo must still run the images.
+    core = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert "tzdata" in {canonicalize_name(Requirement(r).name) for r in core}
+    for extra in ("api", "worker"):
+        assert re.search(r"^tzdata==", (DOCKER / f"constraints-{extra}.txt").read_text(), re.M)
