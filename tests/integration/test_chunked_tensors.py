@@ -93,14 +93,13 @@ def _same_as_whole(pair, tmp_path, monkeypatch, method, scope, sparsity) -> list
 
 
 # Every method with every scope it accepts (scope model applies to the ranking methods only; nps
-# takes tensor or model). Not yet (nps, model): run_prune's counting passes must call
-# TensorPruner.count_model_scope first (worker/engine/pipeline.py).
+# takes tensor or model).
 METHOD_SCOPES = [
     (method, scope)
     for method in METHODS
     for scope in ("tensor", "row", "model")
     if (scope != "model" or method in MODEL_SCOPE_METHODS)
-    and not (method == "nps" and scope != "tensor")
+    and not (method == "nps" and scope == "row")
 ]
 
 
