@@ -185,3 +185,19 @@ def test_auto_with_nps_searches_weights_where_magnitudes_order_loses_the_floor(e
     assert evaluation["evaluations"] == 2 + 2 * evaluations_per_method() + nps["evaluations"]
     if chosen["method"] == "nps":  # published with exactly the weights of its candidate
         assert report["spec"]["nps"]["weights"] in (nps["weights"], [1.0] * nps["bands"])
+
+
+def test_a_search_in_scope_model_publishes_its_reported_weights(eval_case, tmp_path):
+    spec = spec_for(eval_case, tmp_path / "model", method="nps", sparsity=SPARSITY, scope="model",
+                    nps={"generations": 1, "population": 4, "objective": "skill"})  # fmt: skip
+    report = run_job_spec(spec).report
+    nps = report["evaluation"]["nps"]
+    assert report["spec"]["scope"] == "model" and nps["evaluations"] == 5
+    again = tmp_path / "again"
+    run_prune(
+        JobSpec(base=str(eval_case.base), finetuned=str(eval_case.finetuned), output=str(again),
+                method="nps", sparsity=SPARSITY, scope="model", nps={"weights": nps["weights"]})
+    )  # fmt: skip
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == (
+        again / "model.safetensors"
+    ).read_bytes()
