@@ -45,6 +45,7 @@ from worker.compress.sparsegpt import (
 )
 from worker.engine.pipeline import Progress, ProgressCallback, PruneResult
 from worker.engine.readers import CheckpointReader
+from worker.engine.tensor_pruner import resolve_device
 from worker.errors import FapmError, JobCancelled
 from worker.evaluation.model import context_length
 from worker.io import strict_json
@@ -143,6 +144,7 @@ def run_compress(
                 "spec": spec.model_dump(mode="json"),
                 "operation": "weights",
                 "implementation": f"torch-{walk.device.type}",
+                "device": walk.device.type,
                 "inputs": {"model": reader.identity()},
                 "calibration": walk.calibration_summary(),
                 "totals": totals,
@@ -202,7 +204,9 @@ class _LayerWalk:
         self.sequences = sequences
         self.scratch = scratch
         self.cancelled = cancelled
-        self.device = torch.device("cpu")
+        # Layers compute on the job's device (a GPU worker's CUDA); the hidden states stay on the
+        # host between layers, one sequence at a time on the device.
+        self.device = resolve_device(spec.device)
         self.pattern = parse_pattern(spec.pattern) if spec.pattern else None
         self.kwargs: list[dict] = []
         self.inputs: HiddenStates | None = None
@@ -229,6 +233,7 @@ class _LayerWalk:
         """Prune layer `index`; its report record and its tensors (checkpoint name, float32)."""
         started = time.perf_counter()
         layer, names = load_layer(self.layout, self.reader, index)
+        layer = layer.to(self.device)
         linears = linear_modules(layer)
         collectors = self._collect(layer, linears) if self.sequences else {}
         record: dict = {"index": index, "linears": []}
@@ -249,9 +254,10 @@ class _LayerWalk:
             for i, kwargs in enumerate(self.kwargs):
                 if self.cancelled():
                     raise JobCancelled("the job was cancelled")
-                self.outputs.put(i, run_layer(layer, self.inputs.get(i), kwargs))
+                hidden = self.inputs.get(i).to(self.device)
+                self.outputs.put(i, run_layer(layer, hidden, _on(kwargs, self.device)).cpu())
             self.inputs, self.outputs = self.outputs, self.inputs
-        state = layer.state_dict()
+        state = {k: v.cpu() for k, v in layer.state_dict().items()}
         tensors = {full: state[local] for local, full in names.items()}
         record["seconds"] = round(time.perf_counter() - started, 6)
         return record, tensors
@@ -281,7 +287,7 @@ class _LayerWalk:
                 if self.cancelled():
                     raise JobCancelled("the job was cancelled")
                 current["source"] = sequence.source
-                run_layer(layer, self.inputs.get(i), kwargs)
+                run_layer(layer, self.inputs.get(i).to(self.device), _on(kwargs, self.device))
         finally:
             for handle in hooks:
                 handle.remove()
@@ -353,6 +359,17 @@ def _layer_names(reader: CheckpointReader, layout: DecoderLayout) -> list[list[s
                 )
             by_layer[index].append(name)
     return by_layer
+
+
+def _on(value, device: torch.device):
+    """A layer's keyword arguments (tensors, tuples of them) on the compute device."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_on(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _on(v, device) for k, v in value.items()}
+    return value
 
 
 def _raw(tensor: torch.Tensor):
