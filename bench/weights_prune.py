@@ -72,13 +72,15 @@ def modes(workdir: Path, sparsities: list[float]) -> list[dict]:
 
 MEASURE = textwrap.dedent(
     """
-    import json, resource, sys, threading, time
+    import json, sys, threading, time
     peak, done = [0], []
-    def anon():
+    def field(name):
         with open("/proc/self/status") as status:
             for line in status:
-                if line.startswith("RssAnon:"):
+                if line.startswith(name + ":"):
                     return int(line.split()[1]) * 1024
+    def anon():
+        return field("RssAnon")
     def sample():
         while not done:
             peak[0] = max(peak[0], anon())
@@ -88,8 +90,8 @@ MEASURE = textwrap.dedent(
     exec(sys.argv[1])
     seconds = time.perf_counter() - started
     done.append(1)
-    print(json.dumps({"seconds": seconds, "peak_anon": peak[0],
-                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    # VmHWM, not ru_maxrss: Linux carries a forking parent's peak over exec into ru_maxrss.
+    print(json.dumps({"seconds": seconds, "peak_anon": peak[0], "peak_rss": field("VmHWM")}))
     """
 )
 
