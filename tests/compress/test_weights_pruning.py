@@ -170,3 +170,19 @@ def test_an_encoder_is_not_walked(tmp_path):
     with pytest.raises(UnsupportedArchitecture, match="no list of decoder layers"):
         run_job_spec(job)
     assert not (tmp_path / "o").exists()
+
+
+def test_cancel_stops_between_layers_and_publishes_nothing(dual_case, tmp_path):
+    from worker.errors import JobCancelled
+
+    seen: list = []
+
+    def cancel_after_layer_one() -> bool:
+        return any(p.stage == "prune" and p.tensors_done >= 1 for p in seen)
+
+    with pytest.raises(JobCancelled):
+        run_job_spec(weights_job(dual_case, tmp_path / "cancelled"), seen.append,
+                     cancel_after_layer_one)  # fmt: skip
+    assert [p.tensors_done for p in seen if p.stage == "prune"] == [0, 1]
+    assert not (tmp_path / "cancelled").exists()
+    assert not list(tmp_path.iterdir())  # no staging directory left behind
