@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from worker.exclude_pattern import MAX_EXCLUDE_CHARS, ExcludePattern
 from worker.spec.evaluation import EvaluationSpec, TargetSpec
+from worker.spec.merge import NOT_FOR_MERGES, MergeInput, MergeSpec
 from worker.spec.mlflow import MlflowSection
 from worker.spec.nps import NpsSpec, band_edges
 from worker.spec.values import NOT_BLANK, ByteSize, Sparsity, not_blank
@@ -55,9 +56,11 @@ class JobSpec(BaseModel):
         description='prune "weights": the model whose weights are pruned (any location).',
         json_schema_extra={"pattern": NOT_BLANK},
     )
-    finetuned: str | None = Field(
+    finetuned: str | list[MergeInput] | None = Field(
         default=None,
-        description="Fine-tuned checkpoint with the same architecture. Give this or --adapter.",
+        description="Fine-tuned checkpoint with the same architecture. Give this or --adapter. "
+        "A list of {model, weight, method?, sparsity?, adapter?} merges several fine-tunes of "
+        "the base (see merge).",
     )
     adapter: str | None = Field(
         default=None,
@@ -142,6 +145,11 @@ class JobSpec(BaseModel):
     nps: NpsSpec | None = Field(
         default=None,
         description='method "nps": how the band weights are searched (defaults apply when absent).',
+    )
+    merge: MergeSpec | None = Field(
+        default=None,
+        description="finetuned as a list: how the pruned task vectors are combined "
+        "(default: task_arithmetic).",
     )
     mlflow: MlflowSection = Field(
         default=None, description="output mlflow://NAME: the registered version's alias."
@@ -229,6 +237,31 @@ class JobSpec(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _merge_fits(self) -> JobSpec:
+        inputs = self.merge_inputs
+        if inputs is None:
+            if self.merge is not None:
+                raise ValueError("merge: applies to a list of finetuned models")
+            return self
+        if not inputs:
+            raise ValueError("finetuned: a merge needs at least one model")
+        for i, item in enumerate(inputs):
+            method = item.method or self.method
+            if method == "nps" or method not in TASK_VECTOR_METHODS:
+                raise ValueError(f"finetuned: [{i}] method {method}: {NOT_FOR_MERGES}")
+        if self.sparsity == "auto":
+            raise ValueError(f'sparsity: "auto" is {NOT_FOR_MERGES}')
+        for name in ("evaluate", "nps", "target", "methods"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name}: {NOT_FOR_MERGES}")
+        if self.scope == "model":
+            raise ValueError(f"scope: model is {NOT_FOR_MERGES} (tensor or row)")
+        if self.merge is not None and self.merge.rule == "nps_fusion":
+            if self.merge.normalize is not None:
+                raise ValueError("merge: normalize: nps_fusion divides by the kept count")
+        return self
+
+    @model_validator(mode="after")
     def _auto_needs_evaluation(self) -> JobSpec:
         if self.sparsity == "auto":
             if self.evaluate is None:
@@ -292,6 +325,16 @@ class JobSpec(BaseModel):
                 'evaluate: general: required (only nps with objective "skill" runs without it)'
             )
         return self
+
+    @property
+    def merge_inputs(self) -> list[MergeInput] | None:
+        """The fine-tunes of a merge (finetuned as a list), None for one fine-tune."""
+        return self.finetuned if isinstance(self.finetuned, list) else None
+
+    @property
+    def merge_settings(self) -> MergeSpec:
+        """The merge section, its defaults when the job gave none."""
+        return self.merge or MergeSpec()
 
     @property
     def nps_settings(self) -> NpsSpec:
