@@ -43,6 +43,7 @@ NESTED_FLAGS: dict[str, tuple[str, str | None, str]] = {
     "--exclusive-frac": ("calibration", "exclusive_frac", "taskaware: exclusive channels (0.1)"),
     "--beta": ("calibration", "beta", "taskaware: general weight on shared channels (0.5)"),
     "--mlflow-alias": ("mlflow", "alias", "mlflow:// output: alias for the registered version"),
+    "--delta": ("materialize", "delta", "materialize: the sparse delta to rebuild on --base"),
 }
 # Nested keys whose flag takes a comma-separated list.
 LIST_KEYS = frozenset({"band_edges", "bounds", "weights"})

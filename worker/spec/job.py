@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from worker.exclude_pattern import MAX_EXCLUDE_CHARS, ExcludePattern
 from worker.spec.evaluation import EvaluationSpec, TargetSpec
+from worker.spec.materialize import MaterializeSpec
 from worker.spec.merge import NOT_FOR_MERGES, MergeInput, MergeSpec
 from worker.spec.mlflow import MlflowSection
 from worker.spec.nps import NpsSpec, band_edges
@@ -113,6 +114,12 @@ class JobSpec(BaseModel):
     dtype: Literal["keep", "bfloat16", "float16", "float32"] = Field(
         default="keep", description="Storage dtype of the output's floating-point tensors."
     )
+    output_format: Literal["dense", "sparse-delta"] = Field(
+        default="dense",
+        description='"dense": a model directory; "sparse-delta": only the entries that differ '
+        "from the base (mask or indices, and values), rebuilt bit for bit by materialize.",
+        json_schema_extra={"cli": "--format"},
+    )
     kernel: Literal["auto", "torch", "numba", "triton"] = Field(
         default="auto",
         description="Implementation: auto uses the fused kernel where it covers the method "
@@ -155,6 +162,10 @@ class JobSpec(BaseModel):
         default=None, description="output mlflow://NAME: the registered version's alias."
     )
     overwrite: bool = Field(default=False, description="Replace an existing output.")
+    materialize: MaterializeSpec | None = Field(
+        default=None,
+        description="Rebuild the dense model from a sparse delta (delta) on base: no pruning.",
+    )
 
     @field_validator("exclude")
     @classmethod
@@ -177,6 +188,8 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _operation_inputs(self) -> JobSpec:
+        if self.materialize is not None:
+            return self._materialize_fits()
         if self.prune == "weights":
             return self._weights_fit()
         if self.base is None:
@@ -188,12 +201,24 @@ class JobSpec(BaseModel):
             raise ValueError(f'method: {self.method} prunes weights: set prune "weights" and model')
         return self
 
+    def _materialize_fits(self) -> JobSpec:
+        if self.prune != "task_vector" or self.base is None:
+            raise ValueError("base: materialize rebuilds the model on its base: give base")
+        for name in ("finetuned", "adapter", "model", "evaluate", "calibration", "nps", "merge"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name}: does not apply to materialize (give base and delta)")
+        if self.output_format != "dense":
+            raise ValueError('output_format: materialize writes the dense model ("dense")')
+        return self
+
     def _weights_fit(self) -> JobSpec:
         if self.model is None:
             raise ValueError('model: prune "weights" needs the model whose weights are pruned')
         for name in ("base", "finetuned", "adapter", "nps", "target", "methods"):
             if getattr(self, name) is not None:
                 raise ValueError(f'{name}: does not apply to prune "weights" (give model)')
+        if self.output_format != "dense":
+            raise ValueError('output_format: "sparse-delta" stores a task vector against its base')
         if self.method not in WEIGHT_METHODS:
             raise ValueError(f'method: prune "weights" takes {", ".join(WEIGHT_METHODS)}')
         if self.sparsity == "auto":
@@ -230,7 +255,7 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _one_update_source(self) -> JobSpec:
-        if self.prune == "weights":
+        if self.prune == "weights" or self.materialize is not None:
             return self
         if (self.finetuned is None) == (self.adapter is None):
             raise ValueError("finetuned: give exactly one of 'finetuned' and 'adapter'")
