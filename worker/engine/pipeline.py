@@ -19,10 +19,11 @@ import torch
 
 from worker.engine.card import model_card
 from worker.engine.compose import TensorStats
+from worker.engine.model_scope import find_global_threshold
 from worker.engine.plan import TensorTask, build_plan
 from worker.engine.readahead import read_ahead
 from worker.engine.readers import CheckpointReader, LoraMergedReader
-from worker.engine.tensor_pruner import CHUNK_ABOVE_BYTES, TensorPruner
+from worker.engine.tensor_pruner import TensorPruner
 from worker.errors import JobCancelled
 from worker.io import strict_json
 from worker.io.carry_over import CarryOver, carry_over
@@ -212,26 +213,6 @@ def _load_pair(base, finetuned):
     return load
 
 
-def _load_with_destination(base, finetuned, writer: WriterThread, places: dict):
-    """The stream's loader: W and F, and for a pruned tensor its place in the mapped output shard
-    put in `places` (None where the writer cannot map it). The place is mapped, and its pages
-    populated, here on the read-ahead thread while the previous tensor computes (`_load_cost`
-    counts its bytes): one call instead of a fault per page on the kernel's threads. Not a
-    tensor the kernel walks in windows (above CHUNK_ABOVE_BYTES), whose pages it hands back.
-    The place goes beside the pair, not in it: `overlap_transfers` takes pairs."""
-    load_pair = _load_pair(base, finetuned)
-
-    def load(task: TensorTask) -> tuple[torch.Tensor | None, torch.Tensor]:
-        w, f = load_pair(task)
-        place = None
-        if task.action != "copy":
-            place = writer.destination(task.name, populate=f.nbytes <= CHUNK_ABOVE_BYTES)
-        places[task.name] = place
-        return w, f
-
-    return load
-
-
 def _load_cost(task: TensorTask) -> int:
     return task.read_bytes + task.planned.nbytes
 
@@ -257,8 +238,7 @@ def _count_model_scope(tasks, base, finetuned, pruner, report_progress, cancelle
             pairs.close()
         passes_done += 1
 
-    # The method decides how many counting passes it needs (nps: four).
-    return pruner.count_model_scope(key_pass)
+    return find_global_threshold(key_pass, pruner.spec.density)
 
 
 def _stream(
@@ -277,9 +257,9 @@ def _stream(
     report_progress(Progress("prune", 0, len(tasks), 0, bytes_total))
     # On CUDA with the Triton kernel, the host-to-device copy of tensor i+1 overlaps the compute
     # of tensor i (a pass-through elsewhere).
-    places: dict[str, memoryview | None] = {}
-    load = _load_with_destination(base, finetuned, writer, places)
-    pairs = pruner.overlap_transfers(read_ahead(tasks, load, _load_cost, READ_AHEAD_BYTES))
+    pairs = pruner.overlap_transfers(
+        read_ahead(tasks, _load_pair(base, finetuned), _load_cost, READ_AHEAD_BYTES)
+    )
     try:
         for done, (task, (w, f)) in enumerate(pairs, start=1):
             if cancelled():
@@ -287,7 +267,7 @@ def _stream(
             tick = time.perf_counter()
             # A pruned tensor is computed straight into its place in the (mapped) shard file
             # where the kernel can; a copied one is written from the input by the writer thread.
-            place = places.pop(task.name)
+            place = writer.destination(task.name) if task.action != "copy" else None
             target = None if place is None else tensor_over(place, task.planned.dtype, task.shape)
             out, stats = pruner.run(task, w, f, out=target)
             del place, target

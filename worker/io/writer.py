@@ -28,7 +28,6 @@ from worker.io.safetensors_format import DTYPE_SIZES, build_header
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range, do not wait for it
-_MADV_POPULATE_WRITE = 23  # <linux/mman.h>: fault in a range's pages writable, now
 
 
 def _linux_file_calls() -> tuple[Callable | None, Callable | None]:
@@ -149,22 +148,11 @@ class _ShardFile:
             raise
         self.hasher = hashlib.sha256(header)
 
-    def map(self, begin: int, nbytes: int, populate: bool = False) -> memoryview:
-        """A shared, writable view of data bytes [begin, begin + nbytes): stores land in the file.
-
-        `populate`: make its pages present and writable now, in one call (MADV_POPULATE_WRITE,
-        Linux 5.14+; best effort), so the stores that fill it take no page fault each (on tmpfs
-        one per 4 KiB page, bench/RESULTS.md). Not for a tensor computed in windows whose pages
-        are handed back behind: that would make it resident whole.
-        """
+    def map(self, begin: int, nbytes: int) -> memoryview:
+        """A shared, writable view of data bytes [begin, begin + nbytes): stores land in the file."""
         offset = self.header_len + begin
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         mapped = mmap.mmap(self.fd, offset + nbytes - start, offset=start)  # MAP_SHARED
-        if populate:
-            try:
-                mapped.madvise(_MADV_POPULATE_WRITE)
-            except OSError:  # EINVAL before Linux 5.14: the stores fault the pages in instead
-                pass
         return memoryview(mapped)[offset - start :]
 
     def close(self) -> int:
@@ -256,15 +244,14 @@ class ShardedWriter:
                 self._open[index] = shard
             return shard
 
-    def destination(self, name: str, populate: bool = False) -> memoryview | None:
+    def destination(self, name: str) -> memoryview | None:
         """A writable view of the planned tensor's bytes in its shard file, or None where the
-        file cannot be mapped safely (the caller then passes its own buffer to `write`).
-        `populate`: fault its pages in now (`_ShardFile.map`), for a caller that fills it whole."""
+        file cannot be mapped safely (the caller then passes its own buffer to `write`)."""
         index, begin, nbytes = self._places[name]
         shard = self._shard(index)
         if not shard.mappable or nbytes == 0:
             return None
-        view = shard.map(begin, nbytes, populate)
+        view = shard.map(begin, nbytes)
         with self._lock:
             self._destinations[name] = view
         return view
@@ -359,10 +346,10 @@ class WriterThread:
         if self._error is not None:
             raise self._error
 
-    def destination(self, name: str, populate: bool = False) -> memoryview | None:
+    def destination(self, name: str) -> memoryview | None:
         """`ShardedWriter.destination`, called on the caller's thread (fill it, then `write` it)."""
         self._raise_if_failed()
-        return self.writer.destination(name, populate)
+        return self.writer.destination(name)
 
     def write(self, name: str, data: object) -> None:
         self._raise_if_failed()
