@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from worker.cli.common import EXIT_UNEXPECTED, Parser, job_error
-from worker.cli.local import demo_command, eval_command, prune_command
+from worker.cli.local import demo_command, eval_command, materialize_command, prune_command
 from worker.cli.remote import API_URL_ENV, DEFAULT_API_URL, add_client_commands
 from worker.cli.spec_flags import add_spec_arguments
 
@@ -52,6 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_spec_arguments(compress)
     compress.set_defaults(handler=prune_command, prune="weights")
+    materialize = commands.add_parser(
+        "materialize",
+        help="rebuild the dense model from a sparse delta (prune --format sparse-delta) and its base",
+        description="Write the model that the delta's prune job writes with --format dense, bit "
+        "for bit, from --base and --delta; a base other than the delta's (sha256) is refused.",
+    )
+    materialize.add_argument("--base", required=True, help="the base the delta was made against")
+    materialize.add_argument("--delta", required=True, help="the sparse delta (any location)")
+    materialize.add_argument("--out", required=True, help="where the dense model goes")
+    materialize.add_argument("--overwrite", action="store_true", help="replace fapm's output there")
+    materialize.set_defaults(handler=materialize_command)
     evaluate = commands.add_parser(
         "eval",
         parents=[api_url],

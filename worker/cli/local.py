@@ -1,4 +1,5 @@
-"""Commands that run in this process: `fapm prune`, `fapm eval` (without --submit), `fapm demo`.
+"""Commands that run in this process: `fapm prune`, `fapm materialize`, `fapm eval` (without
+--submit), `fapm demo`.
 
 Engine imports stay inside the handlers, so the client commands never load torch.
 """
@@ -51,6 +52,41 @@ def prune_command(namespace: argparse.Namespace) -> int:
     )
     for note in result.report.get("notes", []):  # e.g. how tensor names were paired
         print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+def materialize_command(namespace: argparse.Namespace) -> int:
+    """`fapm materialize`: the dense model of a sparse delta, on its base."""
+    from worker.spec import JobSpec
+
+    try:
+        spec = JobSpec.model_validate(
+            {
+                "base": namespace.base,
+                "output": namespace.out,
+                "overwrite": namespace.overwrite,
+                "materialize": {"delta": namespace.delta},
+            }
+        )
+    except ValidationError as exc:
+        print(f"fapm: error: {one_line_validation_error(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+
+    from worker.errors import FapmError
+    from worker.evaluation.job import run_job_spec
+
+    try:
+        result = run_job_spec(spec, progress=progress_bar())
+    except FapmError as exc:
+        return job_error(exc)
+    except KeyboardInterrupt:
+        print("fapm: interrupted; nothing was written to the output", file=sys.stderr)
+        return 130
+    totals = result.report["totals"]
+    print(
+        f"wrote {result.output} ({totals['tensors']} tensors, {totals['changed']} entries "
+        f"from the delta, {result.report['seconds']['total']:.1f}s)"
+    )
     return 0
 
 

@@ -105,8 +105,13 @@ def run_job_spec(
     should_cancel: Callable[[], bool] | None = None,
     job_id: str | None = None,
 ) -> PruneResult:
-    """Run any job: weight pruning through its engine (worker/compress/), evaluated task-vector
-    jobs through the evaluation, the rest through run_prune."""
+    """Run any job: weight pruning through its engine (worker/compress/), a sparse delta's
+    materialization through worker/engine/materialize.py, evaluated task-vector jobs through the
+    evaluation, the rest through run_prune."""
+    if spec.materialize is not None:
+        from worker.engine.materialize import run_materialize
+
+        return run_materialize(spec, progress, should_cancel, job_id)
     if spec.prune == "weights":
         from worker.compress.pipeline import run_compress
 

@@ -25,6 +25,7 @@ PRUNE_START, PRUNE_END = 0.02, 0.97
 _SINGLE_PASS = {
     "plan": (0.0, PRUNE_START),
     "prune": (PRUNE_START, PRUNE_END),
+    "materialize": (PRUNE_START, PRUNE_END),  # a materialize job's stream (no prune)
     "finalize": (PRUNE_END, 0.98),
     "publish": (0.98, 0.99),  # remote outputs: the last uploads, the commit
     "done": (1.0, 1.0),
