@@ -186,3 +186,14 @@ def test_cancel_stops_between_layers_and_publishes_nothing(dual_case, tmp_path):
     assert [p.tensors_done for p in seen if p.stage == "prune"] == [0, 1]
     assert not (tmp_path / "cancelled").exists()
     assert not list(tmp_path.iterdir())  # no staging directory left behind
+
+
+def test_hidden_states_on_disk_give_the_same_bytes(dual_case, tmp_path, monkeypatch):
+    run_job_spec(weights_job(dual_case, tmp_path / "memory"))
+    monkeypatch.setenv("FAPM_CALIBRATION_BUDGET", "0")  # nothing fits: both stores on disk
+    report = run_job_spec(weights_job(dual_case, tmp_path / "disk")).report
+    assert report["calibration"]["hidden_on_disk"] and report["calibration"]["hidden_bytes"] > 0
+    assert (tmp_path / "disk" / "model.safetensors").read_bytes() == (
+        tmp_path / "memory" / "model.safetensors"
+    ).read_bytes()
+    assert not list((tmp_path / "disk").glob("fapm-hidden-*"))  # the scratch files are gone

@@ -71,6 +71,7 @@ class HiddenStates:
         return torch.from_numpy(np.array(rows))[None]
 
     def close(self) -> None:
+        """Drop the blocks (and the file); `nbytes` and `on_disk` stay readable."""
         self._blocks = [None] * len(self.lengths)
         if self._file is not None:
             del self._file

@@ -17,6 +17,7 @@ is deterministic on the CPU.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -117,7 +118,10 @@ def run_compress(
                     sequences = calibration_sequences(
                         spec.calibration, tokenizer, context_length(config)
                     )
-            walk = _LayerWalk(spec, layout, reader, sequences, target.local_dir, cancelled)
+            # Hidden states that do not fit the budget go to a scratch directory of their own
+            # (TMPDIR), never into the staging directory that is published.
+            scratch = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="fapm-calib-")))
+            walk = _LayerWalk(spec, layout, reader, sequences, scratch, cancelled)
             cleanup.callback(walk.close)
             walk.capture_inputs()
             seconds["calibrate"] = time.perf_counter() - started - seconds["plan"]
@@ -133,6 +137,8 @@ def run_compress(
                 records.append(record)
                 report_progress(Progress("prune", index + 1, layout.count))
             seconds["prune"] = time.perf_counter() - started - sum(seconds.values())
+            calibration_summary = walk.calibration_summary()
+            walk.close()  # the hidden states are not needed any more
 
             report_progress(Progress("finalize", layout.count, layout.count))
             written = writer.finish()
@@ -146,7 +152,7 @@ def run_compress(
                 "implementation": f"torch-{walk.device.type}",
                 "device": walk.device.type,
                 "inputs": {"model": reader.identity()},
-                "calibration": walk.calibration_summary(),
+                "calibration": calibration_summary,
                 "totals": totals,
                 "layers": records,
                 "output": {
