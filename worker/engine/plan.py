@@ -144,6 +144,16 @@ class Plan:
         return notes
 
 
+def tie_word_embeddings(config: dict) -> bool:
+    """Whether the model's config ties lm_head to the input embedding (a missing lm_head is then
+    the tie, not a gap)."""
+    # transformers' PretrainedConfig default is True; Llama-style configs write it explicitly.
+    value = config.get(
+        "tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", True)
+    )
+    return bool(value)
+
+
 def _dtype_class(tag: str) -> str:
     if tag in FLOAT_DTYPES:
         return "float"
