@@ -109,3 +109,43 @@ def compose_output(
     if per_entry:
         out = torch.where(keep & (factor32 == 1.0), f.to(out_dtype), out)
     return out
+
+
+class StatsStream:
+    """`delta_stats` of one tensor fed in consecutive flat pieces (`feed`, in order): the same
+    numbers as one call on the whole tensor. Its float64 sums are taken over the same windows of
+    _STATS_CHUNK entries and added in the same order, so a window that straddles pieces is held
+    (copied, at most one window) until it is complete."""
+
+    def __init__(self) -> None:
+        self.stats = TensorStats()
+        self._held: list[tuple[torch.Tensor, ...]] = []
+        self._held_n = 0
+
+    def feed(
+        self, w32: torch.Tensor, f32: torch.Tensor, d32: torch.Tensor, keep: torch.Tensor
+    ) -> None:
+        parts = [t.reshape(-1) for t in (w32, f32, d32, keep)]
+        n, start = parts[0].numel(), 0
+        while start < n:
+            take = min(n - start, _STATS_CHUNK - self._held_n)
+            piece = tuple(p[start : start + take] for p in parts)
+            start += take
+            if take == _STATS_CHUNK:  # a whole window inside this piece
+                self.stats.add(delta_stats(*piece))
+                continue
+            self._held.append(tuple(p.clone() for p in piece))
+            self._held_n += take
+            if self._held_n == _STATS_CHUNK:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._held:
+            window = [torch.cat(column) for column in zip(*self._held, strict=True)]
+            self.stats.add(delta_stats(*window))
+        self._held, self._held_n = [], 0
+
+    def result(self) -> TensorStats:
+        """The statistics of everything fed (the last window may be short, as in delta_stats)."""
+        self._flush()
+        return self.stats

@@ -17,6 +17,7 @@ from types import ModuleType
 
 import torch
 
+from worker.engine import chunked
 from worker.engine.compose import TensorStats, compose_output, delta_stats
 from worker.engine.methods import MethodParams, get_method, nps
 from worker.engine.methods.base import ScoredMethod
@@ -279,6 +280,20 @@ class TensorPruner:
         _, _, w32, d32 = self._float32_on_device(w, f)
         return self._keys(task.name, w32, d32)
 
+    def order_key_chunks(
+        self, task: TensorTask, w: torch.Tensor, f: torch.Tensor
+    ) -> Iterator[torch.Tensor]:
+        """`order_keys` in consecutive flat pieces, in order (scope model's counting passes): one
+        piece, or chunks of a tensor the write pass takes chunk by chunk (worker/engine/chunked.py)."""
+        shared = f[: task.shared_rows] if task.action == "prune_rows" else f
+        if self._chunked_applies(shared):
+            return chunked.order_key_chunks(self, task.name, w, shared, CHUNK_BYTES)
+        return iter((self.order_keys(task, w, f),))
+
+    def _chunked_applies(self, f: torch.Tensor) -> bool:
+        """The torch path takes a tensor above CHUNK_ABOVE_BYTES chunk by chunk."""
+        return f.nbytes > CHUNK_ABOVE_BYTES and chunked.handles(self.spec.method)
+
     def run(
         self,
         task: TensorTask,
@@ -334,6 +349,8 @@ class TensorPruner:
             stats = self.fused.fused_prune(self.spec.method, w, f, k, self.spec.alpha, out, window)
             return out, stats
 
+        if self._chunked_applies(f):
+            return chunked.prune(self, name, w, f, out_dtype, out, CHUNK_BYTES)
         w_dev, f_dev, w32, d32 = self._float32_on_device(w, f)
         factors: torch.Tensor | None = None
         if self.spec.scope == "model":
