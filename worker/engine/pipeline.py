@@ -19,7 +19,6 @@ import torch
 
 from worker.engine.card import model_card
 from worker.engine.compose import TensorStats
-from worker.engine.model_scope import find_global_threshold
 from worker.engine.plan import TensorTask, build_plan
 from worker.engine.readahead import read_ahead
 from worker.engine.readers import CheckpointReader, LoraMergedReader
@@ -231,14 +230,15 @@ def _count_model_scope(tasks, base, finetuned, pruner, report_progress, cancelle
             for i, (task, (w, f)) in enumerate(pairs, start=1):
                 if cancelled():
                     raise JobCancelled("the job was cancelled")
-                yield pruner.order_keys(task, w, f)
+                yield from pruner.order_key_chunks(task, w, f)
                 done += task.read_bytes
                 report_progress(Progress(f"scan{passes_done + 1}", i, len(pruned), done, total))
         finally:
             pairs.close()
         passes_done += 1
 
-    return find_global_threshold(key_pass, pruner.spec.density)
+    # The method decides how many counting passes it needs (nps: four).
+    return pruner.count_model_scope(key_pass)
 
 
 def _stream(
