@@ -430,6 +430,10 @@ def _map(fd: int, size: int) -> memoryview:
     return memoryview(mmap.mmap(fd, size, prot=mmap.PROT_READ))
 
 
-def weight_bytes(reader) -> int:
-    """Bytes of a checkpoint's weight files (the dense fine-tune's size on disk)."""
-    return sum(reader.source.size(f) for f in reader.checkpoint.files)
+def weight_bytes(reader) -> int | None:
+    """Bytes of a fine-tuned checkpoint's weight files (its size on disk); None for a reader that
+    is no one checkpoint (an adapter merged on its base, a merge of several)."""
+    checkpoint, source = getattr(reader, "checkpoint", None), getattr(reader, "source", None)
+    if checkpoint is None or source is None or hasattr(reader, "modules"):  # LoRA: no dense size
+        return None
+    return sum(source.size(f) for f in checkpoint.files)
