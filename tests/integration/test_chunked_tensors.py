@@ -5,7 +5,8 @@ statistics are those of the whole-tensor path, for every method, scope and dtype
 The threshold and the window are set low here (one 64Ki-entry chunk per window), so a 1.1 M-entry
 tensor is walked by the fused kernel in 17 windows, the last one partial, and its sample in 17
 groups; the torch path (worker/engine/chunked.py: every other method, scope row and model, kernel
-torch, a dtype change, scale != 1) walks it in 8Ki-entry chunks (whole rows for scope row), and the
+torch, a dtype change, scale != 1) walks any tensor above one chunk (CHUNK_BYTES / 16 = 8Ki
+entries here, 4Mi by default) in chunks (whole rows for scope row), and the
 statistics' windows (compose._STATS_CHUNK) are set to an odd length so they straddle chunks. The
 deltas are coarsely quantised, so the k-th score has many ties that straddle windows and chunks.
 """

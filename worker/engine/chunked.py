@@ -1,7 +1,9 @@
-"""The torch path for one tensor above `tensor_pruner.CHUNK_ABOVE_BYTES`, chunk by chunk.
+"""The torch path for one tensor larger than a chunk (`applies`), chunk by chunk.
 
 A 128k-vocabulary embedding is 1 GB in bf16; the whole-tensor torch path would hold it with
-float32 copies of W, D and F, its keys and masks: several GB. Here the (rows, cols) view is walked
+float32 copies of W, D and F, its keys and masks: several GB (about 16 times the bf16 bytes, so
+even a Llama-8B MLP matrix of 117 MB costs 1.8 GB whole). Chunks are `tensor_pruner.CHUNK_BYTES`
+/ 16 entries (4 Mi at the default), so a tensor above that goes chunk by chunk. Here the (rows, cols) view is walked
 in consecutive flat chunks (whole rows for scope row), and the mapped pages of W, F and the output
 behind each chunk are handed back (`MappedPages`), so memory holds a few chunks whatever the
 vocabulary. The output bytes and the statistics are those of the whole-tensor path:
@@ -50,8 +52,10 @@ METHODS = frozenset({"fapm", "magnitude", "random", "dare", "breadcrumbs", "nps"
 Selection = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 
-def handles(method: str) -> bool:
-    return method in METHODS
+def applies(method: str, n: int, chunk_bytes: int) -> bool:
+    """Whether the torch path takes a tensor of n entries in chunks: one larger than a chunk,
+    of a method this module knows."""
+    return method in METHODS and n > _chunk_entries(chunk_bytes)
 
 
 def draws(params: MethodParams, start: int, stop: int) -> np.ndarray:

@@ -291,8 +291,9 @@ class TensorPruner:
         return iter((self.order_keys(task, w, f),))
 
     def _chunked_applies(self, f: torch.Tensor) -> bool:
-        """The torch path takes a tensor above CHUNK_ABOVE_BYTES chunk by chunk."""
-        return f.nbytes > CHUNK_ABOVE_BYTES and chunked.handles(self.spec.method)
+        """The torch path takes a tensor larger than one of its chunks chunk by chunk (its float32
+        work is ~16x a bf16 tensor's bytes: whole, even a 117 MB MLP matrix costs GBs)."""
+        return chunked.applies(self.spec.method, f.numel(), CHUNK_BYTES)
 
     def run(
         self,
