@@ -27,6 +27,7 @@ from worker.errors import JobCancelled
 from worker.io import strict_json
 from worker.io.carry_over import CarryOver, carry_over
 from worker.io.publish import REPORT_FILE, open_target, published_report
+from worker.io.sparse_delta import SparseDeltaWriter, weight_bytes
 from worker.io.torch_tensors import tensor_over
 from worker.io.uri import open_source
 from worker.io.writer import ShardedWriter, WriterThread, plan_shards
@@ -118,9 +119,13 @@ def run_prune(
         tasks = plan.tasks
         shards = plan_shards([t.planned for t in tasks], spec.shard_size)
         _stop_if_cancelled(cancelled)
-        writer = WriterThread(
-            ShardedWriter(target.local_dir, shards, on_shard_complete=target.shard_done)
+        # output_format "sparse-delta": the same outputs, stored as what differs from the base.
+        sink = (
+            SparseDeltaWriter(target.local_dir, tasks, base, plan.name_map, spec, target.shard_done)
+            if spec.output_format == "sparse-delta"
+            else ShardedWriter(target.local_dir, shards, on_shard_complete=target.shard_done)
         )
+        writer = WriterThread(sink)  # type: ignore[arg-type]
         timings["plan"] = time.perf_counter() - started
         if spec.scope == "model":
             pruner.global_threshold = _count_model_scope(
@@ -158,6 +163,8 @@ def run_prune(
             "notes": plan.notes,
             "tensors": tensor_records,
         }
+        if isinstance(sink, SparseDeltaWriter):  # its bytes on disk against the dense models
+            report["sparse_delta"] = sink.summary(None if spec.adapter else weight_bytes(finetuned))
         (target.local_dir / "README.md").write_text(
             model_card(spec, summary, report["inputs"], plan.name_map, plan.notes)
         )
