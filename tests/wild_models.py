@@ -142,3 +142,22 @@ def wrap_as_multimodal(text_dir: Path, out_dir: Path) -> Path:
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     shutil.copy(text_dir / "config.json", out_dir / "config.json")
     return out_dir
+
+
+def swap_text_prefix(text_dir: Path, out_dir: Path) -> Path:
+    """Current transformers' multimodal layout around a text model: `model.*` becomes
+    `model.language_model.*`, the head stays `lm_head.*`, and a vision tower is added under
+    `model.visual.*` (Qwen2-VL, Llama-3.2-Vision, Gemma 3 save so since transformers 4.52)."""
+    tensors = {
+        ("model.language_model." + k.removeprefix("model.") if k.startswith("model.") else k): v
+        for k, v in load_file(str(text_dir / "model.safetensors")).items()
+    }
+    generator = torch.Generator().manual_seed(2)
+    dtype = next(iter(tensors.values())).dtype
+    tensors["model.visual.patch_embed.weight"] = (
+        0.02 * torch.randn((32, 48), generator=generator)
+    ).to(dtype)
+    out_dir.mkdir(parents=True)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(text_dir / "config.json", out_dir / "config.json")
+    return out_dir

@@ -24,6 +24,7 @@ from tests.wild_models import (
     make_bert_head_pair,
     make_llama_head_pair,
     minilm_dir,
+    swap_text_prefix,
     wrap_as_multimodal,
 )
 from worker.engine.name_pairing import NameMap, find_name_map
@@ -182,6 +183,32 @@ def test_a_multimodal_fine_tune_of_a_text_base(tmp_path):
     records = _records(report)
     assert records["vision_tower.patch_embed.weight"]["reason"] == "only_in_finetuned"
     assert records["language_model.lm_head.weight"]["action"] == "prune"
+
+
+def test_a_multimodal_fine_tune_with_a_swapped_prefix(tmp_path):
+    """`model.language_model.layers.*` + a top-level `lm_head` (transformers >= 4.52's layout)
+    against a text base's `model.layers.*` and `lm_head`."""
+    pair = make_llama_pair(tmp_path / "text", seed=4)
+    ft_dir = swap_text_prefix(pair.finetuned, tmp_path / "multimodal")
+    out = tmp_path / "out"
+    report = _prune(pair.base, ft_dir, out, sparsity=0.5)
+
+    def base_name(name: str) -> str:
+        return "model." + name.removeprefix("model.language_model.")
+
+    _assert_reference(
+        pair.base,
+        ft_dir,
+        out,
+        lambda n: base_name(n) if n.startswith("model.language_model.") else n,
+        "fapm",
+        0.5,
+    )
+    assert report["name_map"]["finetuned_prefix"] == "model.language_model."
+    assert report["name_map"]["base_prefix"] == "model."
+    records = _records(report)
+    assert records["lm_head.weight"]["action"] == "prune"  # paired by its own name
+    assert records["model.visual.patch_embed.weight"]["reason"] == "only_in_finetuned"
 
 
 def test_a_base_only_float_tensor_is_still_an_error(tmp_path):
