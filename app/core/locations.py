@@ -7,7 +7,7 @@ opens to `readable_roots` (worker/io/source.py).
 
 FAPM_TENANT_LOCATIONS_FILE (YAML or JSON) lists, per tenant, what its jobs may READ (base,
 finetuned, adapter, model, evaluate.task, evaluate.general, calibration.task,
-calibration.general) and WRITE (output):
+calibration.general, materialize.delta) and WRITE (output):
 
     tenants:
       acme:
@@ -390,6 +390,9 @@ def check_job_locations(
     calibration = getattr(job, "calibration", None)  # prune "weights": its calibration sets
     if calibration is not None:
         named += [(f"calibration.{n}", getattr(calibration, n), True) for n in EVALUATION_FIELDS]
+    materialize = getattr(job, "materialize", None)  # a materialize job reads its delta
+    if materialize is not None:
+        named.append(("materialize.delta", materialize.delta, False))
     for name, raw, is_file in named:
         if raw is None:
             continue
