@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.conftest import SMALL_SHARD_SIZE
 from worker.cli.app import main as fapm
+from worker.engine.card import without_delta_note
 from worker.evaluation.job import run_job_spec
 from worker.io.staging import STAGING_MARK
 from worker.spec import JobSpec
@@ -56,7 +57,10 @@ def _assert_same_model(materialized: Path, dense: Path, delta: Path) -> None:
     for name in names:
         if name not in ("pruning_report.json", "README.md"):
             assert (materialized / name).read_bytes() == (dense / name).read_bytes(), name
-    assert (materialized / "README.md").read_bytes() == (delta / "README.md").read_bytes()
+    delta_card = (delta / "README.md").read_text()
+    assert "sparse task vector" in delta_card and "fapm materialize" in delta_card
+    assert (materialized / "README.md").read_text() == without_delta_note(delta_card)
+    assert "sparse task vector" not in (materialized / "README.md").read_text()
     report = json.loads((materialized / "pruning_report.json").read_text())
     assert report["kind"] == "materialize"
     assert (

@@ -32,6 +32,31 @@ def _pairing_section(name_map: NameMap, notes: list[str]) -> str:
     return f"\n## Tensor pairing\n\n{lines}"
 
 
+# The sparse-delta paragraph sits between these marks, so materialize can drop it from the card
+# of the dense model it rebuilds.
+DELTA_NOTE_START, DELTA_NOTE_END = "<!-- fapm:sparse-delta -->", "<!-- /fapm:sparse-delta -->"
+
+
+def without_delta_note(card: str) -> str:
+    """The card with its sparse-delta paragraph (if any) removed."""
+    start, end = card.find(DELTA_NOTE_START), card.find(DELTA_NOTE_END)
+    if start == -1 or end == -1:
+        return card
+    return card[:start] + card[end + len(DELTA_NOTE_END) + 1 :]
+
+
+def _delta_section(spec: JobSpec) -> str:
+    if getattr(spec, "output_format", "dense") != "sparse-delta":
+        return ""
+    return f"""{DELTA_NOTE_START}
+**This directory holds a sparse task vector, not a loadable model**: only the entries that differ
+from the base, as a bitmask (or indices) and values per tensor (`fapm-delta.json` names the base
+files and their sha256). Rebuild the dense model on the same base with
+`fapm materialize --base {spec.base} --delta <this directory> --out <dir>`.
+{DELTA_NOTE_END}
+"""
+
+
 def model_card(
     spec: JobSpec,
     totals: dict[str, float | int],
@@ -72,7 +97,7 @@ Built by fapm-service.
 | L2 of kept update / full update | {float(totals.get("l2_kept_ratio", 1.0)):.4f} |
 
 Per-tensor counts are in `pruning_report.json`.
-{_pairing_section(name_map, notes or [])}
+{_delta_section(spec)}{_pairing_section(name_map, notes or [])}
 ## Job specification
 
 ```json

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from worker.engine.card import without_delta_note
 from worker.engine.pipeline import Progress, PruneResult
 from worker.engine.readahead import read_ahead
 from worker.engine.readers import CheckpointReader
@@ -240,7 +241,8 @@ def _copy_card(source, directory) -> bool:
     """The delta's card (the pruned model's) beside the model; carry_over leaves cards out."""
     if CARD_FILE not in source.files() or source.size(CARD_FILE) > _CARD_MAX_BYTES:
         return False
-    (directory / CARD_FILE).write_bytes(source.read_file(CARD_FILE))
+    card = source.read_file(CARD_FILE).decode("utf-8", "replace")
+    (directory / CARD_FILE).write_text(without_delta_note(card))  # it is a model again
     return True
 
 
