@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from worker.engine.card import model_card
 from worker.engine.compose import TensorStats
-from worker.engine.plan import TensorTask, build_plan
+from worker.engine.merge import open_update
+from worker.engine.plan import TensorTask, build_plan, tie_word_embeddings
 from worker.engine.readahead import read_ahead
 from worker.engine.readers import CheckpointReader, LoraMergedReader
 from worker.engine.tensor_pruner import TensorPruner
@@ -47,20 +47,14 @@ class Progress:
 
 
 ProgressCallback = Callable[[Progress], None]
+# The evaluation's candidate builder reads the tie the engine's way through this name.
+_tie_word_embeddings = tie_word_embeddings
 
 
 @dataclass
 class PruneResult:
     output: str  # where the model was published: a local path or the output URI
     report: dict  # what pruning_report.json holds (timings under "seconds")
-
-
-def _tie_word_embeddings(config: dict) -> bool:
-    # transformers' PretrainedConfig default is True; Llama-style configs write it explicitly.
-    value = config.get(
-        "tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", True)
-    )
-    return bool(value)
 
 
 def run_prune(
@@ -104,18 +98,14 @@ def run_prune(
         base = CheckpointReader(base_source, identify=True)
         readers.append(base)
         _stop_if_cancelled(cancelled)
-        update_source = open_source(spec.finetuned or spec.adapter or "")
-        sources.append(update_source)
-        finetuned = (
-            LoraMergedReader(base, update_source)
-            if spec.adapter
-            else CheckpointReader(update_source, identify=True)
-        )
+        # One fine-tune, an adapter, or a merge of several read as one (worker/engine/merge.py).
+        update = open_update(spec, base, base_source, sources, cancelled)
+        finetuned = update.reader
         readers.append(finetuned)
         _stop_if_cancelled(cancelled)
-        pruner = TensorPruner(spec)
+        pruner = TensorPruner(update.pruner_spec)
         config = finetuned.config()
-        plan = build_plan(base, finetuned, spec, _tie_word_embeddings(config), cancelled)
+        plan = build_plan(base, finetuned, spec, tie_word_embeddings(config), cancelled)
         tasks = plan.tasks
         shards = plan_shards([t.planned for t in tasks], spec.shard_size)
         _stop_if_cancelled(cancelled)
@@ -140,18 +130,15 @@ def run_prune(
 
         report_progress(Progress("finalize", len(tasks), len(tasks)))
         written = writer.finish()
-        update_side = base_source if spec.adapter else update_source
-        carried = _copy_side_files(update_side, target.local_dir, spec, cancelled)
+        carried = _copy_side_files(update.side_source, target.local_dir, spec, cancelled)
         summary = totals.summary()
         report = {
             "format": "fapm-pruning-report/1",
             **({"job_id": job_id} if job_id is not None else {}),
             "spec": spec.model_dump(mode="json"),
             "implementation": pruner.implementation,
-            "inputs": {
-                "base": base.identity(),
-                "adapter" if spec.adapter else "finetuned": finetuned.identity(),
-            },
+            "inputs": {"base": base.identity(), **update.identities()},
+            **update.report_sections(),
             "totals": summary,
             "output": {
                 "shards": [vars(s) for s in written],
@@ -166,7 +153,7 @@ def run_prune(
         if isinstance(sink, SparseDeltaWriter):  # its bytes on disk against the dense models
             report["sparse_delta"] = sink.summary(None if spec.adapter else weight_bytes(finetuned))
         (target.local_dir / "README.md").write_text(
-            model_card(spec, summary, report["inputs"], plan.name_map, plan.notes)
+            update.card(summary, report["inputs"], plan.name_map, plan.notes)
         )
         if extra_files is not None:
             report.update(extra_files(target.local_dir))
