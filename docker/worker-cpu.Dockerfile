@@ -15,11 +15,13 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 COPY docker/constraints-worker.txt /tmp/constraints.txt
+# The dependencies first, from the pins alone: a change to the code rebuilds only the layers below.
+RUN pip install --no-cache-dir -r /tmp/constraints.txt
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY worker ./worker
 # `.` is this repository; torch is already there, the rest is pinned by the constraints file.
-RUN pip install --no-cache-dir -c /tmp/constraints.txt '.[worker]' \
+RUN pip install --no-cache-dir -c /tmp/constraints.txt '.[worker,mlflow]' \
     && python -c "import torch, worker.celery_app; assert not torch.cuda.is_available()"
 
 FROM ${PYTHON_IMAGE}

@@ -19,11 +19,13 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 COPY docker/constraints-worker.txt /tmp/constraints.txt
+# The dependencies first, from the pins alone: a change to the code rebuilds only the layers below.
+RUN pip install --no-cache-dir -r /tmp/constraints.txt
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY worker ./worker
 # `.` is this repository; torch (and its triton) is already there, the rest is pinned.
-RUN pip install --no-cache-dir -c /tmp/constraints.txt '.[worker,gpu]' \
+RUN pip install --no-cache-dir -c /tmp/constraints.txt '.[worker,gpu,mlflow]' \
     && python -c "import torch, triton, worker.celery_app; assert torch.version.cuda"
 
 FROM ${PYTHON_IMAGE}

@@ -383,7 +383,13 @@ def check_job_locations(
     allowed = policy.for_tenant(tenant)
     problems: list[LocationProblem] = []
     inputs: list[tuple[str, _Place]] = []
-    named = [(name, getattr(job, name, None), False) for name in INPUT_FIELDS]
+    named = []
+    for name in INPUT_FIELDS:
+        value = getattr(job, name, None)
+        if isinstance(value, list):  # a merge: each fine-tune is an input of its own
+            named += [(f"{name}[{i}].model", item.model, False) for i, item in enumerate(value)]
+        else:
+            named.append((name, value, False))
     evaluate = getattr(job, "evaluate", None)
     if evaluate is not None:
         named += [(f"evaluate.{n}", getattr(evaluate, n), True) for n in EVALUATION_FIELDS]

@@ -163,8 +163,9 @@ def test_torch_builds() -> None:
     bases = {_build_arg(path, "PYTHON_IMAGE") for path in DOCKERFILES}
     assert len(bases) == 1 and bases.pop().startswith("python:3.11."), bases
     assert "nvidia/cuda" not in WORKER_GPU.read_text()
-    assert "'.[worker,gpu]'" in WORKER_GPU.read_text()  # triton comes with the gpu extra
-    assert "'.[worker]'" in WORKER_CPU.read_text()
+    # triton comes with the gpu extra; both workers register results in MLflow (mlflow extra).
+    assert "'.[worker,gpu,mlflow]'" in WORKER_GPU.read_text()
+    assert "'.[worker,mlflow]'" in WORKER_CPU.read_text()
 
 
 @pytest.mark.parametrize("extra", ["api", "worker"])

@@ -116,6 +116,8 @@ def tune_runtime() -> None:
     """
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    # No BLAS in a prune: OpenBLAS's thread pools would only cost start-up time.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,6 +23,11 @@ def prune_command(namespace: argparse.Namespace) -> int:
         print(f"fapm: error: {one_line_validation_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
 
+    from worker.io.checkpoint import start_early_digests
+
+    # The report's input digests start on a second core now, overlapping the engine's imports.
+    start_early_digests(p for p in (spec.base, spec.finetuned, spec.adapter, spec.model) if p)
+
     from worker.errors import FapmError
     from worker.evaluation.job import run_job_spec
 
@@ -71,6 +76,11 @@ def materialize_command(namespace: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"fapm: error: {one_line_validation_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
+
+    from worker.io.checkpoint import start_early_digests
+
+    # The report's input digests start on a second core now, overlapping the engine's imports.
+    start_early_digests(p for p in (spec.base, spec.finetuned, spec.adapter, spec.model) if p)
 
     from worker.errors import FapmError
     from worker.evaluation.job import run_job_spec
