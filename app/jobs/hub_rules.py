@@ -65,7 +65,9 @@ class HubRule(BaseModel):
     tenant: str = Field(min_length=1)
     output: str = Field(description="Output URI template.")
     revision: str = Field(default="main", description="Branch whose updates start a job.")
-    role: Literal["finetuned", "adapter"] = "finetuned"
+    # The pushed repo is the fine-tune (task vector), the adapter, or the model whose weights
+    # are pruned (prune "weights").
+    role: Literal["finetuned", "adapter", "model"] = "finetuned"
     labels: dict[str, str] = Field(default_factory=dict)
 
     def matches(self, repo: str) -> bool:
@@ -81,7 +83,7 @@ class HubRule(BaseModel):
             "revision": self.revision,
         }
         fields: dict[str, Any] = dict(self.model_extra or {})
-        for taken in ("finetuned", "adapter"):
+        for taken in ("finetuned", "adapter", "model"):
             if taken in fields:
                 raise ValueError(f"{taken}: set by the pushed repo; use `role` instead")
         fields[self.role] = f"hf://{repo}@{sha}"
@@ -114,7 +116,8 @@ def parse_rules(text: str, where: str) -> list[HubRule]:
             rule = HubRule.model_validate(item)
             request = rule.job_request("org/name", "0" * 40)  # bad fields and templates now
             for location in (request.base, request.output):
-                parse_uri(location)  # bucket, repo and revision names by their services' rules
+                if location is not None:  # prune "weights" has no base
+                    parse_uri(location)  # bucket, repo and revision names by their services' rules
         except (ValidationError, ValueError) as exc:
             raise HubRulesError(f"{where}: rule {number}: {exc}") from exc
         rules.append(rule)

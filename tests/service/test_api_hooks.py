@@ -301,6 +301,16 @@ def test_a_rule_can_start_an_nps_search():
     assert spec.method == "nps" and spec.searched and spec.nps_settings.generations == 5
 
 
+def test_a_rule_can_prune_the_pushed_models_weights():
+    text = (
+        "- repo: a/*\n  tenant: t\n  role: model\n  output: /o/{short_sha}\n  prune: weights\n"
+        "  method: wanda\n  sparsity: 0.5\n  pattern: '2:4'\n"
+        "  calibration: {mode: general, general: /data/c4.jsonl}\n"
+    )
+    spec = parse_rules(text, "rules.yaml")[0].job_request("a/b", "e" * 40).spec()
+    assert spec.prune == "weights" and spec.model == "hf://a/b@" + "e" * 40
+
+
 def test_rules_parser_reads_json_and_a_rules_key():
     rules = parse_rules(
         json.dumps({"rules": [{"repo": "x/*", "tenant": "t", "base": "/b", "output": "/o/{sha}"}]}),
