@@ -51,7 +51,7 @@ def test_weights_job_through_the_api(service, case, local_root):
     point = record.result.report["evaluation"]["points"][0]
     assert 0 <= point["skill_kept"] <= 1.5 and point["perplexity"] > 1
     stages = [r.progress.stage for r in seen]
-    assert {"prune", "evaluate"} <= set(stages)
+    assert "evaluate" in stages and stages[-1] == "done"  # (a 2-layer prune may pass between polls)
     fractions = [r.progress.fraction for r in seen]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
 
