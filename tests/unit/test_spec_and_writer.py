@@ -154,3 +154,13 @@ def test_computing_into_destinations_gives_the_same_files_and_digests(
         assert shard.size == len(data) and shard.sha256 == hashlib.sha256(data).hexdigest()
         for name, tensor in load_file(tmp_path / "inplace" / shard.file).items():
             assert torch.equal(tensor, tensors[name])
+
+
+def test_a_merge_takes_a_bounded_number_of_models():
+    def spec(n: int) -> JobSpec:
+        return JobSpec(base="/b", output="/o", finetuned=[{"model": f"/m{i}"} for i in range(n)],
+                       merge={"rule": "ties"}, method="magnitude", sparsity=0.5)  # fmt: skip
+
+    assert len(spec(32).finetuned) == 32
+    with pytest.raises(ValueError, match="at most 32"):
+        spec(33)

@@ -28,6 +28,7 @@ METHOD_NAMES: tuple[str, ...] = MethodName.__args__  # type: ignore[attr-defined
 MODEL_SCOPE_METHODS = ("fapm", "magnitude", "random", "nps")
 # Methods that search on the user's data (they need evaluate unless told their result).
 SEARCHED_METHODS = ("nps",)
+MAX_MERGE_INPUTS = 32
 # What each operation ("prune") accepts: the task vector's methods, or the weights' own.
 WEIGHT_METHODS = ("wanda", "sparsegpt", "magnitude")
 CALIBRATED_METHODS = ("wanda", "sparsegpt")
@@ -270,6 +271,8 @@ class JobSpec(BaseModel):
             return self
         if not inputs:
             raise ValueError("finetuned: a merge needs at least one model")
+        if len(inputs) > MAX_MERGE_INPUTS:  # each input is a source opened and read per tensor
+            raise ValueError(f"finetuned: a merge takes at most {MAX_MERGE_INPUTS} models")
         for i, item in enumerate(inputs):
             method = item.method or self.method
             if method == "nps" or method not in TASK_VECTOR_METHODS:
