@@ -44,14 +44,14 @@ from worker.compress.sparsegpt import (
     SparseGPTNumericalError,
     sparsegpt_prune,
 )
-from worker.engine.pipeline import Progress, ProgressCallback, PruneResult
+from worker.engine.pipeline import Progress, ProgressCallback, PruneResult, published_result
 from worker.engine.readers import CheckpointReader
 from worker.engine.tensor_pruner import resolve_device
 from worker.errors import FapmError, JobCancelled
 from worker.evaluation.model import context_length
 from worker.io import strict_json
 from worker.io.carry_over import carry_over
-from worker.io.publish import REPORT_FILE, open_target, published_report
+from worker.io.publish import REPORT_FILE, open_target
 from worker.io.torch_tensors import TORCH_DTYPES
 from worker.io.uri import open_source
 from worker.io.writer import PlannedTensor, ShardedWriter, WriterThread, plan_shards
@@ -78,11 +78,9 @@ def run_compress(
     cancelled = should_cancel or (lambda: False)
     started = time.perf_counter()
     seconds: dict[str, float] = {}
-    if job_id is not None:  # a re-run of a job that published before its worker died
-        published = published_report(spec.output, job_id, REPORT_FILE)
-        if published is not None:
-            report_progress(Progress("done"))
-            return PruneResult(spec.output, published)
+    published = published_result(spec, job_id, report_progress)
+    if published is not None:  # a re-run of a job that published before its worker died
+        return published
     assert spec.model is not None
     target = open_target(spec.output, spec.overwrite, job_id)
     writer: WriterThread | None = None

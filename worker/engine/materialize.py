@@ -21,13 +21,13 @@ from collections.abc import Callable
 import torch
 
 from worker.engine.card import without_delta_note
-from worker.engine.pipeline import Progress, PruneResult
+from worker.engine.pipeline import Progress, PruneResult, published_result
 from worker.engine.readahead import read_ahead
 from worker.engine.readers import CheckpointReader
 from worker.errors import CorruptCheckpoint, JobCancelled
 from worker.io import strict_json
 from worker.io.carry_over import carry_over
-from worker.io.publish import REPORT_FILE, open_target, published_report
+from worker.io.publish import REPORT_FILE, open_target
 from worker.io.sparse_delta import (
     INDICES_SUFFIX,
     MANIFEST_FILE,
@@ -72,11 +72,9 @@ def run_materialize(
     report_progress = progress or (lambda _p: None)
     cancelled = should_cancel or (lambda: False)
     started = time.perf_counter()
-    if job_id is not None:
-        published = published_report(spec.output, job_id, REPORT_FILE)
-        if published is not None:
-            report_progress(Progress("done"))
-            return PruneResult(spec.output, published)
+    published = published_result(spec, job_id, report_progress)
+    if published is not None:  # a re-run of a job that published before its worker died
+        return published
     target = open_target(spec.output, spec.overwrite, job_id)
     sources: list = []
     readers: list[CheckpointReader] = []

@@ -57,6 +57,20 @@ class PruneResult:
     report: dict  # what pruning_report.json holds (timings under "seconds")
 
 
+def published_result(
+    spec: JobSpec, job_id: str | None, report_progress: ProgressCallback
+) -> PruneResult | None:
+    """The result of a job that published before its worker died (its report at the output
+    names this job id), or None: every operation's re-run starts here."""
+    if job_id is None:
+        return None
+    published = published_report(spec.output, job_id, REPORT_FILE)
+    if published is None:
+        return None
+    report_progress(Progress("done"))
+    return PruneResult(spec.output, published)
+
+
 def run_prune(
     spec: JobSpec,
     progress: ProgressCallback | None = None,
@@ -82,11 +96,9 @@ def run_prune(
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
-    if job_id is not None:
-        published = published_report(spec.output, job_id, REPORT_FILE)
-        if published is not None:
-            report_progress(Progress("done"))
-            return PruneResult(spec.output, published)
+    published = published_result(spec, job_id, report_progress)
+    if published is not None:  # a re-run of a job that published before its worker died
+        return published
     target = open_target(spec.output, spec.overwrite, job_id)
     sources = []
     readers: list[CheckpointReader | LoraMergedReader] = []

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from worker.engine.pipeline import (
-    REPORT_FILE,
     Progress,
     ProgressCallback,
     PruneResult,
+    published_result,
     run_prune,
 )
 from worker.engine.tensor_pruner import resolve_device
@@ -55,7 +55,7 @@ from worker.evaluation.search import (
     meets,
     search_method,
 )
-from worker.io.publish import open_target, published_report
+from worker.io.publish import open_target
 from worker.io.strict_json import with_finite_note
 from worker.spec import JobSpec
 from worker.spec.nps import band_edges
@@ -129,11 +129,9 @@ def run_evaluated(
 ) -> PruneResult:
     report_progress = progress or (lambda _p: None)
     cancelled = should_cancel or (lambda: False)
-    if job_id is not None:  # a re-run of a job that published before its worker died
-        published = published_report(spec.output, job_id, REPORT_FILE)
-        if published is not None:
-            report_progress(Progress("done"))
-            return PruneResult(spec.output, published)
+    published = published_result(spec, job_id, report_progress)
+    if published is not None:  # a re-run of a job that published before its worker died
+        return published
     # An output that is there already fails now, not after minutes of evaluation.
     open_target(spec.output, spec.overwrite, job_id).abort()
 
