@@ -89,8 +89,9 @@ def test_peak_memory_does_not_grow_with_the_number_of_models(tmp_path):
     model_f32 = TENSORS * TENSOR_F32
     print(f"peak anon growth: 2 models {two / 2**20:.1f} MiB, 4 models {four / 2**20:.1f} MiB; "
           f"one tensor in float32 {TENSOR_F32 / 2**20:.0f} MiB, one model {model_f32 / 2**20:.0f} MiB")  # fmt: skip
-    # Holding the two extra models would add 192 MiB. The level itself is the stream loop's
-    # read-ahead (merged float32 tensors queued) and the allocator, which varies by about 12 MiB
-    # from run to run (seen in CI under two test processes): the margin is 4 tensors, 16 MiB.
-    assert four <= two + 4 * TENSOR_F32
+    # Holding the two extra models would add 192 MiB (one of them alone 96). The level itself is
+    # the stream loop's read-ahead (merged float32 tensors queued) and the allocator, which varied
+    # by up to 19 MiB from run to run in CI under two test processes (12 and 19 MiB seen; 4 and
+    # then 16 MiB margins each failed once): the margin is 12 tensors, 48 MiB, half a model.
+    assert four <= two + 12 * TENSOR_F32
     assert four < len(models) * model_f32

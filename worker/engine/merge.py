@@ -8,11 +8,11 @@ rule (worker/engine/merge_methods/) into W + merged update, float32. The stream 
 that tensor whole (a pass-through prune: sparsity 0) and rounds it once to the storage dtype, so
 the writer, side files, report, card and publishing are the single-pair job's.
 
-Memory: W, one F_i, its T_i and the rule's accumulators (two or three tensors), for any number
-of inputs; TIES looks at the inputs twice (sign election, then the mean) and reads each F_i again
-rather than holding them. Each input pairs with the base by the engine's plan (name prefixes,
-added vocabulary rows, LoRA adapters as for one pair); the inputs must have the same tensors and
-shapes. Added vocabulary rows have no base to merge against: they are the first input's.
+Memory: W, one F_i, its T_i and the rule's accumulators (two to five tensors), for any number
+of inputs (a rule that looked twice would read and prune each F_i again rather than hold them;
+TIES keeps both signs' sums and looks once). Each input pairs with the base by the engine's plan
+(name prefixes, added vocabulary rows, LoRA adapters as for one pair); the inputs must have the
+same tensors and shapes. Added vocabulary rows have no base to merge against: they are the first input's.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 The inputs come as a stream (`updates()` yields each input's float32 pruned update T_i and its
 weight w_i, one at a time, in the job's order), never as a stack: a rule holds a few accumulators
 of the tensor's size, whatever the number of models. A rule that needs two looks at the inputs
-(TIES: elect the sign, then average) calls `updates()` twice; the engine recomputes each T_i.
+may call `updates()` twice, but the engine then reads and prunes each input again: TIES elects
+its sign and averages in one look.
 
 The arithmetic is float32, in mergekit's order of operations (worker/engine/merge_methods/*.py
 say which function each follows), so a merge of float32 updates gives mergekit's bits: sums are
