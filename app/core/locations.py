@@ -6,8 +6,8 @@ a symlink or a directory can change in between. The worker then confines every l
 opens to `readable_roots` (worker/io/source.py).
 
 FAPM_TENANT_LOCATIONS_FILE (YAML or JSON) lists, per tenant, what its jobs may READ (base,
-finetuned, adapter, model, evaluate.task, evaluate.general, calibration.task,
-calibration.general, materialize.delta) and WRITE (output):
+finetuned, adapter, model, evaluate.task, evaluate.general, a merge's finetuned[i].task,
+calibration.task, calibration.general, materialize.delta) and WRITE (output):
 
     tenants:
       acme:
@@ -387,7 +387,9 @@ def check_job_locations(
     for name in INPUT_FIELDS:
         value = getattr(job, name, None)
         if isinstance(value, list):  # a merge: each fine-tune is an input of its own
-            named += [(f"{name}[{i}].model", item.model, False) for i, item in enumerate(value)]
+            for i, item in enumerate(value):  # with, for evaluate, its own task set
+                named += [(f"{name}[{i}].model", item.model, False)]
+                named += [(f"{name}[{i}].task", getattr(item, "task", None), True)]
         else:
             named.append((name, value, False))
     evaluate = getattr(job, "evaluate", None)

@@ -15,10 +15,12 @@ class EvaluationSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    task: str = Field(
+    task: str | None = Field(
+        default=None,
         description='JSONL file of {"prompt", "completion"} lines (a path, file://, '
         "s3://bucket/prefix/file.jsonl or hf://org/name[@rev]/file.jsonl): skill = exact-match "
-        "accuracy of the greedy completion.",
+        "accuracy of the greedy completion. Required, but for a merge, whose inputs name their "
+        "own (finetuned[i].task).",
         min_length=1,
         json_schema_extra={"cli": "--task", "pattern": NOT_BLANK},
     )
@@ -40,6 +42,12 @@ class EvaluationSpec(BaseModel):
     @classmethod
     def _not_blank(cls, value: str | None) -> str | None:
         return None if value is None else not_blank(value)
+
+
+# A single model is measured on evaluate.task (a merge's inputs name their own task sets).
+TASK_REQUIRED = (
+    'evaluate.task: required: the JSONL of {"prompt", "completion"} skill is measured on'
+)
 
 
 JobKind = Literal["prune", "evaluation"]
@@ -85,6 +93,8 @@ class EvaluationJobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _general_given(self) -> EvaluationJobSpec:
+        if self.evaluate.task is None:
+            raise ValueError(TASK_REQUIRED)
         if self.evaluate.general is None:
             raise ValueError("evaluate: general: required to measure forgetting (perplexity)")
         return self

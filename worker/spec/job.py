@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from worker.exclude_pattern import MAX_EXCLUDE_CHARS, ExcludePattern
-from worker.spec.evaluation import EvaluationSpec, TargetSpec
+from worker.spec.evaluation import TASK_REQUIRED, EvaluationSpec, TargetSpec
 from worker.spec.materialize import MaterializeSpec
 from worker.spec.merge import NOT_FOR_MERGES, MergeInput, MergeSpec
 from worker.spec.mlflow import MlflowSection
@@ -273,15 +273,24 @@ class JobSpec(BaseModel):
             raise ValueError("finetuned: a merge needs at least one model")
         if len(inputs) > MAX_MERGE_INPUTS:  # each input is a source opened and read per tensor
             raise ValueError(f"finetuned: a merge takes at most {MAX_MERGE_INPUTS} models")
+        # Inputs without a method of their own take the job's (sparsity "auto": each of methods).
         for i, item in enumerate(inputs):
-            method = item.method or self.method
-            if method == "nps" or method not in TASK_VECTOR_METHODS:
-                raise ValueError(f"finetuned: [{i}] method {method}: {NOT_FOR_MERGES}")
-        if self.sparsity == "auto":
-            raise ValueError(f'sparsity: "auto" is {NOT_FOR_MERGES}')
-        for name in ("evaluate", "nps", "target", "methods"):
-            if getattr(self, name) is not None:
-                raise ValueError(f"{name}: {NOT_FOR_MERGES}")
+            for method in [item.method] if item.method else self.search_methods:
+                if method == "nps" or method not in TASK_VECTOR_METHODS:
+                    raise ValueError(f"finetuned: [{i}] method {method}: {NOT_FOR_MERGES}")
+        if self.sparsity == "auto" and all(item.sparsity is not None for item in inputs):
+            raise ValueError(
+                'sparsity: "auto" searches the sparsity of the inputs that name none, and every '
+                "input names its own: nothing to search"
+            )
+        if self.methods is not None and all(item.method is not None for item in inputs):
+            raise ValueError(
+                "methods: they apply to the inputs that name no method, and every input names "
+                "its own: nothing to search"
+            )
+        self._merge_evaluation_fits(inputs)
+        if self.nps is not None:
+            raise ValueError(f"nps: {NOT_FOR_MERGES}")
         if self.scope == "model":
             raise ValueError(f"scope: model is {NOT_FOR_MERGES} (tensor or row)")
         if self.merge is not None and self.merge.rule == "nps_fusion":
@@ -289,13 +298,44 @@ class JobSpec(BaseModel):
                 raise ValueError("merge: normalize: nps_fusion divides by the kept count")
         return self
 
+    def _merge_evaluation_fits(self, inputs: list[MergeInput]) -> None:
+        """evaluate on a merge measures each input on its own task set (finetuned[i].task)."""
+        if self.evaluate is None:
+            if self.auto:  # _auto_needs_evaluation says evaluate is missing
+                return
+            for i, item in enumerate(inputs):
+                if item.task is not None:
+                    raise ValueError(
+                        f"finetuned: [{i}] task: is measured with evaluate only (give evaluate "
+                        "{general})"
+                    )
+            return
+        if self.evaluate.task is not None:
+            raise ValueError(
+                "evaluate.task: a merge measures each fine-tune on its own task set: put the "
+                "task sets on the inputs (finetuned[i].task), not in evaluate"
+            )
+        for i, item in enumerate(inputs):
+            if item.task is None:
+                raise ValueError(
+                    f"finetuned: [{i}] task: evaluate on a merge measures every input on its own "
+                    'task set: give each input a task (JSONL of {"prompt", "completion"})'
+                )
+
+    @model_validator(mode="after")
+    def _single_model_task_set(self) -> JobSpec:
+        if self.evaluate is not None and self.merge_inputs is None and self.evaluate.task is None:
+            raise ValueError(TASK_REQUIRED)
+        return self
+
     @model_validator(mode="after")
     def _auto_needs_evaluation(self) -> JobSpec:
         if self.sparsity == "auto":
             if self.evaluate is None:
-                raise ValueError(
-                    'evaluate: sparsity "auto" needs evaluate {task, general} to measure with'
+                sets = (
+                    "{general} and a task on each input" if self.merge_inputs else "{task, general}"
                 )
+                raise ValueError(f'evaluate: sparsity "auto" needs evaluate {sets} to measure with')
         else:
             if self.target is not None and not self.searched:
                 raise ValueError('target: applies to sparsity "auto" and the NPS search only')

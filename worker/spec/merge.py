@@ -51,11 +51,24 @@ class MergeInput(BaseModel):
         description="Fraction of its update dropped; default: the job's sparsity.",
     )
     adapter: bool = Field(default=False, description="model is a PEFT LoRA adapter on the base.")
+    task: str | None = Field(
+        default=None,
+        min_length=1,
+        description='evaluate on a merge: this fine-tune\'s task set (JSONL of {"prompt", '
+        '"completion"}, any location evaluate.task takes); its skill is measured on it, and the '
+        "merge's skill kept is the mean over the inputs' tasks. Required with evaluate.",
+        json_schema_extra={"pattern": NOT_BLANK},
+    )
 
     @field_validator("model")
     @classmethod
     def _model_not_blank(cls, value: str) -> str:
         return not_blank(value)
+
+    @field_validator("task")
+    @classmethod
+    def _task_not_blank(cls, value: str | None) -> str | None:
+        return None if value is None else not_blank(value)
 
     @field_validator("weight")
     @classmethod
