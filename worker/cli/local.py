@@ -13,20 +13,35 @@ from pydantic import ValidationError
 
 from worker.cli.common import EXIT_USAGE, evaluation_spec, job_error, print_points, progress_bar
 from worker.cli.remote import client_command, submit_evaluation
-from worker.cli.spec_flags import one_line_validation_error, spec_from_args
+from worker.cli.spec_flags import (
+    SpecFileError,
+    one_line_validation_error,
+    spec_error_line,
+    spec_from_args,
+)
+
+
+def _checkpoint_locations(spec) -> list[str]:
+    """The job's full checkpoints (not adapters): what early digests can start on."""
+    inputs = spec.merge_inputs
+    if inputs is not None:
+        finetuned = [item.model for item in inputs if not item.adapter]
+    else:
+        finetuned = [spec.finetuned] if spec.finetuned else []
+    return [p for p in (spec.base, *finetuned, spec.adapter, spec.model) if p]
 
 
 def prune_command(namespace: argparse.Namespace) -> int:
     try:
         spec = spec_from_args(namespace)
-    except ValidationError as exc:
-        print(f"fapm: error: {one_line_validation_error(exc)}", file=sys.stderr)
+    except (ValidationError, SpecFileError) as exc:
+        print(f"fapm: error: {spec_error_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
 
     from worker.io.checkpoint import start_early_digests
 
     # The report's input digests start on a second core now, overlapping the engine's imports.
-    start_early_digests(p for p in (spec.base, spec.finetuned, spec.adapter, spec.model) if p)
+    start_early_digests(_checkpoint_locations(spec))
 
     from worker.errors import FapmError
     from worker.evaluation.job import run_job_spec

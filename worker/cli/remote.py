@@ -13,7 +13,12 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from worker.cli.common import EXIT_FAILED, EXIT_USAGE, evaluation_spec, print_points, progress_bar
-from worker.cli.spec_flags import add_spec_arguments, one_line_validation_error, spec_from_args
+from worker.cli.spec_flags import (
+    SpecFileError,
+    add_spec_arguments,
+    spec_error_line,
+    spec_from_args,
+)
 
 if TYPE_CHECKING:
     from worker.client import FapmClient
@@ -137,8 +142,8 @@ def _submit_handler(namespace: argparse.Namespace) -> int:
     # The spec is checked here first, so a typo costs no round trip and reads as `fapm prune`'s.
     try:
         spec_from_args(namespace)
-    except ValidationError as exc:
-        print(f"fapm: error: {one_line_validation_error(exc)}", file=sys.stderr)
+    except (ValidationError, SpecFileError) as exc:
+        print(f"fapm: error: {spec_error_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     return client_command(_submit)(namespace)
 

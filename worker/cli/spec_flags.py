@@ -1,13 +1,23 @@
-"""JobSpec's fields as `fapm prune` flags (generated, so the CLI and the API cannot drift)."""
+"""JobSpec's fields as `fapm prune` flags (generated, so the CLI and the API cannot drift), and
+`--spec job.json`: the API's body as a file, the flags given overriding its keys.
+
+The update side (--finetuned, --adapter, --with, --merge-*) is worker/cli/merge_flags.py.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import typing
+from pathlib import Path
 
 from pydantic import ValidationError
 
+from worker.cli.merge_flags import add_update_arguments, update_values
 from worker.spec import JobSpec
+
+# A --spec file is a job description, not a model: a few KB; this bounds a wrong file's read.
+MAX_SPEC_FILE_BYTES = 1 << 20
 
 
 def _flag(name: str, field) -> str:
@@ -48,14 +58,27 @@ NESTED_FLAGS: dict[str, tuple[str, str | None, str]] = {
 # Nested keys whose flag takes a comma-separated list.
 LIST_KEYS = frozenset({"band_edges", "bounds", "weights"})
 _NESTED_FIELDS = {field for field, _, _ in NESTED_FLAGS.values()}
+# Fields whose flags merge_flags.py makes (repeatable inputs, --with, --merge-*).
+_UPDATE_FIELDS = frozenset({"finetuned", "adapter", "merge"})
+
+
+class SpecFileError(ValueError):
+    """A --spec file that cannot be read as a job's JSON object (a usage error)."""
 
 
 def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per JobSpec field; values are validated by JobSpec, not argparse."""
+    parser.add_argument(
+        "--spec",
+        metavar="JOB.json",
+        help="the job as the API's JSON body (POST /v1/jobs); flags given override its keys "
+        "(a section's flag its one key; --finetuned/--adapter the file's whole update side)",
+    )
     for flag, (_, _, help_text) in NESTED_FLAGS.items():
         parser.add_argument(flag, dest=_nested_dest(flag), default=None, help=help_text)
+    add_update_arguments(parser)
     for name, field in JobSpec.model_fields.items():
-        if name in _NESTED_FIELDS:
+        if name in _NESTED_FIELDS or name in _UPDATE_FIELDS:
             continue
         flag = _flag(name, field)
         annotation = field.annotation
@@ -67,12 +90,11 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
             help_text = (field.description or "").replace("%", "%%")
             parser.add_argument(flag, dest=name, action="store_true", help=help_text)
             continue
-        required = field.is_required()
-        default_text = "" if required else f" (default: {field.default})"
+        # Required fields (output) are JobSpec's to demand: a --spec file may hold them.
+        default_text = "" if field.is_required() else f" (default: {field.default})"
         parser.add_argument(
             flag,
             dest=name,
-            required=required,
             default=None,
             choices=choices,
             metavar=None if choices else name.upper(),
@@ -85,12 +107,44 @@ def _nested_dest(flag: str) -> str:
     return "nested_" + flag.lstrip("-").replace("-", "_")
 
 
+def read_spec_file(path: str) -> dict:
+    """The JSON object of a --spec file, or SpecFileError saying why not."""
+    try:
+        with Path(path).open("rb") as file:
+            data = file.read(MAX_SPEC_FILE_BYTES + 1)
+    except OSError as exc:
+        raise SpecFileError(f"--spec {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_SPEC_FILE_BYTES:
+        raise SpecFileError(f"--spec {path}: over {MAX_SPEC_FILE_BYTES} bytes (not a job's JSON)")
+    try:
+        values = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise SpecFileError(f"--spec {path}: not JSON ({str(exc)[:200]})") from None
+    if not isinstance(values, dict):
+        raise SpecFileError(
+            f"--spec {path}: a JSON object of the job's fields, not {type(values).__name__}"
+        )
+    return values
+
+
+def _section(values: dict, field: str) -> dict:
+    """The nested section `field` of `values`, as a dict a flag may set one key of."""
+    section = values.get(field)
+    section = dict(section) if isinstance(section, dict) else {}
+    values[field] = section
+    return section
+
+
 def spec_from_args(namespace: argparse.Namespace) -> JobSpec:
-    values: dict = {
-        name: getattr(namespace, name)
-        for name in JobSpec.model_fields
-        if name not in _NESTED_FIELDS and getattr(namespace, name, None) is not None
-    }
+    """The job the flags (and --spec file) describe; ValidationError or SpecFileError if none."""
+    spec_file = getattr(namespace, "spec", None)
+    values: dict = read_spec_file(spec_file) if spec_file else {}
+    for name in JobSpec.model_fields:
+        if name in _NESTED_FIELDS or name in _UPDATE_FIELDS:
+            continue
+        value = getattr(namespace, name, None)
+        if value is not None and value is not False:  # an unset store_true flag overrides nothing
+            values[name] = value
     for flag, (field, key, _) in NESTED_FLAGS.items():
         value = getattr(namespace, _nested_dest(flag), None)
         if value is None:
@@ -98,15 +152,41 @@ def spec_from_args(namespace: argparse.Namespace) -> JobSpec:
         if key is None:  # --methods fapm,magnitude
             values[field] = [m.strip() for m in value.split(",") if m.strip()]
         elif key in LIST_KEYS:  # --nps-weights 1,0.5,...
-            values.setdefault(field, {})[key] = [v.strip() for v in value.split(",")]
+            _section(values, field)[key] = [v.strip() for v in value.split(",")]
         else:
-            values.setdefault(field, {})[key] = value
+            _section(values, field)[key] = value
+    update, merge = update_values(namespace)
+    if update:  # the command line's inputs replace the file's, whichever kind they were
+        values.pop("finetuned", None)
+        values.pop("adapter", None)
+        values.update(update)
+    if merge:
+        _section(values, "merge").update(merge)
     return JobSpec.model_validate(values)
 
 
+def spec_error_line(exc: ValidationError | SpecFileError) -> str:
+    """What `fapm: error: ...` says for a job the flags do not describe."""
+    if isinstance(exc, ValidationError):
+        return one_line_validation_error(exc)
+    return str(exc)
+
+
 def one_line_validation_error(exc: ValidationError) -> str:
+    errors = exc.errors()
+    # A union field (finetuned: str | list[MergeInput]) fails once per member: keep the member
+    # the value was meant for (the deeper error), not "should be a valid string" for a list.
+    deeper = {str(e["loc"][0]) for e in errors if len(e["loc"]) > 2}
     parts = []
-    for error in exc.errors():
-        loc = ".".join(str(p) for p in error["loc"]) or "spec"
-        parts.append(f"{loc}: {error['msg']}")
+    for error in errors:
+        where = error["loc"]
+        if len(where) == 2 and str(where[0]) in deeper and error["type"].endswith("_type"):
+            continue
+        # Union members' tags (list[MergeInput]) are pydantic's, not the job's field names.
+        loc = ".".join(str(p) for p in where if "[" not in str(p)) or "spec"
+        message = error["msg"]
+        field = JobSpec.model_fields.get(str(where[0])) if where else None
+        if error["type"] == "missing" and field is not None and len(where) == 1:
+            message += f" ({_flag(str(where[0]), field)})"  # output: Field required (--out)
+        parts.append(f"{loc}: {message}")
     return "invalid job: " + "; ".join(parts)
