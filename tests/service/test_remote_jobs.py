@@ -154,14 +154,20 @@ def test_cancel_mid_upload_leaves_nothing_in_the_bucket(remote_stack, s3, models
     assert s3.list_multipart_uploads(Bucket="models").get("Uploads", []) == []
 
 
-def test_worker_killed_mid_upload_reruns_to_the_same_objects(make_stack, s3, models_bucket):
+def test_worker_killed_mid_upload_reruns_to_the_same_objects(
+    make_stack, s3, models_bucket, tmp_path
+):
     """SIGKILL while the job streams shards to S3: nothing is at the output after the kill, the
     re-run publishes the uninterrupted run's bytes, and no multipart upload or staging object is
-    left. (The module's moto server is shared.)"""
+    left, nor the killed process's local scratch (the shards staged before their upload): the next
+    worker's pool process sweeps it. (The module's moto server is shared.)"""
     from worker.localstack import s3_env as env_for
 
     stack = make_stack(FAPM_LEASE_SECONDS="3", FAPM_VISIBILITY_TIMEOUT_SECONDS="5")
     stack.env.update(env_for(s3.meta.endpoint_url))
+    scratch_root = tmp_path / "worker-tmp"
+    scratch_root.mkdir()
+    stack.env["TMPDIR"] = str(scratch_root)
     stack.start_redis()
     stack.start_api()
     first = stack.start_worker("first")
@@ -172,10 +178,12 @@ def test_worker_killed_mid_upload_reruns_to_the_same_objects(make_stack, s3, mod
     first.kill(signal.SIGKILL)
     first.popen.wait(10)
     assert _objects(s3, "models", "out/killed/") == {}  # staged, never published
+    assert [p.name for p in scratch_root.glob("fapm-out-*") if p.is_dir()], "no scratch to sweep"
     stack.start_worker("second")
     record = jobs.wait(job_id, timeout=120)
     assert record.status == "succeeded", record.error
     assert record.attempts == 2
+    assert list(scratch_root.glob("fapm-*")) == []  # the killed scratch swept, the re-run's removed
 
     uninterrupted = jobs.wait(jobs.submit({**spec, "output": "s3://models/out/uninterrupted/"}))
     assert uninterrupted.status == "succeeded"

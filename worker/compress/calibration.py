@@ -5,11 +5,9 @@ the evaluation reads them."""
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -18,6 +16,7 @@ from worker.evaluation.data import load_general, load_task
 from worker.evaluation.errors import EmptyEvalSet
 from worker.evaluation.model import load_tokenizer
 from worker.io.carry_over import carry_over
+from worker.io.scratch import ScratchDir
 from worker.io.source import LocalDirSource, ModelSource, also_readable
 from worker.spec import CalibrationSpec
 
@@ -38,9 +37,9 @@ def model_tokenizer(
         source.verify_files()  # transformers opens them by path: none may lead out
         yield load_tokenizer(source.path, where)
         return
-    with tempfile.TemporaryDirectory(prefix="fapm-tokenizer-") as tmp, also_readable(Path(tmp)):
-        carry_over(source, Path(tmp), {}, cancelled)
-        yield load_tokenizer(Path(tmp), where)
+    with ScratchDir("tokenizer") as tmp, also_readable(tmp):
+        carry_over(source, tmp, {}, cancelled)
+        yield load_tokenizer(tmp, where)
 
 
 def calibration_sequences(

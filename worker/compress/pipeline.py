@@ -17,7 +17,6 @@ is deterministic on the CPU.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -52,6 +51,7 @@ from worker.evaluation.model import context_length
 from worker.io import strict_json
 from worker.io.carry_over import carry_over
 from worker.io.publish import REPORT_FILE, open_target
+from worker.io.scratch import ScratchDir
 from worker.io.torch_tensors import TORCH_DTYPES
 from worker.io.uri import open_source
 from worker.io.writer import PlannedTensor, ShardedWriter, WriterThread, plan_shards
@@ -118,7 +118,7 @@ def run_compress(
                     )
             # Hidden states that do not fit the budget go to a scratch directory of their own
             # (TMPDIR), never into the staging directory that is published.
-            scratch = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="fapm-calib-")))
+            scratch = cleanup.enter_context(ScratchDir("calib"))  # swept if this process is killed
             walk = _LayerWalk(spec, layout, reader, sequences, scratch, cancelled)
             cleanup.callback(walk.close)
             walk.capture_inputs()

@@ -19,7 +19,6 @@ MLFLOW_TRACKING_TOKEN or _USERNAME/_PASSWORD, and the artifact store's credentia
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from worker.io.publish import (
     _read_no_follow,
     staged_files,
 )
+from worker.io.scratch import ScratchDir
 from worker.io.writer import WrittenShard
 
 JOB_TAG = "fapm.job_id"
@@ -109,7 +109,8 @@ class MlflowTarget(OutputTarget):
         except Exception as exc:
             raise _registry_error(exc, uri) from exc
         self.run_id = self.run.info.run_id
-        self.local_dir = Path(tempfile.mkdtemp(prefix="fapm-out-"))
+        self._scratch = ScratchDir("out")  # swept if this process is killed
+        self.local_dir = self._scratch.path
         self._uploads = _BackgroundUploads()
         self._logged: set[str] = set()
         self._registered = False
@@ -168,7 +169,7 @@ class MlflowTarget(OutputTarget):
             raise
         except Exception as exc:
             raise _registry_error(exc, self.uri) from exc
-        shutil.rmtree(self.local_dir, ignore_errors=True)
+        self._scratch.remove()
         return f"models:/{self.name}/{version.version}"
 
     def _register(self, message: str, tags: dict[str, str]):
@@ -200,7 +201,7 @@ class MlflowTarget(OutputTarget):
         except Exception:
             pass
         finally:
-            shutil.rmtree(self.local_dir, ignore_errors=True)
+            self._scratch.remove()
 
 
 def published_version_report(name: str, job_id: str, client=None) -> dict | None:

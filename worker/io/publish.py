@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import stat
-import tempfile
 import threading
 import time
 import uuid
@@ -33,6 +31,7 @@ from pathlib import Path
 from worker.errors import FapmError, InvalidOutput, OutputExists, OutputNotReplaceable
 from worker.io import strict_json
 from worker.io.safe_json import JsonLimits, check_size, load_json
+from worker.io.scratch import ScratchDir
 from worker.io.writer import WrittenShard
 
 MANIFEST_FILE = "fapm-manifest.json"
@@ -304,7 +303,8 @@ class S3Target(OutputTarget):
         )
         self._fail_if_exists()
         self._abort_multipart_uploads()  # left by a killed earlier attempt of this job
-        self.local_dir = Path(tempfile.mkdtemp(prefix="fapm-out-"))
+        self._scratch = ScratchDir("out")  # swept if this process is killed
+        self.local_dir = self._scratch.path
         self._uploads = _BackgroundUploads()
         self._uploaded: dict[str, tuple[int, str]] = {}  # name -> (size, sha256)
 
@@ -408,7 +408,7 @@ class S3Target(OutputTarget):
         }
         self._promote(manifest)
         self._delete_prefix(self.staging)
-        shutil.rmtree(self.local_dir, ignore_errors=True)
+        self._scratch.remove()
         return self.uri
 
     def _promote(self, manifest: dict) -> None:
@@ -453,7 +453,7 @@ class S3Target(OutputTarget):
             self._abort_multipart_uploads()
             self._delete_prefix(self.staging)
         finally:
-            shutil.rmtree(self.local_dir, ignore_errors=True)
+            self._scratch.remove()
 
 
 class HubTarget(OutputTarget):
@@ -473,7 +473,8 @@ class HubTarget(OutputTarget):
             existing = self.api.list_repo_files(repo_id, revision=branch)
         if any(name.endswith(".safetensors") for name in existing) and not overwrite:
             raise OutputExists(f"{uri} already holds a model; set overwrite to replace it")
-        self.local_dir = Path(tempfile.mkdtemp(prefix="fapm-out-"))
+        self._scratch = ScratchDir("out")  # swept if this process is killed
+        self.local_dir = self._scratch.path
         self._uploads = _BackgroundUploads()
         self._operations: list = []
 
@@ -517,11 +518,11 @@ class HubTarget(OutputTarget):
                 commit_message=message,
                 revision=self.branch,
             )
-        shutil.rmtree(self.local_dir, ignore_errors=True)
+        self._scratch.remove()
         oid = getattr(info, "oid", None)
         return f"hf://{self.repo_id}@{oid}" if oid else self.uri
 
     def abort(self) -> None:
         # Pre-uploaded LFS files that no commit references are invisible and garbage-collected.
         self._uploads.cancel()
-        shutil.rmtree(self.local_dir, ignore_errors=True)
+        self._scratch.remove()

@@ -33,6 +33,7 @@ from app.core.config import get_settings
 from worker.broker import Broker
 from worker.celery_app import QUEUES, WEBHOOK_QUEUE, celery_app, enqueue_job
 from worker.heartbeat import Heartbeat
+from worker.io.scratch import sweep_orphans
 from worker.tasks.run_job import dispatch_webhook
 from worker.tasks.store import job_store
 
@@ -114,6 +115,14 @@ def _sigterm_from_parent_only() -> None:
         PARENT_SIGTERM_GRACE_SECONDS,
     )
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+@signals.worker_process_init.connect
+def sweep_scratch_of_dead_processes(**_: object) -> None:
+    """In each pool process: remove the scratch directories (staged outputs, model copies,
+    hidden states) of processes that died without cleaning up, such as the pool process this
+    one replaces after the OOM killer took it (worker/io/scratch.py)."""
+    sweep_orphans()
 
 
 @signals.worker_process_init.connect
