@@ -31,7 +31,7 @@ from worker.engine.name_pairing import NameMap
 from worker.engine.plan import TensorTask, build_plan, tie_word_embeddings
 from worker.engine.readers import CheckpointReader, LoraMergedReader, TensorInfo
 from worker.engine.tensor_pruner import TensorPruner
-from worker.errors import ArchitectureMismatch
+from worker.errors import ArchitectureMismatch, JobCancelled
 from worker.io.source import ModelSource
 from worker.io.uri import open_source
 from worker.spec import JobSpec
@@ -294,3 +294,36 @@ class MergedReader:
 
 def item_uri(one: _Input) -> str:
     return one.item.model
+
+
+def merged_outputs(
+    spec: JobSpec, should_cancel: Callable[[], bool] | None = None
+) -> Iterator[tuple[TensorTask, torch.Tensor]]:
+    """Every output tensor of the merge `spec` as `run_prune` writes it, in plan order, written
+    nowhere: the same plan, `MergedReader.read` and pass-through TensorPruner as the stream loop
+    (worker/engine/pipeline.py), so a tensor here is the published one bit for bit. An evaluated
+    merge writes its candidates into a model from this (worker/evaluation/merge_job.py); each
+    call reads and prunes every input once."""
+    cancelled = should_cancel or (lambda: False)
+    sources: list[ModelSource] = []
+    readers: list[CheckpointReader | UpdateReader | MergedReader] = []
+    try:
+        base_source = open_source(spec.base or "")
+        sources.append(base_source)
+        base = CheckpointReader(base_source)
+        readers.append(base)
+        update = open_update(spec, base, base_source, sources, should_cancel)
+        readers.append(update.reader)
+        pruner = TensorPruner(update.pruner_spec)
+        tie = tie_word_embeddings(update.reader.config())
+        for task in build_plan(base, update.reader, spec, tie, should_cancel).tasks:
+            if cancelled():
+                raise JobCancelled("the job was cancelled")
+            w = base.read(task.base_name) if task.base_name is not None else None
+            out, _stats = pruner.run(task, w, update.reader.read(task.name, base=w))
+            yield task, out
+    finally:
+        for reader in readers:
+            reader.close()
+        for source in sources:
+            source.close()

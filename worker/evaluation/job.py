@@ -216,6 +216,10 @@ def evaluate_job(
     loaded: list[LoadedModel] = []
     with ExitStack() as local_dirs:
         try:
+            if spec.merge_inputs is not None:  # each input on its own task set
+                from worker.evaluation.merge_job import evaluate_merge
+
+                return evaluate_merge(spec, report_progress, cancelled, loaded, local_dirs)
             return _evaluate(spec, report_progress, cancelled, loaded, local_dirs)
         finally:
             for model in loaded:
@@ -273,7 +277,7 @@ def _evaluate(
         if settings.general
         else [],
         settings.batch_size,
-        _pad_id(work.tokenizer),
+        pad_id(work.tokenizer),
         device,
         should_cancel=cancelled,
         tokenizer_of=work_uri,
@@ -415,7 +419,7 @@ def _evaluate(
     )
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
     # Padded positions are masked out and never scored: any valid id works.
     for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if isinstance(value, int):
@@ -443,12 +447,17 @@ def card_section(evaluation: Evaluation, png: str) -> str:
     chosen = evaluation.chosen
     assert chosen is not None
     requested = evaluation.requested
+    tasks = requested.get("tasks")  # a merge: each input's own task set
+    on = (
+        "each input's task set (" + ", ".join(f"`{t['task']}`" for t in tasks) + ")"
+        if tasks
+        else f"`{requested['evaluate']['task']}`"
+    )
     lines = [
         "",
         "## Evaluation",
         "",
-        f"Measured by fapm-service on `{requested['evaluate']['task']}` (skill: exact match of "
-        "the greedy completion)"
+        f"Measured by fapm-service on {on} (skill: exact match of the greedy completion)"
         + (
             f" and `{requested['evaluate']['general']}` (perplexity)."
             if requested["evaluate"]["general"]
@@ -456,9 +465,14 @@ def card_section(evaluation: Evaluation, png: str) -> str:
         ),
     ]
     if requested["sparsity"] == "auto":
+        whose = (
+            "the fine-tunes' skill (the mean over their tasks)"
+            if tasks
+            else "the fine-tune's skill"
+        )
         lines.append(
             f"Sparsity was searched (methods: {', '.join(requested['methods'])}): the least "
-            f"forgetting that keeps {evaluation.floor:g} of the fine-tune's skill is "
+            f"forgetting that keeps {evaluation.floor:g} of {whose} is "
             f"**{chosen.method} at sparsity {chosen.sparsity:g}**."
         )
     if evaluation.nps is not None and evaluation.nps.best is not None:
@@ -479,6 +493,10 @@ def card_section(evaluation: Evaluation, png: str) -> str:
             f"| {p.method}{mark} | {p.sparsity:g} | {p.skill:.3f} | {_fmt(p.skill_kept)} | "
             f"{p.completion_loss:.4f} | {p.perplexity:.4f} | {_fmt(p.forgetting_left)} |"
         )
+    if tasks:
+        from worker.evaluation.merge_job import merge_card_lines
+
+        lines += merge_card_lines(evaluation)
     return "\n".join(lines) + "\n"
 
 

@@ -39,9 +39,15 @@ class Point:
     meets_floor: bool
     seconds: float  # evaluating it
     build_seconds: float  # writing the candidate's weights into the model
+    # A merge: each input's task set and the numbers on it (skill, skill_kept, completion_loss);
+    # skill, skill_kept and completion_loss above are their means. None for a single pair.
+    tasks: tuple[dict, ...] | None = None
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(self)
+        if self.tasks is None:  # a single pair's report has no per-task list
+            del values["tasks"]
+        return values
 
 
 def meets(skill_kept: float | None, floor: float) -> bool:
