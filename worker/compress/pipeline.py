@@ -43,14 +43,20 @@ from worker.compress.sparsegpt import (
     SparseGPTNumericalError,
     sparsegpt_prune,
 )
-from worker.engine.pipeline import Progress, ProgressCallback, PruneResult, published_result
+from worker.engine.pipeline import (
+    Progress,
+    ProgressCallback,
+    PruneResult,
+    commit_message,
+    publish_with_report,
+    published_result,
+)
 from worker.engine.readers import CheckpointReader
 from worker.engine.tensor_pruner import resolve_device
 from worker.errors import FapmError, JobCancelled
 from worker.evaluation.model import context_length
-from worker.io import strict_json
 from worker.io.carry_over import carry_over
-from worker.io.publish import REPORT_FILE, open_target
+from worker.io.publish import open_target
 from worker.io.scratch import ScratchDir
 from worker.io.torch_tensors import TORCH_DTYPES
 from worker.io.uri import open_source
@@ -167,20 +173,11 @@ def run_compress(
             (target.local_dir / "README.md").write_text(
                 weights_card(spec, totals, report["inputs"], report["calibration"], evaluation)
             )
-            seconds["finalize"] = time.perf_counter() - started - sum(seconds.values())
-            report["seconds"] = {**seconds, "upload": target.upload_seconds}
-            report["seconds"]["total"] = time.perf_counter() - started
-            report = strict_json.with_finite_note(report)
-            (target.local_dir / REPORT_FILE).write_text(strict_json.dumps(report, indent=2) + "\n")
-            if cancelled():
-                raise JobCancelled("the job was cancelled")
-            report_progress(Progress("publish", layout.count, layout.count))
-            publish_started = time.perf_counter()
-            job = f"job {job_id}" if job_id else "fapm prune"
-            location = target.commit(
-                f"{job}: {spec.method} weights at sparsity {spec.sparsity:g} by fapm-service"
-            )
-            report["seconds"]["publish"] = time.perf_counter() - publish_started
+            what = f"{spec.method} weights at sparsity {spec.sparsity:g}"
+            location, report = publish_with_report(
+                target, report, seconds, started, commit_message(job_id, "fapm prune", what),
+                report_progress, cancelled, layout.count,
+            )  # fmt: skip
         except BaseException:
             if writer is not None:
                 writer.abort()

@@ -21,13 +21,18 @@ from collections.abc import Callable
 import torch
 
 from worker.engine.card import without_delta_note
-from worker.engine.pipeline import Progress, PruneResult, published_result
+from worker.engine.pipeline import (
+    Progress,
+    PruneResult,
+    commit_message,
+    publish_with_report,
+    published_result,
+)
 from worker.engine.readahead import read_ahead
 from worker.engine.readers import CheckpointReader
 from worker.errors import CorruptCheckpoint, JobCancelled
-from worker.io import strict_json
 from worker.io.carry_over import carry_over
-from worker.io.publish import REPORT_FILE, open_target
+from worker.io.publish import open_target
 from worker.io.sparse_delta import (
     INDICES_SUFFIX,
     MANIFEST_FILE,
@@ -138,15 +143,11 @@ def run_materialize(
                 "not_carried": carried.not_carried,
             },
         }
-        timings["finalize"] = time.perf_counter() - started - sum(timings.values())
-        report["seconds"] = {**timings, "upload": target.upload_seconds}
-        report["seconds"]["total"] = time.perf_counter() - started
-        (target.local_dir / REPORT_FILE).write_text(strict_json.dumps(report, indent=2) + "\n")
-        if cancelled():
-            raise JobCancelled("the job was cancelled")
-        report_progress(Progress("publish", len(entries), len(entries)))
-        job = f"job {job_id}" if job_id else "fapm materialize"
-        location = target.commit(f"{job}: materialized {spec.materialize.delta} by fapm-service")
+        what = f"materialized {spec.materialize.delta}"
+        location, report = publish_with_report(
+            target, report, timings, started, commit_message(job_id, "fapm materialize", what),
+            report_progress, cancelled, len(entries),
+        )  # fmt: skip
     except BaseException:
         if writer is not None:
             writer.abort()

@@ -26,7 +26,7 @@ from worker.engine.tensor_pruner import TensorPruner
 from worker.errors import JobCancelled
 from worker.io import strict_json
 from worker.io.carry_over import CarryOver, carry_over
-from worker.io.publish import REPORT_FILE, open_target, published_report
+from worker.io.publish import REPORT_FILE, OutputTarget, open_target, published_report
 from worker.io.sparse_delta import SparseDeltaWriter, weight_bytes
 from worker.io.torch_tensors import tensor_over
 from worker.io.uri import open_source
@@ -169,18 +169,10 @@ def run_prune(
         )
         if extra_files is not None:
             report.update(extra_files(target.local_dir))
-        timings["finalize"] = time.perf_counter() - started - sum(timings.values())
-        # Uploads overlap the prune; "upload" is their own duration, "publish" what was left.
-        report["seconds"] = {**timings, "upload": target.upload_seconds}
-        report["seconds"]["total"] = time.perf_counter() - started
-        report = strict_json.with_finite_note(report)  # strict JSON: no NaN in the report
-        (target.local_dir / REPORT_FILE).write_text(strict_json.dumps(report, indent=2) + "\n")
-        if cancelled():
-            raise JobCancelled("the job was cancelled")
-        report_progress(Progress("publish", len(tasks), len(tasks)))
-        publish_started = time.perf_counter()
-        location = target.commit(_commit_message(spec, job_id))
-        report["seconds"]["publish"] = time.perf_counter() - publish_started
+        location, report = publish_with_report(
+            target, report, timings, started, _commit_message(spec, job_id), report_progress,
+            cancelled, len(tasks),
+        )  # fmt: skip
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -201,11 +193,43 @@ def _stop_if_cancelled(cancelled: Callable[[], bool]) -> None:
         raise JobCancelled("the job was cancelled")
 
 
+def publish_with_report(
+    target: OutputTarget,
+    report: dict,
+    timings: dict[str, float],
+    started: float,
+    message: str,
+    report_progress: ProgressCallback,
+    cancelled: Callable[[], bool],
+    count: int,
+) -> tuple[str, dict]:
+    """How every operation ends (prune, weights, materialize): its timings into the report, the
+    report written beside the model as strict JSON, a last look at a cancel, then the commit
+    that publishes the staged model. Returns where it now is, and the report as written plus
+    the publish time."""
+    timings["finalize"] = time.perf_counter() - started - sum(timings.values())
+    # Uploads overlap the prune; "upload" is their own duration, "publish" what was left.
+    report = {**report, "seconds": {**timings, "upload": target.upload_seconds}}
+    report["seconds"]["total"] = time.perf_counter() - started
+    report = strict_json.with_finite_note(report)  # strict JSON: no NaN in the report
+    (target.local_dir / REPORT_FILE).write_text(strict_json.dumps(report, indent=2) + "\n")
+    if cancelled():
+        raise JobCancelled("the job was cancelled")
+    report_progress(Progress("publish", count, count))
+    publish_started = time.perf_counter()
+    location = target.commit(message)
+    report["seconds"]["publish"] = time.perf_counter() - publish_started
+    return location, report
+
+
+def commit_message(job_id: str | None, command: str, what: str) -> str:
+    """`job <id>: <what> by fapm-service`, or `<command>: ...` for a CLI run."""
+    return f"{f'job {job_id}' if job_id else command}: {what} by fapm-service"
+
+
 def _commit_message(spec: JobSpec, job_id: str | None) -> str:
-    job = f"job {job_id}" if job_id else "fapm prune"
-    return (
-        f"{job}: {spec.method} at sparsity {spec.sparsity:g} (scope {spec.scope}) by fapm-service"
-    )
+    what = f"{spec.method} at sparsity {spec.sparsity:g} (scope {spec.scope})"
+    return commit_message(job_id, "fapm prune", what)
 
 
 def _load_pair(base, finetuned):
