@@ -3,7 +3,7 @@
 Fine-tune A is tests/eval_models.py's (the word map f after "w100 a w101"). Fine-tune B learns
 another map g of w60..w99 after another marker pair ("w102 a w103"), trained on from A with A's
 task replayed: two fine-tunes trained from the base on their own skill alone interfere so much
-in this 2-layer model that no merge of them keeps either (measured: skill kept 0.04 at best), so
+in this 2-layer model that no merge of them keeps either (measured: mean skill kept under 0.1), so
 B shares A's circuit and adds its own. Merging them (the mean of the task vectors) keeps all of
 A's skill and little of B's at low sparsity, and less of both as sparsity grows: a trade-off the
 search can work on. Seeded and single-threaded: the same bytes every session. Task sets are held
