@@ -66,10 +66,22 @@ class SpecFileError(ValueError):
     """A --spec file that cannot be read as a job's JSON object (a usage error)."""
 
 
+class _SpecAction(argparse.Action):
+    """`--spec JOB.json`: the file may hold the required fields (output), so their flags are
+    optional from here on for this parser (JobSpec still demands the values)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        for action in parser._actions:
+            if getattr(action, "spec_may_give", False):
+                action.required = False
+
+
 def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per JobSpec field; values are validated by JobSpec, not argparse."""
     parser.add_argument(
         "--spec",
+        action=_SpecAction,
         metavar="JOB.json",
         help="the job as the API's JSON body (POST /v1/jobs); flags given override its keys "
         "(a section's flag its one key; --finetuned/--adapter the file's whole update side)",
@@ -90,17 +102,19 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
             help_text = (field.description or "").replace("%", "%%")
             parser.add_argument(flag, dest=name, action="store_true", help=help_text)
             continue
-        # Required fields (output) are JobSpec's to demand: a --spec file may hold them.
-        default_text = "" if field.is_required() else f" (default: {field.default})"
-        parser.add_argument(
+        required = field.is_required()
+        default_text = "" if required else f" (default: {field.default})"
+        action = parser.add_argument(
             flag,
             dest=name,
+            required=required,
             default=None,
             choices=choices,
             metavar=None if choices else name.upper(),
             # argparse %-formats help: a literal % (as in "keeps 10%") must be doubled.
             help=((field.description or "") + default_text).replace("%", "%%"),
         )
+        action.spec_may_give = required  # type: ignore[attr-defined]
 
 
 def _nested_dest(flag: str) -> str:
