@@ -162,7 +162,21 @@ def test_auto_on_a_merge_publishes_a_sparsity_that_measures_what_the_report_says
          "nothing to search"),
         ({"methods": ["magnitude", "nps"]}, "finetuned", "not yet for merges"),
         ({"evaluate": None}, "evaluate", "a task on each input"),
-        ({"evaluate": {"task": "/t"}}, "evaluate.task", "put the task sets"),
+        ({"evaluate": {"task": "/t"}}, "evaluate", "general: required"),
+        ({"method": "nps"}, "finetuned", "[0] method nps: not yet"),  # nps with "auto"
+        ({"sparsity": 0.5, "nps": {"weights": [1.0, 1.0]}, "method": "nps"}, "nps",
+         "finetuned[i].nps_weights"),
+        ({"sparsity": 0.5, "method": "nps",
+          "finetuned": [{"model": "/a", "task": "/t", "nps_weights": [1.0] * 8},
+                        {"model": "/c", "task": "/u"}]}, "finetuned", "[1] nps_weights: give"),
+        ({"sparsity": 0.5, "method": "nps", "evaluate": None,
+          "finetuned": [{"model": "/a", "nps_weights": [1.0] * 3}]}, "finetuned",
+         "3 given, the bands at sparsity 0.5 are"),
+        ({"sparsity": 0.5, "evaluate": None,
+          "finetuned": [{"model": "/a", "nps_weights": [1.0]}]}, "finetuned",
+         'apply to method "nps" only'),
+        ({"sparsity": 0.5, "method": "nps", "evaluate": None, "finetuned": [{"model": "/a"}]},
+         "evaluate", "searches band weights"),
     ],
 )  # fmt: skip
 def test_misuse_is_refused_at_submission(change, field, words):

@@ -103,16 +103,18 @@ def pass_through_spec(spec: JobSpec) -> JobSpec:
 
 
 def input_spec(spec: JobSpec, item: MergeInput) -> JobSpec:
-    """One input's pruning: the job's settings with its own method, sparsity and model."""
-    return spec.model_copy(
-        update={
-            "finetuned": None if item.adapter else item.model,
-            "adapter": item.model if item.adapter else None,
-            "method": item.method or spec.method,
-            "sparsity": spec.sparsity if item.sparsity is None else item.sparsity,
-            "merge": None,
-        }
-    )
+    """One input's pruning: the job's settings with its own method, sparsity, model and (nps)
+    band weights."""
+    update: dict[str, object] = {
+        "finetuned": None if item.adapter else item.model,
+        "adapter": item.model if item.adapter else None,
+        "method": item.method or spec.method,
+        "sparsity": spec.sparsity if item.sparsity is None else item.sparsity,
+        "merge": None,
+    }
+    if item.nps_weights is not None:
+        update["nps"] = spec.nps_settings.model_copy(update={"weights": list(item.nps_weights)})
+    return spec.model_copy(update=update)
 
 
 @dataclass
@@ -279,6 +281,7 @@ class MergedReader:
                     "implementation": one.pruner.implementation,
                     "totals": one.totals.summary(),
                 }
+                | ({} if one.item.nps_weights is None else {"nps_weights": one.item.nps_weights})
                 for one in self.inputs
             ],
             "notes": self.notes,

@@ -82,6 +82,9 @@ class Evaluation:
     candidates: dict  # CandidateBuilder.memory(): the mode used and what it held
     evaluations: int = 0  # models measured: the references and every candidate
     nps: NpsSearch | None = None  # an NPS search: what it tried and chose
+    # The published spec's fields that the evaluation decided beyond method and sparsity (a
+    # merge's NPS search: its inputs' nps_weights and lam); None: method and sparsity only.
+    published: dict | None = None
 
     def as_dict(self) -> dict:
         nps = {} if self.nps is None else {"nps": self.nps.as_dict()}
@@ -160,6 +163,7 @@ def run_evaluated(
             "methods": None,
             # NPS publishes exactly the weights it reports (ALGORITHMS.md "NPS").
             "nps": _published_nps(spec, evaluation),
+            **(evaluation.published or {}),
         }
     )
     section = evaluation.as_dict()
@@ -185,6 +189,8 @@ def _published_nps(spec: JobSpec, evaluation: Evaluation) -> dict | None:
     """The NPS section of the published job: exactly the weights of the chosen candidate."""
     chosen = evaluation.chosen
     assert chosen is not None
+    if spec.merge_inputs is not None:  # weights are the inputs' (evaluation.published)
+        return None if spec.nps is None else spec.nps.model_dump()
     if chosen.method != "nps":
         return None
     nps = spec.nps_settings
@@ -510,6 +516,21 @@ def nps_card_lines(search: NpsSearch) -> list[str]:
     )
     weights = ", ".join(f"{w:.4g}" for w in best.weights)
     edges = ", ".join(f"{e:.4g}" for e in search.edges)
+    if search.merge is not None:  # a merge: every nps input's weights and the merge's lam
+        parts = "; ".join(
+            f"input {part['input']}: bands {', '.join(f'{e:.4g}' for e in part['band_edges'])}, "
+            f"weights {', '.join(f'{w:.4g}' for w in part['weights'])}"
+            for part in search.merge["inputs"]
+        )
+        return [
+            "",
+            f"The band weights of every nps input and the merge's lambda were searched by NPS "
+            f"(arXiv 2505.18713; CMA-ES, {len(search.evaluated)} evaluations) with objective "
+            f"**{search.objective}** on the mean skill kept over the inputs' tasks: fitness "
+            f"{best.fitness:.4f}{gain}.",
+            f"Chosen: {parts}; merge lambda {search.merge['lam']:.4g}. Fitness per generation: "
+            "`nps_search.png`.",
+        ]
     return [
         "",
         f"The task vector's band weights were searched by NPS (arXiv 2505.18713; CMA-ES, "

@@ -12,7 +12,14 @@ so 1 is "as good as each fine-tune at its own task" and "as much forgetting as t
 average". The references are "base", "finetuned" (the fine-tunes' means: skill kept 1,
 forgetting left 1) and "finetuned[i]" for each input. sparsity "auto" searches as a single pair
 does (search.py), the floor on the mean skill kept; the candidate sparsity and method go to the
-inputs that name none of their own. Every model is measured on the sets as the first input's
+inputs that name none of their own.
+
+method "nps" on a merge (the job's or an input's, at a fixed sparsity, without nps_weights): one
+CMA-ES search (nps_search.py) over a vector of every nps input's band weights (the bands at its
+own sparsity) and then the merge's lam, starting from all ones and the merge's lam (each nps input
+in magnitude's order); the fitness is the mean skill kept (objective "skill") or its harmonic mean
+with 1 - forgetting left ("balanced"). The published job carries the best vector as each input's
+nps_weights and merge.lam. Every model is measured on the sets as the first input's
 tokenizer (the base's, for an adapter) encodes them: the published merge carries that tokenizer.
 """
 
@@ -21,7 +28,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import fmean
 
 import torch
@@ -43,8 +50,10 @@ from worker.evaluation.model import (
     load_causal_lm,
     local_model_dir,
 )
+from worker.evaluation.nps_search import NpsSearch, evaluation_budget, run_search
 from worker.evaluation.search import Point, choose, evaluations_per_method, meets, search_method
 from worker.spec import JobSpec
+from worker.spec.nps import band_edges
 
 MERGE_NOTE = (
     "a merge: skill_kept is the mean over the inputs of skill on its task set / the fine-tune's; "
@@ -76,7 +85,13 @@ def evaluate_merge(
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     methods = spec.search_methods if spec.auto else [spec.method]
-    candidates_planned = len(methods) * evaluations_per_method() if spec.auto else 1
+    layout = nps_layout(spec) if spec.searched else []
+    if spec.searched:
+        candidates_planned = evaluation_budget(spec.nps_settings, searched_length(layout))
+    elif spec.auto:
+        candidates_planned = len(methods) * evaluations_per_method()
+    else:
+        candidates_planned = 1
     total = 1 + len(inputs) + candidates_planned
     done = 0
 
@@ -154,9 +169,10 @@ def evaluate_merge(
         base_scores.perplexity,
         fmean(s.perplexity for s in own),
     )
-    floor: float | None = (
-        (spec.target.min_skill_kept if spec.target else 0.95) if spec.auto else None
-    )
+    if spec.auto:
+        floor: float | None = spec.target.min_skill_kept if spec.target else 0.95
+    else:  # an NPS search rejects candidates below a floor only when one is given
+        floor = spec.target.min_skill_kept if spec.target and spec.searched else None
 
     def point(method: str, sparsity: float, scores: _Scores, build: float) -> Point:
         rows = []
@@ -214,14 +230,35 @@ def evaluate_merge(
             "against the fine-tune (prompt + completion, exact match)"
         )
 
-    def measure_candidate(method: str, sparsity: float) -> Point:
-        build = write_merged(local, work.model, method, sparsity, cancelled)
+    def measure_candidate(method: str, sparsity: float, merge: JobSpec = local) -> Point:
+        build = write_merged(merge, work.model, method, sparsity, cancelled)
         where = f"the merge with {method} at sparsity {sparsity:g}"
         result = point(method, sparsity, measure(work.model, where, every_task), build)
         tick()
         return result
 
-    if spec.auto:
+    search: NpsSearch | None = None
+    published: dict | None = None
+    if spec.searched:
+        assert isinstance(spec.sparsity, float)
+        sparsity = spec.sparsity
+        search = run_search(
+            spec.nps_settings,
+            sparsity,
+            layout[0][1],
+            lambda x: measure_candidate("nps", sparsity, with_searched(local, layout, x)),
+            len(inputs) * max(len(e.task_set) for e in evaluators),
+            floor,
+            start=[1.0] * (searched_length(layout) - 1) + [spec.merge_settings.lam],
+        )
+        # The start (each nps input's weights all 1: magnitude's order) is plotted as magnitude.
+        points = [replace(search.magnitude.point, method="magnitude")]
+        chosen = None if search.best is None else search.best.point
+        if search.best is not None:
+            points.append(search.best.point)
+            search.merge = searched_parts(layout, search.best.weights)
+            published = published_search(spec, layout, search.best.weights)
+    elif spec.auto:
         points = [p for method in methods for p in search_method(method, measure_candidate)]
         chosen = choose(points)
     else:
@@ -251,7 +288,69 @@ def evaluate_merge(
         # No ranks or copies held: each candidate is the merge engine reading every input.
         candidates={"mode": "merge", "input_reads_per_candidate": len(inputs)},
         evaluations=done,
+        nps=search,
+        published=published,
     )
+
+
+def nps_layout(spec: JobSpec) -> list[tuple[int, list[float]]]:
+    """(input index, band edges at its sparsity) of each input a merge's NPS search weighs."""
+    inputs = spec.merge_inputs or []
+    return [
+        (i, band_edges(spec.input_sparsity(item), spec.nps_settings))
+        for i, item in enumerate(inputs)
+        if spec.input_method(item) == "nps"
+    ]
+
+
+def searched_length(layout: list[tuple[int, list[float]]]) -> int:
+    """The searched vector: every nps input's band weights, then the merge's lam."""
+    return sum(len(edges) - 1 for _i, edges in layout) + 1
+
+
+def _split(
+    layout: list[tuple[int, list[float]]], x: list[float]
+) -> tuple[dict[int, list[float]], float]:
+    weights, at = {}, 0
+    for i, edges in layout:
+        weights[i] = list(x[at : at + len(edges) - 1])
+        at += len(edges) - 1
+    return weights, x[at]
+
+
+def with_searched(spec: JobSpec, layout: list[tuple[int, list[float]]], x: list[float]) -> JobSpec:
+    """The merge with the searched vector `x`: each nps input's weights and the merge's lam."""
+    weights, lam = _split(layout, x)
+    return spec.model_copy(
+        update={
+            "finetuned": [
+                item.model_copy(update={"nps_weights": weights.get(i)})
+                for i, item in enumerate(spec.merge_inputs or [])
+            ],
+            "merge": spec.merge_settings.model_copy(update={"lam": lam}),
+        }
+    )
+
+
+def searched_parts(layout: list[tuple[int, list[float]]], x: list[float]) -> dict:
+    """The report's nps "merge" entry: whose weights are which."""
+    weights, lam = _split(layout, x)
+    return {
+        "inputs": [{"input": i, "band_edges": edges, "weights": weights[i]} for i, edges in layout],
+        "lam": lam,
+    }
+
+
+def published_search(spec: JobSpec, layout: list[tuple[int, list[float]]], x: list[float]) -> dict:
+    """What the published job takes from the search: the inputs' nps_weights and the merge's
+    lam; the job's method stays (an input may be the only one pruned by nps)."""
+    chosen = with_searched(spec, layout, x)
+    return {
+        "method": spec.method,
+        "nps": None if spec.nps is None else spec.nps.model_dump(),
+        "finetuned": [item.model_dump() for item in chosen.merge_inputs or []],
+        "merge": chosen.merge_settings.model_dump(),
+    }
 
 
 def merge_card_lines(evaluation) -> list[str]:

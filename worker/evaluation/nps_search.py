@@ -7,7 +7,8 @@ keeps the fittest. The all-ones candidate, which is `magnitude` at the same spar
 first, so the result is never less fit than magnitude.
 
 Fitness (higher is better):
-- "skill" (the paper's): task accuracy; a tie goes to the lower completion loss. CMA-ES minimises
+- "skill" (the paper's): task accuracy (a merge: the mean skill kept over its inputs' tasks, as
+  the paper's multi-task fitness averages per-task accuracy); a tie goes to the lower completion loss. CMA-ES minimises
   one number, so it gets `-(skill) + loss'`, where loss' = min(loss, 100) / (100 * (N + 1)) for N
   task examples: below one example's worth of accuracy, it orders ties only.
 - "balanced" (ours): the harmonic mean of skill kept and `1 - forgetting_left`, clipped to [0, 1]
@@ -85,6 +86,9 @@ class NpsSearch:
     stopped: str = "generations"  # or "max_evaluations", "max_seconds", "cma: <reason>"
     seconds: float = 0.0
     note: str | None = None
+    # A merge: which part of the searched vector is whose (each nps input's band edges and
+    # chosen weights, the merge's lam), set by worker/evaluation/merge_job.py.
+    merge: dict | None = None
 
     @property
     def best(self) -> Evaluated | None:
@@ -123,14 +127,17 @@ class NpsSearch:
             "stopped": self.stopped,
             "seconds": self.seconds,
             "note": self.note,
-        }
+        } | ({} if self.merge is None else {"merge": self.merge})
 
 
 def fitness_of(point: Point, objective: str, task_examples: int) -> float:
     """The candidate's fitness (higher is better); see the module docstring."""
     if objective == "skill":
         loss = point.completion_loss if math.isfinite(point.completion_loss) else 100.0
-        return point.skill - min(loss, 100.0) / (100.0 * (task_examples + 1))
+        # A merge's skill is its mean skill kept over the inputs' tasks (each task's accuracy
+        # relative to its own fine-tune's), not the mean accuracy.
+        skill = point.skill if point.tasks is None else point.skill_kept or 0.0
+        return skill - min(loss, 100.0) / (100.0 * (task_examples + 1))
     kept = min(max(point.skill_kept or 0.0, 0.0), 1.0)
     if point.forgetting_left is None:
         return kept
@@ -161,12 +168,16 @@ def run_search(
     task_examples: int,
     floor: float | None = None,
     clock: Callable[[], float] = time.monotonic,
+    start: list[float] | None = None,
 ) -> NpsSearch:
     """Search the band weights at one sparsity; `measure(weights)` writes and measures a
-    candidate (and raises JobCancelled when the job is cancelled)."""
+    candidate (and raises JobCancelled when the job is cancelled). `start`: the first candidate
+    and CMA-ES's mean (clipped to the bounds), all ones by default; a merge searches a longer
+    vector (every nps input's weights and the merge's lam) from its own start."""
     import cma  # pycma; loaded only by jobs that search
 
-    bands = len(edges) - 1
+    first = list(start) if start is not None else [1.0] * (len(edges) - 1)
+    bands = len(first)
     lo, hi = nps.bounds
     result = NpsSearch(sparsity, edges, nps.lam, nps.objective)
     started = clock()
@@ -194,10 +205,10 @@ def run_search(
         return None
 
     gen_started = clock()
-    ones = evaluate([1.0] * bands, 0)
+    ones = evaluate(first, 0)
     result.generations.append(_summary(0, [ones], result, clock() - gen_started))
 
-    x0 = [min(max(1.0, lo), hi)] * bands
+    x0 = [min(max(v, lo), hi) for v in first]
     options = {
         "bounds": [lo, hi],
         "popsize": nps.population_size(bands),

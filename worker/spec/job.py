@@ -276,7 +276,7 @@ class JobSpec(BaseModel):
         # Inputs without a method of their own take the job's (sparsity "auto": each of methods).
         for i, item in enumerate(inputs):
             for method in [item.method] if item.method else self.search_methods:
-                if method == "nps" or method not in TASK_VECTOR_METHODS:
+                if method not in TASK_VECTOR_METHODS or (method == "nps" and self.auto):
                     raise ValueError(f"finetuned: [{i}] method {method}: {NOT_FOR_MERGES}")
         if self.sparsity == "auto" and all(item.sparsity is not None for item in inputs):
             raise ValueError(
@@ -289,8 +289,7 @@ class JobSpec(BaseModel):
                 "its own: nothing to search"
             )
         self._merge_evaluation_fits(inputs)
-        if self.nps is not None:
-            raise ValueError(f"nps: {NOT_FOR_MERGES}")
+        self._merge_nps_fits(inputs)
         if self.scope == "model":
             raise ValueError(f"scope: model is {NOT_FOR_MERGES} (tensor or row)")
         if self.merge is not None and self.merge.rule == "nps_fusion":
@@ -310,6 +309,8 @@ class JobSpec(BaseModel):
                         "{general})"
                     )
             return
+        if self.evaluate.general is None:
+            raise ValueError("evaluate: general: required (a merge's forgetting is measured on it)")
         if self.evaluate.task is not None:
             raise ValueError(
                 "evaluate.task: a merge measures each fine-tune on its own task set: put the "
@@ -321,6 +322,40 @@ class JobSpec(BaseModel):
                     f"finetuned: [{i}] task: evaluate on a merge measures every input on its own "
                     'task set: give each input a task (JSONL of {"prompt", "completion"})'
                 )
+
+    def _merge_nps_fits(self, inputs: list[MergeInput]) -> None:
+        """nps on a merge: each nps input's band weights are given (nps_weights: publish) or,
+        for none of them, searched with every nps input's and the merge's lam at once."""
+        pruned_by_nps = [i for i, item in enumerate(inputs) if self.input_method(item) == "nps"]
+        for i, item in enumerate(inputs):
+            if item.nps_weights is not None and i not in pruned_by_nps:
+                raise ValueError(f'finetuned: [{i}] nps_weights: apply to method "nps" only')
+        if not pruned_by_nps:
+            if self.nps is not None:
+                raise ValueError('nps: applies to method "nps" only')
+            return
+        if self.nps is not None and self.nps.weights is not None:
+            raise ValueError("nps: weights: a merge takes each input's (finetuned[i].nps_weights)")
+        given = [i for i in pruned_by_nps if inputs[i].nps_weights is not None]
+        if given and len(given) != len(pruned_by_nps):
+            missing = next(i for i in pruned_by_nps if i not in given)
+            raise ValueError(
+                f"finetuned: [{missing}] nps_weights: give every nps input its weights (to "
+                "publish them) or none (to search them)"
+            )
+        for i in given:
+            sparsity = self.input_sparsity(inputs[i])
+            bands = len(band_edges(sparsity, self.nps_settings)) - 1
+            if len(inputs[i].nps_weights or []) != bands:
+                raise ValueError(
+                    f"finetuned: [{i}] nps_weights: {len(inputs[i].nps_weights or [])} given, "
+                    f"the bands at sparsity {sparsity:g} are {bands}"
+                )
+        if not given and self.evaluate is None:
+            raise ValueError(
+                'evaluate: method "nps" on a merge searches band weights on your data: give '
+                "evaluate {general} and a task on each input (or finetuned[i].nps_weights)"
+            )
 
     @model_validator(mode="after")
     def _single_model_task_set(self) -> JobSpec:
@@ -352,6 +387,8 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _nps_section_fits(self) -> JobSpec:
+        if self.merge_inputs is not None:  # _merge_nps_fits
+            return self
         uses_nps = self.method == "nps" or "nps" in (self.methods or [])
         if self.nps is not None and not uses_nps:
             raise ValueError('nps: applies to method "nps" only')
@@ -412,8 +449,26 @@ class JobSpec(BaseModel):
     @property
     def searched(self) -> bool:
         """An NPS job at a fixed sparsity that searches its weights (not one told them; sparsity
-        "auto" searches them at the sparsity where magnitude's order loses the floor)."""
-        return self.method == "nps" and not self.auto and self.nps_settings.weights is None
+        "auto" searches them at the sparsity where magnitude's order loses the floor). A merge:
+        one whose nps inputs name no nps_weights."""
+        if self.auto:
+            return False
+        inputs = self.merge_inputs
+        if inputs is not None:
+            return any(
+                self.input_method(item) == "nps" and item.nps_weights is None for item in inputs
+            )
+        return self.method == "nps" and self.nps_settings.weights is None
+
+    def input_method(self, item: MergeInput) -> str:
+        """A merge input's pruning method: its own, else the job's."""
+        return item.method or self.method
+
+    def input_sparsity(self, item: MergeInput) -> float:
+        """A merge input's sparsity: its own, else the job's (not for sparsity "auto")."""
+        sparsity = self.sparsity if item.sparsity is None else item.sparsity
+        assert isinstance(sparsity, float), 'sparsity "auto" has none until the search chose one'
+        return sparsity
 
     @property
     def auto(self) -> bool:

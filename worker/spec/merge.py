@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from worker.spec.nps import MAX_BANDS
 from worker.spec.values import NOT_BLANK, not_blank
 
 MergeRule = Literal["task_arithmetic", "ties", "nps_fusion"]
@@ -51,6 +52,14 @@ class MergeInput(BaseModel):
         description="Fraction of its update dropped; default: the job's sparsity.",
     )
     adapter: bool = Field(default=False, description="model is a PEFT LoRA adapter on the base.")
+    nps_weights: list[float] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_BANDS,
+        description='method "nps": this input\'s band weights (one per band at its sparsity, as '
+        "nps.weights for one pair), e.g. a merge search's result; without them an evaluated "
+        "merge searches them.",
+    )
     task: str | None = Field(
         default=None,
         min_length=1,
@@ -69,6 +78,13 @@ class MergeInput(BaseModel):
     @classmethod
     def _task_not_blank(cls, value: str | None) -> str | None:
         return None if value is None else not_blank(value)
+
+    @field_validator("nps_weights")
+    @classmethod
+    def _nps_weights_finite(cls, weights: list[float] | None) -> list[float] | None:
+        if weights is not None and any(not (math.isfinite(w) and 0 <= w <= 100) for w in weights):
+            raise ValueError("each weight must be a number in [0, 100]")
+        return weights
 
     @field_validator("weight")
     @classmethod
