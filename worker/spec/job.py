@@ -61,8 +61,8 @@ class JobSpec(BaseModel):
     finetuned: str | list[MergeInput] | None = Field(
         default=None,
         description="Fine-tuned checkpoint with the same architecture. Give this or --adapter. "
-        "A list of {model, weight, method?, sparsity?, adapter?} merges several fine-tunes of "
-        "the base (see merge).",
+        "A list of {model, weight, method?, sparsity?, adapter?, task?, nps_weights?} merges "
+        "several fine-tunes of the base (see merge).",
     )
     adapter: str | None = Field(
         default=None,
