@@ -45,7 +45,7 @@ def _weights(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.glob("*.safetensors*"))}
 
 
-def test_cli_merge_writes_the_jobspec_merge(family, tmp_path):
+def test_cli_merge_writes_the_jobspec_merge(family, tmp_path, capsys):
     base, (ft0, ft1), adapter = family
     cli_out, api_out = tmp_path / "cli", tmp_path / "api"
     code = fapm(
@@ -56,6 +56,8 @@ def test_cli_merge_writes_the_jobspec_merge(family, tmp_path):
          "--merge-rule", "ties", "--merge-lam", "0.9", "--no-merge-normalize", "--seed", "5"]
     )  # fmt: skip
     assert code == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"wrote {cli_out} (ties merge of 3 inputs: magnitude 0.5 kept "), line
     run_prune(
         JobSpec(
             base=str(base),
@@ -152,6 +154,15 @@ def test_submit_posts_the_merge_jobspec(monkeypatch, capsys):
             self.end_headers()
             self.wfile.write(answer)
 
+        def do_GET(self) -> None:  # fapm status: the record of the job posted
+            record = {"id": "job-1", "status": "queued", "queue": "cpu", "spec": posted[-1]}
+            answer = json.dumps(record).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
         def log_message(self, *args) -> None:
             pass
 
@@ -167,11 +178,17 @@ def test_submit_posts_the_merge_jobspec(monkeypatch, capsys):
              "sparsity=0.8", "--finetuned", "hf://org/code@main", "--with", "weight=0.7",
              "--adapter", "s3://m/chat-lora/", "--merge-rule", "ties", "--merge-lam", "1"]
         )  # fmt: skip
+        submitted = capsys.readouterr().out.strip()
+        assert fapm(["status", "job-1"]) == 0
+        status = capsys.readouterr().out
     finally:
         server.shutdown()
         server.server_close()
-    assert code == 0
-    assert capsys.readouterr().out.strip() == "job-1"
+    assert code == 0 and submitted == "job-1"
+    assert (
+        "ties merge of 3 inputs: s3://m/base/ + [s3://m/math/, hf://org/code@main, "
+        "s3://m/chat-lora/] -> s3://m/out/"
+    ) in status
     expected = JobSpec(
         base="s3://m/base/",
         output="s3://m/out/",

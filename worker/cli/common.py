@@ -30,6 +30,11 @@ def job_error(exc: FapmError) -> int:
     return EXIT_USAGE if isinstance(exc, ValueError) else EXIT_FAILED
 
 
+def merge_title(rule: object, inputs: int) -> str:
+    """How a merge is named in one line: "ties merge of 3 inputs"."""
+    return f"{rule or 'task_arithmetic'} merge of {inputs} input{'s' if inputs != 1 else ''}"
+
+
 def print_points(evaluation: dict) -> None:
     """Every evaluated point, one line each, on stderr (stdout keeps the one result line)."""
 

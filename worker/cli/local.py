@@ -11,7 +11,14 @@ import sys
 
 from pydantic import ValidationError
 
-from worker.cli.common import EXIT_USAGE, evaluation_spec, job_error, print_points, progress_bar
+from worker.cli.common import (
+    EXIT_USAGE,
+    evaluation_spec,
+    job_error,
+    merge_title,
+    print_points,
+    progress_bar,
+)
 from worker.cli.remote import client_command, submit_evaluation
 from worker.cli.spec_flags import (
     SpecFileError,
@@ -64,12 +71,24 @@ def prune_command(namespace: argparse.Namespace) -> int:
     evaluation = result.report.get("evaluation")
     if evaluation:
         print_points(evaluation)
-    done = result.report["spec"]  # the method and sparsity published ("auto" resolved)
-    print(
-        f"wrote {result.output} ({done['method']}, sparsity {done['sparsity']:g}: kept "
-        f"{totals['kept']} of {totals['n']} update entries, "
-        f"{result.report['seconds']['total']:.1f}s)"
-    )
+    seconds = f"{result.report['seconds']['total']:.1f}s"
+    merge = result.report.get("merge")
+    if merge:  # the job's totals are the merged tensors'; what each input kept says more
+        kept = ", ".join(
+            f"{one['method']} {one['sparsity']:g} kept {one['totals']['kept']} of "
+            f"{one['totals']['n']}"
+            for one in merge["inputs"]
+        )
+        title = merge_title(merge["rule"], len(merge["inputs"]))
+        print(f"wrote {result.output} ({title}: {kept}; {seconds})")
+        for note in merge.get("notes", []):
+            print(f"note: {note}", file=sys.stderr)
+    else:
+        done = result.report["spec"]  # the method and sparsity published ("auto" resolved)
+        print(
+            f"wrote {result.output} ({done['method']}, sparsity {done['sparsity']:g}: kept "
+            f"{totals['kept']} of {totals['n']} update entries, {seconds})"
+        )
     for note in result.report.get("notes", []):  # e.g. how tensor names were paired
         print(f"note: {note}", file=sys.stderr)
     return 0

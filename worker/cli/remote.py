@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from worker.cli.common import EXIT_FAILED, EXIT_USAGE, evaluation_spec, print_points, progress_bar
+from worker.cli.common import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    evaluation_spec,
+    merge_title,
+    print_points,
+    progress_bar,
+)
 from worker.cli.spec_flags import (
     SpecFileError,
     add_spec_arguments,
@@ -239,6 +246,12 @@ def _success_line(record: dict) -> str:
     totals = report.get("totals") or {}
     seconds = (report.get("seconds") or {}).get("total")
     # The same words as `fapm prune`'s last line.
+    if isinstance(spec.get("finetuned"), list):  # a merge: its totals are the merged tensors'
+        rule = (spec.get("merge") or {}).get("rule")
+        text = merge_title(rule, len(spec["finetuned"]))
+        if isinstance(seconds, int | float):
+            text += f", {seconds:.1f}s"
+        return f"job {record.get('id')} wrote {result.get('output')} ({text})"
     # An auto job's result names what it published; its spec says "auto".
     published = (report.get("evaluation") or {}).get("chosen") or spec
     sparsity = published.get("sparsity", 0)
@@ -276,9 +289,14 @@ def _job_line(record: dict) -> str:
         if spec.get("finetuned"):
             against += f" (reference {spec['finetuned']})"
         return f"evaluation of {spec.get('model')} against {against}"
+    finetuned = spec.get("finetuned")
+    if isinstance(finetuned, list):
+        models = ", ".join(str(item.get("model")) for item in finetuned if isinstance(item, dict))
+        title = merge_title((spec.get("merge") or {}).get("rule"), len(finetuned))
+        return f"{title}: {spec.get('base')} + [{models}] -> {spec.get('output')}"
     return (
         f"{spec.get('method')} sparsity {spec.get('sparsity')}: {spec.get('base')} + "
-        f"{spec.get('finetuned') or spec.get('adapter')} -> {spec.get('output')}"
+        f"{finetuned or spec.get('adapter')} -> {spec.get('output')}"
     )
 
 
