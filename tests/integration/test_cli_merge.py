@@ -22,7 +22,6 @@ from worker.cli.app import main as fapm
 from worker.cli.spec_flags import spec_from_args
 from worker.engine.pipeline import run_prune
 from worker.spec import JobSpec
-from worker.spec.merge import MergeInput
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -108,11 +107,21 @@ def test_locations_are_taken_whole_and_values_after_the_first_equals():
     assert (first.model, first.weight, first.method) == ("hf://org/math:v2@rev", 0.5, "magnitude")
     assert (second.model, second.adapter) == ("file:///x:y/", True)
     # A value is everything after the first '=' (a task set's location may hold '=', ':', ',').
-    key = "task" if "task" in MergeInput.model_fields else "method"
     parsed = build_parser().parse_args(
-        ["prune", "--finetuned", "f", "--with", f"{key}=s3://b/t=1,2.jsonl", "--out", "o"]
+        ["prune", "--finetuned", "f", "--with", "task=s3://b/t=1,2.jsonl", "--out", "o"]
     )
-    assert parsed.update_inputs == [{"model": "f", key: "s3://b/t=1,2.jsonl"}]
+    assert parsed.update_inputs == [{"model": "f", "task": "s3://b/t=1,2.jsonl"}]
+
+
+def test_a_list_option_is_comma_separated():
+    """MergeInput's list fields (nps_weights) take a comma-separated value, as --nps-weights."""
+    weights = "1,0.5,1,1,2,1,1,0.25"
+    spec = _spec("--base", "b", "--out", "o", "--method", "nps", "--sparsity", "0.9",
+                 "--finetuned", "f", "--with", f"nps_weights={weights}", "--finetuned", "g",
+                 "--with", "method=magnitude")  # fmt: skip
+    first, second = spec.merge_inputs
+    assert first.nps_weights == [float(w) for w in weights.split(",")]
+    assert (second.method, second.nps_weights) == ("magnitude", None)
 
 
 def test_spec_file_with_flags_overriding(tmp_path):

@@ -20,6 +20,7 @@ as it always was; anything more is a merge (`finetuned` as a list), a merge of o
 from __future__ import annotations
 
 import argparse
+import types
 import typing
 
 from worker.spec.merge import MergeInput, MergeSpec
@@ -29,6 +30,20 @@ INPUTS_DEST = "update_inputs"
 # Keys of `--with`: every MergeInput field but the location, which `--finetuned` gives.
 INPUT_OPTION_KEYS: tuple[str, ...] = tuple(n for n in MergeInput.model_fields if n != "model")
 MERGE_DEST_PREFIX = "merge_"
+
+
+def _is_list(annotation: object) -> bool:
+    """list[...] or list[...] | None."""
+    members = (annotation,)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = typing.get_args(annotation)
+    return any(typing.get_origin(member) is list for member in members)
+
+
+# Keys whose value is a comma-separated list (nps_weights=1,0.5,...), as --nps-weights takes it.
+INPUT_LIST_KEYS = frozenset(
+    name for name in INPUT_OPTION_KEYS if _is_list(MergeInput.model_fields[name].annotation)
+)
 
 
 class _InputAction(argparse.Action):
@@ -75,7 +90,7 @@ class _WithAction(argparse.Action):
                 raise argparse.ArgumentError(
                     self, f"{token!r}: {key} given twice for {item['model']}"
                 )
-            item[key] = value
+            item[key] = [v.strip() for v in value.split(",")] if key in INPUT_LIST_KEYS else value
         inputs[-1] = item
         setattr(namespace, INPUTS_DEST, inputs)
 
