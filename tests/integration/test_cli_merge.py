@@ -93,6 +93,11 @@ def test_one_finetuned_or_adapter_stays_a_single_pair():
     assert [i.model_dump(exclude_unset=True) for i in one.merge_inputs] == [
         {"model": "f", "sparsity": 0.5}
     ]
+    for value in ("true", "false"):
+        flagged = _spec(
+            "--base", "b", "--finetuned", "f", "--with", f"adapter={value}", "--out", "o"
+        )
+        assert flagged.adapter is None and flagged.merge_inputs[0].adapter is (value == "true")
     ruled = _spec("--base", "b", "--finetuned", "f", "--merge-rule", "ties", "--out", "o")
     assert ruled.merge_inputs is not None and ruled.merge.rule == "ties"
 

@@ -169,9 +169,12 @@ def update_values(namespace: argparse.Namespace) -> tuple[dict, dict]:
     inputs: list[dict] = getattr(namespace, INPUTS_DEST, None) or []
     if not inputs:
         return {}, merge
-    plain = len(inputs) == 1 and set(inputs[0]) <= {"model", "adapter"}
+    item = inputs[0]
+    # Only --finetuned/--adapter themselves (adapter is True, not a --with string): any --with
+    # key makes a merge, adapter=... included.
+    from_the_flag = {"model", "adapter"} if item.get("adapter") is True else {"model"}
+    plain = len(inputs) == 1 and set(item) <= from_the_flag
     if plain and not merge:  # one pair, exactly as before merges existed
-        item = inputs[0]
         return (
             {"adapter": item["model"]} if item.get("adapter") else {"finetuned": item["model"]}
         ), merge
