@@ -9,7 +9,7 @@ by `merge.rule` (worker/engine/merge_methods/). Option names follow mergekit's (
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -52,7 +52,8 @@ class MergeInput(BaseModel):
         description="Fraction of its update dropped; default: the job's sparsity.",
     )
     adapter: bool = Field(default=False, description="model is a PEFT LoRA adapter on the base.")
-    nps_weights: list[float] | None = Field(
+    # Each weight in [0, 100] (as nps.weights), stated in the schema (NaN fails both bounds).
+    nps_weights: list[Annotated[float, Field(ge=0.0, le=100.0)]] | None = Field(
         default=None,
         min_length=1,
         max_length=MAX_BANDS,
@@ -78,13 +79,6 @@ class MergeInput(BaseModel):
     @classmethod
     def _task_not_blank(cls, value: str | None) -> str | None:
         return None if value is None else not_blank(value)
-
-    @field_validator("nps_weights")
-    @classmethod
-    def _nps_weights_finite(cls, weights: list[float] | None) -> list[float] | None:
-        if weights is not None and any(not (math.isfinite(w) and 0 <= w <= 100) for w in weights):
-            raise ValueError("each weight must be a number in [0, 100]")
-        return weights
 
     @field_validator("weight")
     @classmethod
