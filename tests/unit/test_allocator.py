@@ -1,6 +1,6 @@
 """The allocator settings make the torch path's chunk buffers reused: a dare prune of tensors
 above one chunk faults far fewer pages in (each fault is a page the kernel zeroes: that was most
-of dare's, breadcrumbs' and nps's CPU time, worker/engine/allocator.py), with the same bytes."""
+of dare's, breadcrumbs' and nps's CPU time, worker/allocator.py), with the same bytes."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 PRUNE = textwrap.dedent(
     """
     import json, resource, sys
-    from worker.engine.allocator import tune_allocator
+    from worker.allocator import tune_allocator
     from worker.engine.pipeline import run_prune
     from worker.spec import JobSpec
 

@@ -118,8 +118,8 @@ def tune_runtime() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     # No BLAS in a prune: OpenBLAS's thread pools would only cost start-up time.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    # Chunk buffers reused, not mapped and zeroed afresh for every chunk (worker/engine/allocator.py).
-    from worker.engine.allocator import tune_allocator  # no torch
+    # Chunk buffers reused, not mapped and zeroed afresh for every chunk (worker/allocator.py).
+    from worker.allocator import tune_allocator  # no torch
 
     tune_allocator()
 
