@@ -12,7 +12,8 @@ Memory: W, one F_i, its T_i and the rule's accumulators (two to five tensors), f
 of inputs (a rule that looked twice would read and prune each F_i again rather than hold them;
 TIES keeps both signs' sums and looks once). Each input pairs with the base by the engine's plan
 (name prefixes, added vocabulary rows, LoRA adapters as for one pair); the inputs must have the
-same tensors and shapes. Added vocabulary rows have no base to merge against: they are the first input's.
+same tensors and shapes. Added vocabulary rows have no base to merge against: they are the first
+input's.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from worker.errors import (
 from worker.evaluation.errors import NotCausalLM
 from worker.io.checkpoint import CONFIG_FILE, CONFIG_LIMITS, parse_config
 from worker.io.safe_json import check_size
+from worker.io.scratch import ScratchDir
 from worker.io.source import LocalDirSource, ModelSource, also_readable
 from worker.io.uri import open_source
 
@@ -83,9 +83,10 @@ def local_model_dir(uri: str, should_cancel: Callable[[], bool] | None = None) -
             source.verify_files()  # transformers opens them by path: none may lead out
             yield source.path
             return
-        with tempfile.TemporaryDirectory(prefix="fapm-eval-") as tmp, also_readable(Path(tmp)):
-            _copy_model_files(source, Path(tmp), should_cancel or (lambda: False))
-            yield Path(tmp)
+        # A scratch directory is swept if this process is killed (worker/io/scratch.py).
+        with ScratchDir("eval") as tmp, also_readable(tmp):
+            _copy_model_files(source, tmp, should_cancel or (lambda: False))
+            yield tmp
     finally:
         source.close()
 
