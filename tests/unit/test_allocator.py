@@ -1,6 +1,7 @@
-"""The allocator settings make the torch path's chunk buffers reused: a dare prune of tensors
-above one chunk faults far fewer pages in (each fault is a page the kernel zeroes: that was most
-of dare's, breadcrumbs' and nps's CPU time, worker/allocator.py), with the same bytes."""
+"""The allocator settings make the torch path's chunk buffers reused: a breadcrumbs prune of
+tensors above one chunk (its tensor-wide selection streams the chunks several times) faults far
+fewer pages in (each fault is a page the kernel zeroes: that was most of dare's, breadcrumbs' and
+nps's CPU time, worker/allocator.py), with the same bytes."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ PRUNE = textwrap.dedent(
 
     applied = tune_allocator() if sys.argv[1] == "tuned" else None
     spec = JobSpec.model_validate_json(sys.argv[2])
+    run_prune(spec.model_copy(update={"output": spec.output + "-warm"}))  # imports, numba cache
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     run_prune(spec)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
@@ -39,12 +41,12 @@ def _write(directory, noise: float) -> None:
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
-def _prune(mode: str, tmp_path, env: dict | None = None) -> dict:
+def _prune(mode: str, tmp_path, env: dict | None = None, method: str = "breadcrumbs") -> dict:
     spec = {
         "base": str(tmp_path / "base"),
         "finetuned": str(tmp_path / "ft"),
         "output": str(tmp_path / f"out-{mode}-{len(env or {})}"),
-        "method": "dare",
+        "method": method,
         "sparsity": 0.9,
         "device": "cpu",
     }
@@ -62,8 +64,8 @@ def test_chunk_buffers_are_reused_with_the_same_bytes(tmp_path):
     plain = _prune("plain", tmp_path)
     tuned = _prune("tuned", tmp_path)
     assert tuned["applied"] is True
-    # Measured: 1.0 M faults with glibc's defaults, 0.11 M tuned (64 MB of bf16 per model).
-    assert tuned["faults"] * 4 < plain["faults"], (plain, tuned)
+    # Measured on a second run in the process: 712 k faults with glibc's defaults, 7.6 k tuned.
+    assert tuned["faults"] * 10 < plain["faults"], (plain, tuned)
     out = "model.safetensors"
     assert (tmp_path / "out-plain-0" / out).read_bytes() == (tmp_path / "out-tuned-0" / out).read_bytes()  # fmt: skip
 

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from worker.engine.kernels import cpu_stats
+
 
 @dataclass
 class TensorStats:
@@ -54,10 +56,19 @@ _STATS_CHUNK = 1 << 22  # float64 work in chunks: no whole-tensor float64 copies
 def delta_stats(
     w32: torch.Tensor, f32: torch.Tensor, d32: torch.Tensor, keep: torch.Tensor
 ) -> TensorStats:
-    """Statistics of one pruned tensor (float32 inputs; sums accumulated in float64)."""
+    """Statistics of one pruned tensor (float32 inputs; sums accumulated in float64), window by
+    window of _STATS_CHUNK entries: in one numba pass per window on CPU (kernels/cpu_stats.py),
+    in torch on a GPU or without numba."""
     stats = TensorStats(n=d32.numel())
     flat_d, flat_keep = d32.reshape(-1), keep.reshape(-1)
     flat_w, flat_f = w32.reshape(-1), f32.reshape(-1)
+    if cpu_stats.HAVE_NUMBA and flat_d.device.type == "cpu":
+        for start in range(0, stats.n, _STATS_CHUNK):
+            part = slice(start, start + _STATS_CHUNK)
+            window = (flat_w[part], flat_f[part], flat_d[part], flat_keep[part])
+            counts, sums = cpu_stats.window_stats(*(t.contiguous().numpy() for t in window))
+            stats.add(_window(counts, sums))
+        return stats
     for start in range(0, stats.n, _STATS_CHUNK):
         part = slice(start, start + _STATS_CHUNK)
         d, kept = flat_d[part], flat_keep[part]
@@ -76,6 +87,15 @@ def delta_stats(
         stats.nonfinite += int((~torch.isfinite(flat_w[part])).sum())
         stats.nonfinite += int((~torch.isfinite(flat_f[part])).sum())
     return stats
+
+
+def _window(counts: tuple[int, ...], sums: tuple[float, ...]) -> TensorStats:
+    kept, nonzero, kept_nonzero, w_zero, nonfinite = (int(c) for c in counts)
+    l1, l1k, l2, l2k = (float(x) for x in sums)
+    return TensorStats(
+        kept=kept, nonzero_delta=nonzero, kept_nonzero=kept_nonzero, l1_total=l1, l1_kept=l1k,
+        l2sq_total=l2, l2sq_kept=l2k, w_zero=w_zero, nonfinite=nonfinite,
+    )  # fmt: skip
 
 
 def compose_output(

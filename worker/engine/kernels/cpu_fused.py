@@ -38,7 +38,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from worker.engine.compose import TensorStats
+from worker.engine.compose import TensorStats, delta_stats
 from worker.io.resident import MappedPages
 
 try:  # numba is optional: callers fall back to the torch path when it is missing.
@@ -887,3 +887,6 @@ def warmup() -> None:
             fused_prune(method, w, f, 3, 1.0, torch.empty_like(f))
             c = np.float32(1.0) if method == "fapm" else None
             _sweep(wb, fb, c, 0, 1, 0, 2, 1, np.zeros(1, np.uint32), cnt, ovf)
+    # The torch path's statistics kernel (kernels/cpu_stats.py), float32 only.
+    ones = torch.ones(8)
+    delta_stats(ones, ones, ones, ones > 0)
