@@ -37,6 +37,8 @@ MODELS = 3
 
 OURS = """
 import sys
+from worker.allocator import tune_allocator
+tune_allocator()  # as fapm prune and the worker do (worker/cli/app.py tune_runtime)
 from worker.engine.pipeline import run_prune
 from worker.spec import JobSpec
 run_prune(JobSpec.model_validate_json(open(sys.argv[1]).read()))

@@ -107,6 +107,24 @@ def test_dare_draws_at_their_flat_indices():
     assert stats.kept == int(kept_draws.sum())
 
 
+@pytest.mark.parametrize("method", ["fapm", "magnitude", "random"])
+@pytest.mark.parametrize("scope", ["tensor", "row"])
+def test_sparsity_zero_keeps_every_entry_without_ranking(method, scope):
+    """A merge's pass-through (a ranking method at sparsity 0): F exactly, chunked or whole, and
+    its statistics are every entry's (the shortcut skips the keys, not the counts)."""
+    w, f = _pair(7)
+    spec = JobSpec(base="/b", finetuned="/f", output="/o", method=method, sparsity=0.0,
+                   scope=scope, kernel="torch")  # fmt: skip
+    out, stats = chunked.prune(TensorPruner(spec), "t", w, f, torch.float32, None, CHUNK_BYTES)
+    assert torch.equal(out, f.float())
+    whole, whole_stats = TensorPruner(spec)._prune("t", w, f, torch.float32)
+    assert torch.equal(whole, f.float()) and whole_stats == stats
+    flat_d = (f.float() - w.float()).reshape(-1).tolist()
+    assert stats.kept == stats.n == ROWS * COLS
+    assert stats.kept_nonzero == stats.nonzero_delta == sum(1 for x in flat_d if x != 0)
+    assert math.isclose(stats.l1_kept, math.fsum(abs(x) for x in flat_d), rel_tol=1e-12)
+
+
 @pytest.mark.parametrize(("start", "stop"), [(0, 5), (1, 2), (1_048_570, 1_048_590), (3, 2**21)])
 def test_draws_at_an_offset_are_the_whole_tensors(start, stop):
     params = MethodParams(0.5, seed=4, tensor_name="layer.weight")

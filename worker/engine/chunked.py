@@ -31,7 +31,7 @@ import torch
 
 from worker.engine.compose import StatsStream, TensorStats, compose_output
 from worker.engine.methods import nps
-from worker.engine.methods.base import MethodParams
+from worker.engine.methods.base import MethodParams, ScoredMethod
 from worker.engine.methods.fapm import EPS
 from worker.engine.model_scope import GlobalThreshold, find_global_thresholds
 from worker.engine.select import keep_count, order_keys, top_k_mask
@@ -209,10 +209,16 @@ def prune(
     if rows > 1:  # scope row: whole rows per chunk
         span = max(1, span // cols) * cols
     walk = _Walk(pruner, w, f, out, span)
-    keys = None if spec.method == "dare" else _Keys(pruner, params, walk)
+    # Sparsity 0 with a ranking method (a merge's pass-through): every entry kept, nothing to rank.
+    keep_all = (
+        isinstance(method, ScoredMethod)
+        and spec.scope != "model"
+        and keep_count(cols, params.density) == cols
+    )
+    keys = None if spec.method == "dare" or keep_all else _Keys(pruner, params, walk)
     selection: Selection | None = None
-    if spec.method == "dare":
-        pass  # a draw per entry at its flat index, in any scope
+    if spec.method == "dare" or keep_all:
+        pass  # dare: a draw per entry at its flat index, in any scope
     elif spec.scope == "model":
         selection = _model_selection(pruner)
     elif rows == 1:
@@ -226,6 +232,8 @@ def prune(
         if spec.method == "dare":
             # methods/dare.py Dare.mask at these flat indices.
             keep = torch.from_numpy(draws(params, start, stop) < params.density).to(d32.device)
+        elif keep_all:
+            keep = torch.ones(stop - start, dtype=torch.bool, device=d32.device)
         else:
             assert keys is not None
             chunk_keys = keys(start, stop, w32, d32)

@@ -71,6 +71,8 @@ class ScoredMethod(PruningMethod):
 
     def mask(self, w: torch.Tensor, d: torch.Tensor, params: MethodParams) -> torch.Tensor:
         k = keep_count(d.shape[-1], params.density)
+        if k == d.shape[-1]:  # sparsity 0 (a merge's pass-through): no scores to rank
+            return torch.ones_like(d, dtype=torch.bool)
         return top_k_mask(order_keys(self.scores(w, d, params)), k)
 
 
