@@ -20,14 +20,12 @@ from pathlib import Path
 import torch
 
 from worker.engine.pipeline import (
-    Progress,
     ProgressCallback,
     PruneResult,
     published_result,
     run_prune,
 )
 from worker.engine.tensor_pruner import resolve_device
-from worker.errors import JobCancelled
 from worker.evaluation.candidates import CandidateBuilder
 from worker.evaluation.data import load_general, load_task
 from worker.evaluation.errors import (
@@ -48,6 +46,7 @@ from worker.evaluation.model import (
 )
 from worker.evaluation.nps_search import NpsSearch, evaluation_budget, run_search
 from worker.evaluation.plot import write_plot, write_search_plot
+from worker.evaluation.progress import EvaluateProgress
 from worker.evaluation.search import (
     Point,
     choose,
@@ -60,7 +59,6 @@ from worker.io.strict_json import with_finite_note
 from worker.spec import JobSpec
 from worker.spec.nps import band_edges
 
-EVALUATE_STAGE = "evaluate"
 NO_GENERAL_NOTE = (
     "no general set was given (nps objective skill): perplexity and forgetting_left were not "
     "measured"
@@ -253,17 +251,8 @@ def _evaluate(
             candidates_planned += evaluation_budget(spec.nps_settings, spec.nps_settings.bands)
     else:
         candidates_planned = 1
-    total = 2 + candidates_planned
-    done = 0
-
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        report_progress(Progress(EVALUATE_STAGE, done, total))
-        if cancelled():
-            raise JobCancelled("the job was cancelled")
-
-    report_progress(Progress(EVALUATE_STAGE, 0, total))
+    progress = EvaluateProgress(report_progress, cancelled, 2 + candidates_planned)
+    tick = progress.tick
     device = resolve_device(spec.device)
     task = load_task(settings.task, settings.max_examples)
     # Only an NPS search on skill alone runs without a general set (the spec checks it).
@@ -420,7 +409,7 @@ def _evaluate(
             "device": device.type,
         },
         candidates=builder.memory(),
-        evaluations=done,
+        evaluations=progress.done,
         nps=search,
     )
 

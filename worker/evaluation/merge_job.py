@@ -33,9 +33,8 @@ from statistics import fmean
 
 import torch
 
-from worker.engine.pipeline import Progress, ProgressCallback
+from worker.engine.pipeline import ProgressCallback
 from worker.engine.tensor_pruner import resolve_device
-from worker.errors import JobCancelled
 from worker.evaluation.data import load_general, load_task
 from worker.evaluation.errors import SkillUndefined
 from worker.evaluation.measures import Reference, forgetting_left
@@ -51,6 +50,7 @@ from worker.evaluation.model import (
     local_model_dir,
 )
 from worker.evaluation.nps_search import NpsSearch, evaluation_budget, run_search
+from worker.evaluation.progress import EvaluateProgress
 from worker.evaluation.search import Point, choose, evaluations_per_method, meets, search_method
 from worker.spec import JobSpec
 from worker.spec.nps import band_edges
@@ -77,7 +77,7 @@ def evaluate_merge(
     loaded: list[LoadedModel],
     local_dirs: ExitStack,
 ):  # -> job.Evaluation (imported here: job.py imports this module)
-    from worker.evaluation.job import EVALUATE_STAGE, Evaluation, pad_id
+    from worker.evaluation.job import Evaluation, pad_id
 
     inputs = spec.merge_inputs
     settings = spec.evaluate
@@ -92,17 +92,8 @@ def evaluate_merge(
         candidates_planned = len(methods) * evaluations_per_method()
     else:
         candidates_planned = 1
-    total = 1 + len(inputs) + candidates_planned
-    done = 0
-
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        report_progress(Progress(EVALUATE_STAGE, done, total))
-        if cancelled():
-            raise JobCancelled("the job was cancelled")
-
-    report_progress(Progress(EVALUATE_STAGE, 0, total))
+    progress = EvaluateProgress(report_progress, cancelled, 1 + len(inputs) + candidates_planned)
+    tick = progress.tick
     device = resolve_device(spec.device)
     task_sets = [load_task(item.task or "", settings.max_examples) for item in inputs]
     general = load_general(settings.general, settings.max_examples)
@@ -287,7 +278,7 @@ def evaluate_merge(
         },
         # No ranks or copies held: each candidate is the merge engine reading every input.
         candidates={"mode": "merge", "input_reads_per_candidate": len(inputs)},
-        evaluations=done,
+        evaluations=progress.done,
         nps=search,
         published=published,
     )

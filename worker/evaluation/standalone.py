@@ -38,10 +38,10 @@ from worker.evaluation.model import (
     load_causal_lm,
     local_model_dir,
 )
+from worker.evaluation.progress import EVALUATE_STAGE
 from worker.spec import EvaluationJobSpec, EvaluationSpec
 
 # The stage an evaluation job reports: tensors_done/tensors_total count measured models.
-EVALUATE_STAGE = "evaluate"
 NO_REFERENCE_NOTE = (
     "no finetuned reference was given: skill_kept and forgetting_left are relative to the "
     "model itself (1 by definition); compare its skill and perplexity with the base's"
