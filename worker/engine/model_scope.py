@@ -42,13 +42,19 @@ class GlobalThreshold:
 
     def mask(self, keys: torch.Tensor) -> torch.Tensor:
         """The keep-mask of the next tensor in plan order; consumes its share of the ties."""
-        ukeys = unsigned_keys(keys.reshape(-1))
-        keep = ukeys > self.key
-        ties = ukeys == self.key
-        if self.ties_left > 0 and bool(ties.any()):
-            rank = torch.cumsum(ties, 0, dtype=torch.int64)
-            keep |= ties & (rank <= self.ties_left)
-            self.ties_left -= min(self.ties_left, int(ties.sum()))
+        assert keys.dtype == torch.int32, "order keys (select.order_keys)"
+        flat = keys.reshape(-1)
+        if self.key < 0 or self.key >= 2**32:  # everything, or nothing (and no ties either way)
+            return torch.full(keys.shape, self.key < 0, dtype=torch.bool, device=keys.device)
+        # Compared as the int32 keys themselves (unsigned_keys adds 2**31, an order-preserving
+        # shift): no int64 copy of the keys, which made this most of a chunked nps prune.
+        key = self.key - 2**31
+        keep = flat > key
+        ties = flat == key
+        if self.ties_left > 0:  # the first ties_left tied entries, in flat order
+            taken = torch.nonzero(ties).reshape(-1)[: self.ties_left]
+            keep[taken] = True
+            self.ties_left -= taken.numel()
         return keep.reshape(keys.shape)
 
 
