@@ -25,6 +25,11 @@ def unsigned_keys(keys: torch.Tensor) -> torch.Tensor:
     return keys.to(torch.int64) + 2**31
 
 
+def _high_bits(keys: torch.Tensor) -> torch.Tensor:
+    """unsigned_keys(keys) >> 16, computed in int32 (an arithmetic shift, then + 2**15)."""
+    return (keys >> 16) + (1 << 15)
+
+
 def _kth_bucket(histogram: torch.Tensor, k: int) -> tuple[int, int]:
     """The bucket holding the k-th largest entry (1-based k) and the count in buckets above it."""
     above = torch.flip(torch.cumsum(torch.flip(histogram, [0]), 0), [0])  # entries in >= bucket
@@ -81,19 +86,22 @@ def find_global_thresholds(
     total = 0
     high = torch.zeros(_BUCKETS, dtype=torch.int64)
     for keys in key_passes():
-        ukeys = unsigned_keys(keys.reshape(-1))
-        high += torch.bincount(ukeys >> 16, minlength=_BUCKETS)
-        total += ukeys.numel()
+        high += torch.bincount(_high_bits(keys.reshape(-1)), minlength=_BUCKETS)
+        total += keys.numel()
     ks = [min(total, max(0, k)) for k in counts(total)]
     # For each k inside (0, total): its high bucket and the entries in buckets above it.
     located = {k: _kth_bucket(high, k) for k in ks if 0 < k < total}
     low = {bucket: torch.zeros(_BUCKETS, dtype=torch.int64) for bucket, _ in located.values()}
     if low:
+        buckets = torch.tensor(sorted(low), dtype=torch.int32)
         for keys in key_passes():
-            ukeys = unsigned_keys(keys.reshape(-1))
-            high_part = ukeys >> 16
+            flat = keys.reshape(-1)
+            high_part = _high_bits(flat)
+            # One pass picks the entries of every located bucket (few); each histogram from them.
+            chosen = torch.isin(high_part, buckets.to(flat.device))
+            flat, high_part = flat[chosen], high_part[chosen]
             for bucket, histogram in low.items():
-                inside = ukeys[high_part == bucket]
+                inside = unsigned_keys(flat[high_part == bucket])
                 histogram += torch.bincount(inside & 0xFFFF, minlength=_BUCKETS)
     thresholds = []
     for k in ks:
