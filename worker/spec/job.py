@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from worker.exclude_pattern import MAX_EXCLUDE_CHARS, ExcludePattern
 from worker.spec.evaluation import TASK_REQUIRED, EvaluationSpec, TargetSpec
 from worker.spec.materialize import MaterializeSpec
-from worker.spec.merge import NOT_FOR_MERGES, MergeInput, MergeSpec
+from worker.spec.merge import MergeInput, MergeSpec
+from worker.spec.merge_checks import check_merge
 from worker.spec.mlflow import MlflowSection
 from worker.spec.nps import NpsSpec, band_edges
 from worker.spec.values import NOT_BLANK, ByteSize, Sparsity, not_blank
@@ -28,7 +29,6 @@ METHOD_NAMES: tuple[str, ...] = MethodName.__args__  # type: ignore[attr-defined
 MODEL_SCOPE_METHODS = ("fapm", "magnitude", "random", "nps")
 # Methods that search on the user's data (they need evaluate unless told their result).
 SEARCHED_METHODS = ("nps",)
-MAX_MERGE_INPUTS = 32
 # What each operation ("prune") accepts: the task vector's methods, or the weights' own.
 WEIGHT_METHODS = ("wanda", "sparsegpt", "magnitude")
 CALIBRATED_METHODS = ("wanda", "sparsegpt")
@@ -264,98 +264,8 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _merge_fits(self) -> JobSpec:
-        inputs = self.merge_inputs
-        if inputs is None:
-            if self.merge is not None:
-                raise ValueError("merge: applies to a list of finetuned models")
-            return self
-        if not inputs:
-            raise ValueError("finetuned: a merge needs at least one model")
-        if len(inputs) > MAX_MERGE_INPUTS:  # each input is a source opened and read per tensor
-            raise ValueError(f"finetuned: a merge takes at most {MAX_MERGE_INPUTS} models")
-        # Inputs without a method of their own take the job's (sparsity "auto": each of methods).
-        for i, item in enumerate(inputs):
-            for method in [item.method] if item.method else self.search_methods:
-                if method not in TASK_VECTOR_METHODS or (method == "nps" and self.auto):
-                    raise ValueError(f"finetuned: [{i}] method {method}: {NOT_FOR_MERGES}")
-        if self.sparsity == "auto" and all(item.sparsity is not None for item in inputs):
-            raise ValueError(
-                'sparsity: "auto" searches the sparsity of the inputs that name none, and every '
-                "input names its own: nothing to search"
-            )
-        if self.methods is not None and all(item.method is not None for item in inputs):
-            raise ValueError(
-                "methods: they apply to the inputs that name no method, and every input names "
-                "its own: nothing to search"
-            )
-        self._merge_evaluation_fits(inputs)
-        self._merge_nps_fits(inputs)
-        if self.scope == "model":
-            raise ValueError(f"scope: model is {NOT_FOR_MERGES} (tensor or row)")
-        if self.merge is not None and self.merge.rule == "nps_fusion":
-            if self.merge.normalize is not None:
-                raise ValueError("merge: normalize: nps_fusion divides by the kept count")
+        check_merge(self, TASK_VECTOR_METHODS)  # worker/spec/merge_checks.py
         return self
-
-    def _merge_evaluation_fits(self, inputs: list[MergeInput]) -> None:
-        """evaluate on a merge measures each input on its own task set (finetuned[i].task)."""
-        if self.evaluate is None:
-            if self.auto:  # _auto_needs_evaluation says evaluate is missing
-                return
-            for i, item in enumerate(inputs):
-                if item.task is not None:
-                    raise ValueError(
-                        f"finetuned: [{i}] task: is measured with evaluate only (give evaluate "
-                        "{general})"
-                    )
-            return
-        if self.evaluate.general is None:
-            raise ValueError("evaluate: general: required (a merge's forgetting is measured on it)")
-        if self.evaluate.task is not None:
-            raise ValueError(
-                "evaluate.task: a merge measures each fine-tune on its own task set: put the "
-                "task sets on the inputs (finetuned[i].task), not in evaluate"
-            )
-        for i, item in enumerate(inputs):
-            if item.task is None:
-                raise ValueError(
-                    f"finetuned: [{i}] task: evaluate on a merge measures every input on its own "
-                    'task set: give each input a task (JSONL of {"prompt", "completion"})'
-                )
-
-    def _merge_nps_fits(self, inputs: list[MergeInput]) -> None:
-        """nps on a merge: each nps input's band weights are given (nps_weights: publish) or,
-        for none of them, searched with every nps input's and the merge's lam at once."""
-        pruned_by_nps = [i for i, item in enumerate(inputs) if self.input_method(item) == "nps"]
-        for i, item in enumerate(inputs):
-            if item.nps_weights is not None and i not in pruned_by_nps:
-                raise ValueError(f'finetuned: [{i}] nps_weights: apply to method "nps" only')
-        if not pruned_by_nps:
-            if self.nps is not None:
-                raise ValueError('nps: applies to method "nps" only')
-            return
-        if self.nps is not None and self.nps.weights is not None:
-            raise ValueError("nps: weights: a merge takes each input's (finetuned[i].nps_weights)")
-        given = [i for i in pruned_by_nps if inputs[i].nps_weights is not None]
-        if given and len(given) != len(pruned_by_nps):
-            missing = next(i for i in pruned_by_nps if i not in given)
-            raise ValueError(
-                f"finetuned: [{missing}] nps_weights: give every nps input its weights (to "
-                "publish them) or none (to search them)"
-            )
-        for i in given:
-            sparsity = self.input_sparsity(inputs[i])
-            bands = len(band_edges(sparsity, self.nps_settings)) - 1
-            if len(inputs[i].nps_weights or []) != bands:
-                raise ValueError(
-                    f"finetuned: [{i}] nps_weights: {len(inputs[i].nps_weights or [])} given, "
-                    f"the bands at sparsity {sparsity:g} are {bands}"
-                )
-        if not given and self.evaluate is None:
-            raise ValueError(
-                'evaluate: method "nps" on a merge searches band weights on your data: give '
-                "evaluate {general} and a task on each input (or finetuned[i].nps_weights)"
-            )
 
     @model_validator(mode="after")
     def _single_model_task_set(self) -> JobSpec:

@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from worker.spec.nps import MAX_BANDS
 from worker.spec.values import NOT_BLANK, not_blank
 
+# Each input is a source opened and read per tensor: the list is bounded.
+MAX_MERGE_INPUTS = 32
+
 MergeRule = Literal["task_arithmetic", "ties", "nps_fusion"]
 # mergekit's defaults for `normalize`: TIES divides by the weights that agree with the elected
 # sign, task arithmetic does not divide.
