@@ -80,7 +80,8 @@ def test_evaluation_job_equals_the_evaluation_module(service, case, halfway):
     jobs = Jobs(service)
     with client(service) as api:
         created = submit(api, body(case, halfway, finetuned=str(case.finetuned)))
-    assert created["kind"] == "evaluation" and created["status"] == "queued"
+    # The answer is the record read back after the enqueue: an idle worker may have taken it.
+    assert created["kind"] == "evaluation" and created["status"] in ("queued", "running")
     assert created["spec"]["model"] == str(halfway)
     record = jobs.wait(created["id"], timeout=180)
     assert record.status == "succeeded", record.error
