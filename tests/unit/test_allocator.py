@@ -64,8 +64,10 @@ def test_chunk_buffers_are_reused_with_the_same_bytes(tmp_path):
     plain = _prune("plain", tmp_path)
     tuned = _prune("tuned", tmp_path)
     assert tuned["applied"] is True
-    # Measured on a second run in the process: 712 k faults with glibc's defaults, 7.6 k tuned.
-    assert tuned["faults"] * 10 < plain["faults"], (plain, tuned)
+    # Measured on a second run in the process: 712 k faults with glibc's defaults against 7.6 k
+    # tuned on a quiet machine, 97.5 k against 19.9 k in CI beside other tests (glibc's dynamic
+    # threshold adapts differently from run to run): a factor of 2 is what is asserted.
+    assert tuned["faults"] * 2 < plain["faults"], (plain, tuned)
     out = "model.safetensors"
     assert (tmp_path / "out-plain-0" / out).read_bytes() == (tmp_path / "out-tuned-0" / out).read_bytes()  # fmt: skip
 
