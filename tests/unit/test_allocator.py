@@ -76,3 +76,34 @@ def test_the_operator_s_malloc_settings_win(tmp_path):
     _write(tmp_path / "base", 0.0)
     _write(tmp_path / "ft", 0.01)
     assert _prune("tuned", tmp_path, {"MALLOC_MMAP_THRESHOLD_": "131072"})["applied"] is False
+
+
+MMAPPED = textwrap.dedent(
+    """
+    import ctypes, json, sys
+    from worker.allocator import tune_allocator
+
+    if sys.argv[1] == "tuned":
+        assert tune_allocator()
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    pointer = libc.malloc(40 * 2**20)  # a 40 MiB chunk buffer
+    # glibc's chunk header: the size word before the user pointer, bit 1 = IS_MMAPPED.
+    mmapped = bool(ctypes.c_size_t.from_address(pointer - 8).value & 2)
+    libc.free(ctypes.c_void_p(pointer))
+    print(json.dumps(mmapped))
+    """
+)
+
+
+def test_a_chunk_sized_buffer_comes_from_the_heap_once_tuned():
+    def mmapped(mode: str) -> bool:
+        run = subprocess.run(
+            [sys.executable, "-c", MMAPPED, mode], capture_output=True, text=True, timeout=60,
+            env={"PATH": "/usr/bin"},
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr[-2000:]
+        return json.loads(run.stdout.strip().splitlines()[-1])
+
+    assert mmapped("plain") is True  # above glibc's 32 MiB dynamic ceiling: its own mapping
+    assert mmapped("tuned") is False  # below the 64 MiB threshold: heap memory, reused when freed
