@@ -259,8 +259,9 @@ def test_malformed_merge_options_exit_2_with_one_line(args, needles):
 
 def test_spec_file_that_is_not_a_job_object(tmp_path):
     for name, text, needle in (
-        ("list.json", "[1, 2]", "a JSON object"),
-        ("broken.json", '{"base": ', "not JSON"),
+        ("list.json", "[1, 2]", "not a JSON object"),
+        ("broken.json", '{"base": ', "not valid JSON"),
+        ("deep.json", '{"base": ' + "[" * 5000 + "]" * 5000 + "}", "nested"),
     ):
         path = tmp_path / name
         path.write_text(text)

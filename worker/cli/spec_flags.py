@@ -7,13 +7,14 @@ The update side (--finetuned, --adapter, --with, --merge-*) is worker/cli/merge_
 from __future__ import annotations
 
 import argparse
-import json
 import typing
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from worker.cli.merge_flags import add_update_arguments, update_values
+from worker.errors import FapmError
+from worker.io.safe_json import JsonLimits, load_json
 from worker.spec import JobSpec
 
 # A --spec file is a job description, not a model: a few KB; this bounds a wrong file's read.
@@ -130,14 +131,11 @@ def read_spec_file(path: str) -> dict:
         raise SpecFileError(f"--spec {path}: {exc.strerror or exc}") from None
     if len(data) > MAX_SPEC_FILE_BYTES:
         raise SpecFileError(f"--spec {path}: over {MAX_SPEC_FILE_BYTES} bytes (not a job's JSON)")
-    try:
-        values = json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise SpecFileError(f"--spec {path}: not JSON ({str(exc)[:200]})") from None
-    if not isinstance(values, dict):
-        raise SpecFileError(
-            f"--spec {path}: a JSON object of the job's fields, not {type(values).__name__}"
-        )
+    try:  # measured before parsing (depth, values, digits), as every JSON fapm did not write
+        values = load_json(data, f"--spec {path}", JsonLimits(MAX_SPEC_FILE_BYTES), FapmError)
+    except FapmError as exc:
+        raise SpecFileError(exc.message) from None
+    assert isinstance(values, dict)  # load_json's expect
     return values
 
 
