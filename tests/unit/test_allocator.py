@@ -1,7 +1,10 @@
-"""The allocator settings make the torch path's chunk buffers reused: a breadcrumbs prune of
-tensors above one chunk (its tensor-wide selection streams the chunks several times) faults far
-fewer pages in (each fault is a page the kernel zeroes: that was most of dare's, breadcrumbs' and
-nps's CPU time, worker/allocator.py), with the same bytes."""
+"""The allocator settings (worker/allocator.py) make the torch path's chunk buffers heap memory that
+is reused instead of mappings that the kernel zeroes page by page on every chunk. What is asserted
+here is deterministic: a chunk-sized malloc comes from the heap once tuned and from its own mapping
+with glibc's defaults, the operator's MALLOC_* settings win, and a prune gives the same bytes tuned.
+The gain itself (page faults and seconds) is a measurement, in bench/allocator.py and
+bench/RESULTS.md: the fault counts of one run vary too much beside other tests to assert (712 k
+against 7.6 k on a quiet machine, 31 k against 24 k once in CI, from glibc's dynamic threshold)."""
 
 from __future__ import annotations
 
@@ -15,18 +18,15 @@ from safetensors.torch import save_file
 
 PRUNE = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     from worker.allocator import tune_allocator
     from worker.engine.pipeline import run_prune
     from worker.spec import JobSpec
 
     applied = tune_allocator() if sys.argv[1] == "tuned" else None
     spec = JobSpec.model_validate_json(sys.argv[2])
-    run_prune(spec.model_copy(update={"output": spec.output + "-warm"}))  # imports, numba cache
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     run_prune(spec)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    print(json.dumps({"applied": applied, "faults": faults}))
+    print(json.dumps({"applied": applied}))
     """
 )
 
@@ -58,16 +58,11 @@ def _prune(mode: str, tmp_path, env: dict | None = None, method: str = "breadcru
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def test_chunk_buffers_are_reused_with_the_same_bytes(tmp_path):
+def test_a_tuned_prune_gives_the_same_bytes(tmp_path):
     _write(tmp_path / "base", 0.0)
     _write(tmp_path / "ft", 0.01)
-    plain = _prune("plain", tmp_path)
-    tuned = _prune("tuned", tmp_path)
-    assert tuned["applied"] is True
-    # Measured on a second run in the process: 712 k faults with glibc's defaults against 7.6 k
-    # tuned on a quiet machine, 97.5 k against 19.9 k in CI beside other tests (glibc's dynamic
-    # threshold adapts differently from run to run): a factor of 2 is what is asserted.
-    assert tuned["faults"] * 2 < plain["faults"], (plain, tuned)
+    assert _prune("plain", tmp_path)["applied"] is None
+    assert _prune("tuned", tmp_path)["applied"] is True
     out = "model.safetensors"
     assert (tmp_path / "out-plain-0" / out).read_bytes() == (tmp_path / "out-tuned-0" / out).read_bytes()  # fmt: skip
 

@@ -51,12 +51,12 @@ class NameMap:
         return self.base_prefix + finetuned_name[len(self.finetuned_prefix) :]
 
     def describe(self) -> str:
+        """In words, for error messages, the report and the card."""
         if self.finetuned_prefix and self.base_prefix:
             return (
                 f"the fine-tuned names start with {self.finetuned_prefix!r} where the base's "
                 f"start with {self.base_prefix!r}"
             )
-        """In words, for error messages, the report and the card."""
         if self.finetuned_prefix:
             return f"the fine-tuned names are the base's with the prefix {self.finetuned_prefix!r}"
         if self.base_prefix:
