@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "fapm-"
 LOCK_SUFFIX = ".lock"
+PENDING_SUFFIX = ".new"  # a lock being set up (ScratchDir._create)
 
 
 class ScratchDir:
@@ -36,18 +37,53 @@ class ScratchDir:
     or on leaving a `with` block, and by `sweep_orphans` if its process dies first."""
 
     def __init__(self, kind: str, parent: str | Path | None = None) -> None:
-        self.path = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{kind}-", dir=parent))
-        self._lock_path = self.path.with_name(self.path.name + LOCK_SUFFIX)
-        # Locked under another name, then renamed into place: a sweeper only opens names ending in
-        # LOCK_SUFFIX, so it never finds the lock of a live directory unlocked.
-        pending = self.path.with_name(self.path.name + LOCK_SUFFIX + ".new")
+        self._fd: int | None = None
+        for _ in range(100):  # a name taken meanwhile (see _create) is tried again
+            made = self._create(kind, Path(parent or tempfile.gettempdir()))
+            if made is not None:
+                self.path, self._lock_path, self._fd = made
+                return
+        raise FileExistsError(f"no free scratch directory name for {kind!r} under {parent}")
+
+    @staticmethod
+    def _create(kind: str, parent: Path) -> tuple[Path, Path, int] | None:
+        """Lock first, then the directory: the directory never exists without its held lock,
+        so a process killed at any point leaves nothing a sweep cannot judge (at worst a small
+        pending lock file, which the sweep removes too). None if the name was taken meanwhile.
+
+        The lock is created under a pending name and renamed into place once the directory
+        exists: a sweeper only judges names ending in LOCK_SUFFIX (and pending ones it can lock),
+        so it never finds a live directory's lock unlocked."""
+        fd, pending_name = tempfile.mkstemp(
+            prefix=f"{PREFIX}{kind}-", suffix=LOCK_SUFFIX + PENDING_SUFFIX, dir=parent
+        )
+        pending = Path(pending_name)
+        path = pending.with_name(pending.name[: -len(LOCK_SUFFIX + PENDING_SUFFIX)])
+        lock_path = path.with_name(path.name + LOCK_SUFFIX)
+        made_dir = False
         try:
-            self._fd: int | None = os.open(pending, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-            os.rename(pending, self._lock_path)
+            os.set_inheritable(fd, False)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                path.mkdir(mode=0o700)
+            except FileExistsError:  # an older scratch of this name, renamed lock and all
+                pending.unlink(missing_ok=True)
+                os.close(fd)
+                return None
+            made_dir = True
+            # Fails if a sweeper removed the pending file between mkstemp and our flock (it
+            # took the lock of what looked like a dead process's leftover): try another name.
+            os.rename(pending, lock_path)
+            return path, lock_path, fd
+        except FileNotFoundError:
+            os.rmdir(path)
+            os.close(fd)
+            return None
         except BaseException:
-            shutil.rmtree(self.path, ignore_errors=True)
+            if made_dir:
+                shutil.rmtree(path, ignore_errors=True)
             pending.unlink(missing_ok=True)
+            os.close(fd)
             raise
 
     def remove(self) -> None:
@@ -82,7 +118,12 @@ def sweep_orphans(parent: str | Path | None = None) -> list[Path]:
         return removed
     for lock_path in entries:
         name = lock_path.name
-        if not (name.startswith(PREFIX) and name.endswith(LOCK_SUFFIX)):
+        if not name.startswith(PREFIX):
+            continue
+        if name.endswith(LOCK_SUFFIX + PENDING_SUFFIX):
+            _sweep_pending(lock_path)
+            continue
+        if not name.endswith(LOCK_SUFFIX):
             continue
         try:
             fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -103,3 +144,28 @@ def sweep_orphans(parent: str | Path | None = None) -> list[Path]:
     if removed:
         log.info("removed %d scratch directories of dead processes: %s", len(removed), removed)
     return removed
+
+
+def _sweep_pending(pending: Path) -> None:
+    """A lock still under its pending name: its process died before the lock was renamed, or
+    is setting it up now (then it holds the lock, or will find the file gone and try another
+    name: ScratchDir._create). Once it can be locked, the directory it may have made (empty:
+    nothing is written before the rename) goes, then the file; while the file exists no other
+    scratch can take its name."""
+    try:
+        fd = os.open(pending, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return
+    else:
+        directory = pending.with_name(pending.name[: -len(LOCK_SUFFIX + PENDING_SUFFIX)])
+        try:
+            directory.rmdir()  # only ever empty; a non-empty one is not ours and stays
+        except OSError:
+            pass
+        pending.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
