@@ -22,38 +22,18 @@ webhook answers 503 naming the error until the file is fixed.
 from __future__ import annotations
 
 import fnmatch
-import json
-import os
-import re
-import threading
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from app.jobs import rules_file
 from app.jobs.records import JobRequest
-from worker.io.uri import parse_uri
-
-PLACEHOLDERS = ("repo", "name", "sha", "short_sha", "revision")
-_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+from app.jobs.rules_file import RulesFile, fill_placeholders
 
 
 class HubRulesError(ValueError):
     """The rules file cannot be used (unreadable, not YAML/JSON, or a rule is invalid)."""
-
-
-def fill_template(template: str, values: dict[str, str]) -> str:
-    """Substitute `{placeholder}`s. Only the names in PLACEHOLDERS exist (no attribute or index
-    access, unlike str.format)."""
-
-    def substitute(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name not in values:
-            raise ValueError(f"unknown placeholder {{{name}}}; use {', '.join(PLACEHOLDERS)}")
-        return values[name]
-
-    return _PLACEHOLDER.sub(substitute, template)
 
 
 class HubRule(BaseModel):
@@ -87,77 +67,28 @@ class HubRule(BaseModel):
             if taken in fields:
                 raise ValueError(f"{taken}: set by the pushed repo; use `role` instead")
         fields[self.role] = f"hf://{repo}@{sha}"
-        fields["output"] = fill_template(self.output, values)
+        fields["output"] = fill_placeholders(self.output, values)
         fields["labels"] = {
             "source": "huggingface",
             "hf_repo": repo,
             "hf_sha": sha,
-            **{k: fill_template(v, values) for k, v in self.labels.items()},
+            **{k: fill_placeholders(v, values) for k, v in self.labels.items()},
         }
         return JobRequest.model_validate(fields)
 
 
 def parse_rules(text: str, where: str) -> list[HubRule]:
-    """Parse and check a rules document (YAML is a superset of JSON, but JSON errors read
-    better from the JSON parser, so `.json` files use it)."""
-    try:
-        data = json.loads(text) if where.endswith(".json") else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as exc:
-        raise HubRulesError(f"{where}: not valid YAML/JSON: {exc}") from exc
-    if isinstance(data, dict) and "rules" in data:
-        data = data["rules"]
-    if data is None:
-        data = []
-    if not isinstance(data, list):
-        raise HubRulesError(f"{where}: expected a list of rules")
-    rules = []
-    for number, item in enumerate(data, start=1):
-        try:
-            rule = HubRule.model_validate(item)
-            request = rule.job_request("org/name", "0" * 40)  # bad fields and templates now
-            for location in (request.base, request.output):
-                if location is not None:  # prune "weights" has no base
-                    parse_uri(location)  # bucket, repo and revision names by their services' rules
-        except (ValidationError, ValueError) as exc:
-            raise HubRulesError(f"{where}: rule {number}: {exc}") from exc
-        rules.append(rule)
-    return rules
+    """Parse and check a rules document (each rule's job built for a placeholder push)."""
+    return rules_file.parse_rules(
+        text, where, HubRule, lambda rule: rule.job_request("org/name", "0" * 40), HubRulesError
+    )
 
 
-class HubRulesFile:
-    """The rules of one file, re-parsed when its mtime changes."""
+class HubRulesFile(RulesFile[HubRule]):
+    """The rules of one file, re-parsed when its mtime or size changes."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._mtime: tuple[int, int] | None = None
-        self._rules: list[HubRule] = []
-        self._error: HubRulesError | None = None
-
-    def rules(self) -> list[HubRule]:
-        """The current rules; HubRulesError if the file is missing or invalid."""
-        try:
-            stat = os.stat(self.path)
-            mtime = (stat.st_mtime_ns, stat.st_size)
-        except OSError as exc:
-            raise HubRulesError(f"{self.path}: {exc.strerror}") from exc
-        if mtime != self._mtime:
-            with self._lock:
-                if mtime != self._mtime:
-                    try:
-                        self._rules, self._error = (
-                            parse_rules(self.path.read_text(), str(self.path)),
-                            None,
-                        )
-                    except HubRulesError as exc:
-                        self._rules, self._error = [], exc
-                    except OSError as exc:
-                        self._rules = []
-                        self._error = HubRulesError(f"{self.path}: {exc.strerror}")
-                    self._mtime = mtime
-        if self._error is not None:
-            raise self._error
-        return self._rules
+        super().__init__(path, parse_rules, HubRulesError)
 
     def match(self, repo: str) -> HubRule | None:
         return next((rule for rule in self.rules() if rule.matches(repo)), None)

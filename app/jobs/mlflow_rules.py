@@ -24,41 +24,22 @@ edit answers 503 until it is fixed.
 from __future__ import annotations
 
 import fnmatch
-import json
-import os
-import re
-import threading
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from app.jobs import rules_file
 from app.jobs.records import JobRequest
-from worker.io.uri import parse_uri
+from app.jobs.rules_file import RulesFile, fill_placeholders
 
-PLACEHOLDERS = ("name", "version")
 # The registry events that can start a job (MLflow's `{entity}.{action}`); each names a version.
 EVENTS = ("model_version.created", "model_version_tag.set", "model_version_alias.created")
 Event = Literal["model_version.created", "model_version_tag.set", "model_version_alias.created"]
-_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 
 class MlflowRulesError(ValueError):
     """The rules file cannot be used (unreadable, not YAML/JSON, or a rule is invalid)."""
-
-
-def fill(template: str, values: dict[str, str]) -> str:
-    """Substitute `{name}` and `{version}` (nothing else: no attribute or index access)."""
-
-    def substitute(match: re.Match[str]) -> str:
-        if match.group(1) not in values:
-            raise ValueError(
-                f"unknown placeholder {{{match.group(1)}}}; use {', '.join(PLACEHOLDERS)}"
-            )
-        return values[match.group(1)]
-
-    return _PLACEHOLDER.sub(substitute, template)
 
 
 class MlflowRule(BaseModel):
@@ -93,72 +74,32 @@ class MlflowRule(BaseModel):
         if sub:
             location = f"{location.rstrip('/')}/{sub}" + ("/" if location.endswith("/") else "")
         fields[self.role] = location
-        fields["output"] = fill(self.output, values)
+        fields["output"] = fill_placeholders(self.output, values)
         fields["labels"] = {
             "source": "mlflow",
             "mlflow_model": name,
             "mlflow_version": version,
-            **{k: fill(v, values) for k, v in self.labels.items()},
+            **{k: fill_placeholders(v, values) for k, v in self.labels.items()},
         }
         return JobRequest.model_validate(fields)
 
 
 def parse_rules(text: str, where: str) -> list[MlflowRule]:
-    try:
-        data = json.loads(text) if where.endswith(".json") else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as exc:
-        raise MlflowRulesError(f"{where}: not valid YAML/JSON: {exc}") from exc
-    if isinstance(data, dict) and "rules" in data:
-        data = data["rules"]
-    if data is None:
-        data = []
-    if not isinstance(data, list):
-        raise MlflowRulesError(f"{where}: expected a list of rules")
-    rules = []
-    for number, item in enumerate(data, start=1):
-        try:
-            rule = MlflowRule.model_validate(item)
-            request = rule.job_request("model", "1", "s3://placeholder-bucket/model/")
-            for location in (request.base, request.output):
-                if location is not None:
-                    parse_uri(location)
-        except (ValidationError, ValueError) as exc:
-            raise MlflowRulesError(f"{where}: rule {number}: {exc}") from exc
-        rules.append(rule)
-    return rules
+    """Parse and check a rules document (each rule's job built for a placeholder version)."""
+    return rules_file.parse_rules(
+        text,
+        where,
+        MlflowRule,
+        lambda rule: rule.job_request("model", "1", "s3://placeholder-bucket/model/"),
+        MlflowRulesError,
+    )
 
 
-class MlflowRulesFile:
+class MlflowRulesFile(RulesFile[MlflowRule]):
     """The rules of one file, re-parsed when its mtime or size changes."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._stamp: tuple[int, int] | None = None
-        self._rules: list[MlflowRule] = []
-        self._error: MlflowRulesError | None = None
-
-    def rules(self) -> list[MlflowRule]:
-        try:
-            stat = os.stat(self.path)
-        except OSError as exc:
-            raise MlflowRulesError(f"{self.path}: {exc.strerror}") from exc
-        stamp = (stat.st_mtime_ns, stat.st_size)
-        with self._lock:
-            if stamp != self._stamp:
-                try:
-                    self._rules, self._error = (
-                        parse_rules(self.path.read_text(), str(self.path)),
-                        None,
-                    )
-                except MlflowRulesError as exc:
-                    self._rules, self._error = [], exc
-                except OSError as exc:
-                    self._rules, self._error = [], MlflowRulesError(f"{self.path}: {exc.strerror}")
-                self._stamp = stamp
-            if self._error is not None:
-                raise self._error
-            return self._rules
+        super().__init__(path, parse_rules, MlflowRulesError)
 
     def match(self, name: str, event: str) -> MlflowRule | None:
         return next((rule for rule in self.rules() if rule.matches(name, event)), None)

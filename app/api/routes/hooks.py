@@ -17,9 +17,10 @@ from fastapi import APIRouter, Body, Header, Request
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from app.api.deps import ServicesDep
+from app.api.routes.rule_jobs import invalid_job, submit_rule_job
 from app.api.services import Services
 from app.api.strict_json import StrictJSONRoute
-from app.core.problems import ProblemError, field_errors_from_pydantic, problem_responses
+from app.core.problems import ProblemError, problem_responses
 from app.jobs.hub_rules import HubRulesError
 from worker.io.location_names import COMMIT_SHA, check_hub_repo_id
 
@@ -197,17 +198,9 @@ def huggingface_webhook(
     try:
         request = rule.job_request(repo, sha)
     except ValidationError as exc:
-        raise ProblemError(
-            422,
-            "hub_rule_invalid",
-            f"rule {rule.repo!r} makes an invalid job for {repo}",
-            errors=field_errors_from_pydantic(list(exc.errors())),
+        raise invalid_job(
+            "hub_rule_invalid", f"rule {rule.repo!r} makes an invalid job for {repo}", exc
         ) from exc
     except ValueError as exc:
         raise ProblemError(422, "hub_rule_invalid", f"rule {rule.repo!r}: {exc}") from exc
-    submitted = services.submitter.submit(
-        rule.tenant, request, f"hf:{repo}@{sha}", replay_any_body=True
-    )
-    return HubWebhookAnswer(
-        job_id=submitted.record.id, status=submitted.record.status, duplicate=submitted.replayed
-    )
+    return submit_rule_job(services, HubWebhookAnswer, rule.tenant, request, f"hf:{repo}@{sha}")

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
 from app.api.deps import ServicesDep
+from app.api.routes.rule_jobs import invalid_job, submit_rule_job
 from app.api.services import Services
 from app.api.strict_json import StrictJSONRoute
 from app.core.problems import ProblemError, field_errors_from_pydantic, problem_responses
@@ -312,17 +313,11 @@ def mlflow_webhook(
         location = storage_location(artifact_uri, settings.mlflow_artifacts_destination)
         request = rule.job_request(name, version, location)
     except ValidationError as exc:
-        raise ProblemError(
-            422,
-            "mlflow_rule_invalid",
-            f"rule {rule.model!r} makes an invalid job for {what}",
-            errors=field_errors_from_pydantic(list(exc.errors())),
+        raise invalid_job(
+            "mlflow_rule_invalid", f"rule {rule.model!r} makes an invalid job for {what}", exc
         ) from exc
     except ValueError as exc:
         raise ProblemError(422, "mlflow_source_unreadable", f"{what}: {exc}") from exc
-    submitted = services.submitter.submit(
-        rule.tenant, request, f"mlflow:{name}/{version}", replay_any_body=True
-    )
-    return MlflowWebhookAnswer(
-        job_id=submitted.record.id, status=submitted.record.status, duplicate=submitted.replayed
+    return submit_rule_job(
+        services, MlflowWebhookAnswer, rule.tenant, request, f"mlflow:{name}/{version}"
     )
