@@ -182,7 +182,9 @@ def test_worker_killed_mid_upload_reruns_to_the_same_objects(
     stack.start_worker("second")
     record = jobs.wait(job_id, timeout=120)
     assert record.status == "succeeded", record.error
-    assert record.attempts == 2
+    # Re-run after the kill. More than 2 is a lease of 3 s lapsing on a loaded machine (once in
+    # CI beside other tests): another start of the same job, which the bytes below still check.
+    assert record.attempts >= 2
     assert list(scratch_root.glob("fapm-*")) == []  # the killed scratch swept, the re-run's removed
 
     uninterrupted = jobs.wait(jobs.submit({**spec, "output": "s3://models/out/uninterrupted/"}))
