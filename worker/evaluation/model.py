@@ -75,20 +75,32 @@ def context_length(config: dict) -> int | None:
 
 @contextlib.contextmanager
 def local_model_dir(uri: str, should_cancel: Callable[[], bool] | None = None) -> Iterator[Path]:
-    """A local directory holding the model at `uri`: itself, or a temporary copy (a cancelled
-    job stops the copy between 64 MiB reads)."""
+    """A local directory holding the model at `uri`: for a local model, links to its checked
+    open files (_link_checked_files); for a remote one, a temporary copy (a cancelled job stops
+    the copy between 64 MiB reads)."""
     source = open_source(uri)
     try:
-        if isinstance(source, LocalDirSource):
-            source.verify_files()  # transformers opens them by path: none may lead out
-            yield source.path
-            return
         # A scratch directory is swept if this process is killed (worker/io/scratch.py).
+        if isinstance(source, LocalDirSource):
+            with ScratchDir("eval-view") as view, also_readable(view):
+                _link_checked_files(source, view)
+                yield view
+            return
         with ScratchDir("eval") as tmp, also_readable(tmp):
             _copy_model_files(source, tmp, should_cancel or (lambda: False))
             yield tmp
     finally:
         source.close()
+
+
+def _link_checked_files(source: LocalDirSource, view: Path) -> None:
+    """Fill `view` with a link per file of `source` to the descriptor the source opened and
+    checked against the job's roots. transformers opens files by path: through these links it
+    reads exactly the files that were checked, even if a name in the model's directory is
+    swapped meanwhile (for a symlink that leads out of the roots, say)."""
+    source.verify_files()
+    for name in source.files():
+        (view / name).symlink_to(f"/proc/self/fd/{source.descriptor(name)}")
 
 
 def _copy_model_files(

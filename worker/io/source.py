@@ -290,6 +290,10 @@ class LocalDirSource(ModelSource):
                 self._fds[name] = fd
             return fd
 
+    def descriptor(self, name: str) -> int:
+        """The open, checked descriptor of `name` (valid until the source is closed)."""
+        return self._fd(name)
+
     def verify_files(self) -> None:
         """Open (and so check) every file of the directory now: for readers that take the
         directory's path rather than this source (transformers, in evaluation)."""
