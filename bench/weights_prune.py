@@ -72,26 +72,14 @@ def modes(workdir: Path, sparsities: list[float]) -> list[dict]:
 
 MEASURE = textwrap.dedent(
     """
-    import json, sys, threading, time
-    peak, done = [0], []
-    def field(name):
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(name + ":"):
-                    return int(line.split()[1]) * 1024
-    def anon():
-        return field("RssAnon")
-    def sample():
-        while not done:
-            peak[0] = max(peak[0], anon())
-            time.sleep(0.005)
-    threading.Thread(target=sample, daemon=True).start()
-    started = time.perf_counter()
-    exec(sys.argv[1])
-    seconds = time.perf_counter() - started
-    done.append(1)
+    import json, sys, time
+    from tests.memory_sampler import PeakAnon, status_bytes
+    with PeakAnon(interval_s=0.005) as memory:
+        started = time.perf_counter()
+        exec(sys.argv[1])
+        seconds = time.perf_counter() - started
     # VmHWM, not ru_maxrss: Linux carries a forking parent's peak over exec into ru_maxrss.
-    print(json.dumps({"seconds": seconds, "peak_anon": peak[0], "peak_rss": field("VmHWM")}))
+    print(json.dumps({"seconds": seconds, "peak_anon": memory.peak, "peak_rss": status_bytes("VmHWM")}))
     """
 )
 

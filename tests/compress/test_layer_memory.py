@@ -9,42 +9,29 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import torch
 
 from tests.eval_models import write_jsonl
 from tests.models import write_tokenizer
 
+REPO = Path(__file__).resolve().parents[2]
 LAYERS, HIDDEN, INTERMEDIATE, VOCAB = 24, 512, 1536, 256
 
 MEASURE = textwrap.dedent(
     """
-    import json, sys, threading, time
+    import json, sys
     import torch
     import transformers.models.llama.modeling_llama  # imported before the baseline
+    from tests.memory_sampler import PeakAnon
     from worker.spec import JobSpec
     from worker.evaluation.job import run_job_spec
 
-    def anon():
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-
-    peak, done = [0], []
-    def sample():
-        while not done:
-            peak[0] = max(peak[0], anon())
-            time.sleep(0.002)
-
     spec = JobSpec.model_validate_json(sys.argv[1])
-    base = anon()
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    report = run_job_spec(spec).report
-    done.append(1)
-    sampler.join()
-    print(json.dumps({"growth": peak[0] - base, "hidden": report["calibration"]["hidden_bytes"]}))
+    with PeakAnon() as memory:
+        report = run_job_spec(spec).report
+    print(json.dumps({"growth": memory.growth, "hidden": report["calibration"]["hidden_bytes"]}))
     """
 )
 
@@ -69,6 +56,7 @@ def test_peak_memory_is_about_one_layer_not_the_model(tmp_path):
     run = subprocess.run(
         [sys.executable, "-c", MEASURE, json.dumps(spec)],
         capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin"},
+        cwd=REPO,  # where `tests` imports from
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     measured = json.loads(run.stdout.strip().splitlines()[-1])

@@ -12,11 +12,11 @@ from __future__ import annotations
 import copy
 import ctypes
 import gc
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests import memory_sampler
 from tests.models import load_state_dict
 from worker.engine.pipeline import run_prune
 from worker.evaluation.candidates import CandidateBuilder, rank_budget
@@ -35,10 +35,7 @@ def rss_anon() -> int:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    pytest.skip("no RssAnon in /proc/self/status")
+    return memory_sampler.rss_anon()
 
 
 TENSORS, SHAPE = 48, (512, 512)  # 12.6M parameters, 0.26M per tensor

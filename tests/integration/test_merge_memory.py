@@ -16,36 +16,22 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+REPO = Path(__file__).resolve().parents[2]
 ROWS, COLS, TENSORS = 1024, 1024, 24  # bf16: 2 MiB a tensor, 48 MiB a model (96 in float32)
 TENSOR_F32 = ROWS * COLS * 4
 
 MEASURE = textwrap.dedent(
     """
-    import json, sys, threading, time
+    import json, sys
     import torch
+    from tests.memory_sampler import PeakAnon
     from worker.spec import JobSpec
     from worker.engine.pipeline import run_prune
 
-    def anon():
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-
-    peak, done = [0], []
-    def sample():
-        while not done:
-            peak[0] = max(peak[0], anon())
-            time.sleep(0.002)
-
     spec = JobSpec.model_validate_json(sys.argv[1])
-    base = anon()
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    run_prune(spec)
-    done.append(1)
-    sampler.join()
-    print(json.dumps({"growth": peak[0] - base}))
+    with PeakAnon() as memory:
+        run_prune(spec)
+    print(json.dumps({"growth": memory.growth}))
     """
 )
 
@@ -74,6 +60,7 @@ def _peak_growth(tmp_path: Path, base: Path, models: list[Path], name: str) -> i
         [sys.executable, "-c", MEASURE, json.dumps(spec)],
         capture_output=True, text=True, timeout=300,
         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin"},
+        cwd=REPO,  # where `tests` imports from
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])["growth"]
