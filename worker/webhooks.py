@@ -17,7 +17,10 @@ second lookup cannot be steered to a private address (DNS rebinding). No redirec
 and no proxy settings from the environment are used.
 
 The secret is never logged and never written to the job record; the URL's query (often a
-token) is shown as REDACTED in the record, the delivered body and the logs.
+token) is shown as REDACTED in the record, the delivered body and the logs. With FAPM_SECRETS_KEYS
+both are stored sealed (app/core/sealing.py); a URL or secret this worker cannot unseal (its keys
+lack the one that sealed it) ends the delivery as given up with the error `unseal_failed: ...`:
+nothing is POSTed, and retrying on the same keys could only fail the same way.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import httpx
 
 from app.core.config import Settings
 from app.core.netguard import check_webhook_url
+from app.core.sealing import UnsealError
 from app.jobs.records import REDACTED, JobRecord, WebhookEvent, redacted_url
 from app.jobs.store import JobStore
 from worker.io import strict_json
@@ -63,6 +67,8 @@ SECRET_PREFIX = "whsec_"
 USER_AGENT = "fapm-service-webhooks/1"
 # Longest Retry-After (seconds) a receiver can ask for; beyond it our own backoff applies.
 MAX_RETRY_AFTER = 3600.0
+# The recorded error's code when the stored URL or secret cannot be unsealed.
+UNSEAL_FAILED = "unseal_failed"
 
 
 def webhook_id_for(job_id: str) -> str:
@@ -280,10 +286,15 @@ def deliver(
     body = strict_json.dumps(
         event.model_dump(mode="json"), separators=(",", ":"), ensure_ascii=False
     ).encode()
-    headers = signed_headers(store.webhook_secret(job_id), webhook_id, body)
-    url = record.webhook.delivery_url  # the full URL; the record (and the body) show it redacted
-    outcome = post_event(url, body, headers, settings)
-    error = _without_url(outcome.error, url)
+    try:
+        url = record.webhook.delivery_url  # the full URL; the record (and body) show it redacted
+        secret = store.webhook_secret(job_id)
+    except UnsealError as exc:
+        outcome = AttemptOutcome(None, f"{UNSEAL_FAILED}: {exc}", delivered=False, retry=False)
+        error = outcome.error
+    else:
+        outcome = post_event(url, body, signed_headers(secret, webhook_id, body), settings)
+        error = _without_url(outcome.error, url)
 
     delay = None
     if outcome.retry:

@@ -34,7 +34,7 @@ class Services:
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
-        store = JobStore.from_url(settings.redis_url, settings.job_ttl_seconds)
+        store = JobStore.from_settings(settings)
         router = QueueRouter(
             store, settings.heartbeat_fresh_seconds, settings.queue_route_cache_seconds
         )

@@ -1,8 +1,8 @@
 """Settings shared by the API and the workers, read from `FAPM_*` environment variables.
 
 One place for every knob, so the API and the workers cannot disagree about, say, the Redis URL or
-the visibility timeout. Secrets (API keys, the Hub webhook secret) live here and nowhere else; the
-`repr` of these fields is hidden so they never reach a log line.
+the visibility timeout. Secrets (API keys, the Hub webhook secret, the sealing keys) live here and
+nowhere else; the `repr` of these fields is hidden so they never reach a log line.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from app.core.sealing import parse_keys
 
 
 def _split_list(value: object) -> object:
@@ -53,6 +55,13 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Webhook hosts allowed over plain http or on private addresses (tests, "
         "in-cluster registries). Everyone else: https to a public address.",
+    )
+    secrets_keys: SecretStr | None = Field(
+        default=None,
+        description="Comma-separated Fernet keys (Fernet.generate_key()) that seal each job's "
+        "webhook URL and signing secret in Redis (app/core/sealing.py). The first seals, all "
+        "unseal: rotate by putting a new key first. The API and every worker need the same "
+        "keys. Unset: stored in clear.",
     )
     max_active_jobs_per_tenant: int = Field(
         default=20, ge=1, description="Queued plus running jobs a tenant may have at once."
@@ -161,6 +170,14 @@ class Settings(BaseSettings):
     @classmethod
     def _split(cls, value: object) -> object:
         return _split_list(value)
+
+    @field_validator("secrets_keys")
+    @classmethod
+    def _check_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        # At start, not at the first job's delivery; the error never quotes a key.
+        if value is not None:
+            parse_keys(value.get_secret_value())
+        return value
 
     @field_validator("local_roots")
     @classmethod

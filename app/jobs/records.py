@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from app.core.sealing import UnsealError
 from app.core.unicode_text import scrub_surrogates
 from worker.spec import EvaluationJobSpec, JobKind, JobSpec
 
@@ -149,6 +150,8 @@ class WebhookInfo(BaseModel):
     deliveries: list[WebhookDelivery] = Field(default_factory=list)
     # The URL as submitted: deliveries go there; it is never serialized.
     _delivery_url: str = PrivateAttr(default="")
+    # Why there is no URL to deliver to (it is sealed with a key this process lacks).
+    _undeliverable: str | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _redact(self) -> WebhookInfo:
@@ -157,9 +160,17 @@ class WebhookInfo(BaseModel):
         self.url = redacted_url(self.url)
         return self
 
+    def cannot_deliver(self, reason: str) -> None:
+        """The stored URL could not be unsealed: `url` shows a placeholder, not a target."""
+        self._undeliverable = reason
+        self._delivery_url = ""
+
     @property
     def delivery_url(self) -> str:
-        """The full URL (with its query) that the worker delivers to."""
+        """The full URL (with its query) that the worker delivers to; UnsealError if the stored
+        URL could not be unsealed (never a placeholder to POST to)."""
+        if self._undeliverable is not None:
+            raise UnsealError(self._undeliverable)
         return self._delivery_url
 
 

@@ -10,6 +10,8 @@ Keys (prefix `fapm:`):
   job:{id}:events       stream of `state` and `progress` events (SSE replays it)
   job:{id}:report       the full pruning report (JSON)
   job:{id}:webhook      the webhook's signing secret: never part of the record
+                        (it and the record's webhook_url are sealed with FAPM_SECRETS_KEYS when
+                        that is set: app/core/sealing.py)
   lease:{id}            the worker token that may run the job now (expires if the worker dies)
   tenant:{t}:jobs       zset of job ids by creation time (listing, newest first)
   tenant:{t}:active     set of queued and running job ids (quota)
@@ -33,11 +35,16 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import redis
 
-from app.jobs.records import ACTIVE_STATUSES, TERMINAL_STATUSES, JobRecord
+from app.core.sealing import Sealer, UnsealError
+from app.jobs.records import ACTIVE_STATUSES, REDACTED, TERMINAL_STATUSES, JobRecord
 from worker.io import strict_json
+
+if TYPE_CHECKING:
+    from app.core.config import Settings
 
 PREFIX = "fapm:"
 EVENTS_MAXLEN = 10_000
@@ -304,10 +311,17 @@ def _dump(value: object) -> str:
 class JobStore:
     """Typed access to the Redis keys above; one instance per process is enough (thread-safe)."""
 
-    def __init__(self, client: redis.Redis, job_ttl_seconds: int | None = None) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        job_ttl_seconds: int | None = None,
+        sealer: Sealer | None = None,
+    ) -> None:
         self.redis = client
         # Finished jobs (record, events, report, webhook secret) expire this long after the end.
         self.job_ttl_seconds = job_ttl_seconds
+        # Seals the webhook URL and secret written, opens those read (no keys: stored in clear).
+        self.sealer = sealer or Sealer()
         self._create = client.register_script(_CREATE)
         self._transition = client.register_script(_TRANSITION)
         self._start = client.register_script(_START)
@@ -321,9 +335,18 @@ class JobStore:
         self._webhook_expected_by = client.register_script(_WEBHOOK_EXPECTED_BY)
 
     @classmethod
-    def from_url(cls, url: str, job_ttl_seconds: int | None = None) -> JobStore:
+    def from_url(
+        cls, url: str, job_ttl_seconds: int | None = None, sealer: Sealer | None = None
+    ) -> JobStore:
         client = redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
-        return cls(client, job_ttl_seconds)
+        return cls(client, job_ttl_seconds, sealer)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> JobStore:
+        """The store of a service process (API or worker): its Redis, retention and keys."""
+        keys = settings.secrets_keys
+        sealer = Sealer.from_setting(keys.get_secret_value() if keys else None)
+        return cls.from_url(settings.redis_url, settings.job_ttl_seconds, sealer)
 
     def _expire_finished(self, job_id: str) -> None:
         """Start the retention clock of a finished job's keys (its tenant index entry is
@@ -377,7 +400,7 @@ class JobStore:
             "fraction": "0",
         }
         if webhook_url:
-            fields["webhook_url"] = webhook_url
+            fields["webhook_url"] = self.sealer.seal(webhook_url)
             fields["webhook_signed"] = "1" if webhook_secret else "0"
             fields["webhook_deliveries"] = "[]"
         idem_key = _key("idem", tenant, idempotency_key) if idempotency_key else ""
@@ -386,7 +409,7 @@ class JobStore:
         flat = [item for pair in fields.items() for item in pair]
         if webhook_secret:
             # Written first so a worker never sees a signed webhook without its secret.
-            self.redis.set(_key("job", job_id, "webhook"), webhook_secret)
+            self.redis.set(_key("job", job_id, "webhook"), self.sealer.seal(webhook_secret))
         reply = self._create(
             keys=[
                 job_key(job_id),
@@ -444,7 +467,7 @@ class JobStore:
         fields = self.redis.hgetall(job_key(job_id))
         if not fields or (tenant is not None and fields.get("tenant") != tenant):
             return None
-        return record_from_fields(fields)
+        return record_from_fields(fields, self.sealer)
 
     def tenant_of(self, job_id: str) -> str | None:
         return self.redis.hget(job_key(job_id), "tenant")
@@ -509,7 +532,7 @@ class JobStore:
                         continue
                     if label and json.loads(fields.get("labels", "{}")).get(label[0]) != label[1]:
                         continue
-                    page.append(record_from_fields(fields))
+                    page.append(record_from_fields(fields, self.sealer))
                     if len(page) == limit:
                         return page, job_id
             return page, None
@@ -522,7 +545,9 @@ class JobStore:
         return json.loads(raw) if raw else None
 
     def webhook_secret(self, job_id: str) -> str | None:
-        return self.redis.get(_key("job", job_id, "webhook"))
+        """The signing secret, unsealed; UnsealError if it was sealed with a key not held."""
+        stored = self.redis.get(_key("job", job_id, "webhook"))
+        return self.sealer.unseal(stored) if stored is not None else None
 
     def events(
         self, job_id: str, after: str = "0-0", count: int = 500
@@ -836,16 +861,23 @@ class JobStore:
             pipe.execute()
 
 
-def record_from_fields(fields: dict[str, str]) -> JobRecord:
-    """Build the public record from a job hash (the webhook secret is never in the hash)."""
+def record_from_fields(fields: dict[str, str], sealer: Sealer | None = None) -> JobRecord:
+    """Build the public record from a job hash (the webhook secret is never in the hash). A
+    webhook URL sealed with a key `sealer` does not hold still reads (any record must, or one
+    bad record fails a listing): it shows as REDACTED and cannot be delivered to."""
     webhook = None
+    unsealable = None
     if fields.get("webhook_url"):
+        try:
+            url = (sealer or Sealer()).unseal(fields["webhook_url"])
+        except UnsealError as exc:
+            url, unsealable = REDACTED, str(exc)
         webhook = {
-            "url": fields["webhook_url"],
+            "url": url,
             "signed": fields.get("webhook_signed") == "1",
             "deliveries": json.loads(fields.get("webhook_deliveries") or "[]"),
         }
-    return JobRecord.model_validate(
+    record = JobRecord.model_validate(
         {
             "id": fields["id"],
             "status": fields["status"],
@@ -864,3 +896,6 @@ def record_from_fields(fields: dict[str, str]) -> JobRecord:
             "finished_at": fields.get("finished_at") or None,
         }
     )
+    if unsealable is not None and record.webhook is not None:
+        record.webhook.cannot_deliver(unsealable)
+    return record

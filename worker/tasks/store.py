@@ -11,4 +11,4 @@ from app.jobs.store import JobStore
 
 @lru_cache
 def job_store() -> JobStore:
-    return JobStore.from_url(get_settings().redis_url, get_settings().job_ttl_seconds)
+    return JobStore.from_settings(get_settings())
