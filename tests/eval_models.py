@@ -88,23 +88,26 @@ def _ids(text: str) -> list[int]:
     return [int(w[1:]) + 4 for w in text.split()]
 
 
-def _batches(sequences: list[list[int]], batch: int, steps: int, seed: int):
-    rng = random.Random(seed)
-    for _ in range(steps):
-        rows = [rng.choice(sequences) for _ in range(batch)]
-        yield torch.tensor(rows)
-
-
-def _train(model, sequences: list[list[int]], steps: int, lr: float, seed: int) -> None:
+def _train_alternating(
+    model, sets: list[list[list[int]]], steps: int, lr: float, seed: int
+) -> None:
+    """Train on batches of each set in turn (a batch holds sequences of one length)."""
     torch.manual_seed(seed)
+    rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
-    for input_ids in _batches(sequences, 32, steps, seed):
-        loss = model(input_ids=input_ids, labels=input_ids).loss
+    for step in range(steps):
+        sequences = sets[step % len(sets)]
+        batch = torch.tensor([rng.choice(sequences) for _ in range(32)])
+        loss = model(input_ids=batch, labels=batch).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     model.eval()
+
+
+def _train(model, sequences: list[list[int]], steps: int, lr: float, seed: int) -> None:
+    _train_alternating(model, [sequences], steps, lr, seed)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -112,8 +115,20 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def build_eval_case(directory: Path, seed: int = 0) -> EvalCase:
-    """Train the base and the fine-tune (about 5 s on 2 cores) and write the evaluation sets."""
+def build_eval_case(
+    directory: Path,
+    seed: int = 0,
+    *,
+    hidden_size: int = 32,
+    intermediate_size: int = 64,
+    finetune_steps: int = 300,
+    keep_general: bool = False,
+) -> EvalCase:
+    """Train the base and the fine-tune (about 5 s on 2 cores) and write the evaluation sets.
+
+    `keep_general`: the fine-tune practises the general text between its task batches, so that
+    it holds both skills (tests/weights_models.py).
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     directory = Path(directory)
@@ -131,8 +146,8 @@ def build_eval_case(directory: Path, seed: int = 0) -> EvalCase:
         torch.manual_seed(seed)
         config = LlamaConfig(
             vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
@@ -148,7 +163,8 @@ def build_eval_case(directory: Path, seed: int = 0) -> EvalCase:
         _train(model, general, steps=250, lr=1e-2, seed=seed)
         _save(model, case.base)
         tasks = [_ids(e["prompt"] + e["completion"]) for e in task_examples(512, seed + 2)]
-        _train(model, tasks, steps=300, lr=3e-3, seed=seed + 3)
+        sets = [tasks, general] if keep_general else [tasks]
+        _train_alternating(model, sets, steps=finetune_steps, lr=3e-3, seed=seed + 3)
         _save(model, case.finetuned)
     finally:
         torch.set_num_threads(threads)
