@@ -24,6 +24,7 @@ from worker.engine.card import without_delta_note
 from worker.engine.pipeline import (
     Progress,
     PruneResult,
+    Staged,
     commit_message,
     publish_with_report,
     published_result,
@@ -81,29 +82,21 @@ def run_materialize(
     if published is not None:  # a re-run of a job that published before its worker died
         return published
     target = open_target(spec.output, spec.overwrite, job_id)
-    sources: list = []
-    readers: list[CheckpointReader] = []
-    writer: WriterThread | None = None
-    try:
+    with Staged(target) as staged:
         report_progress(Progress("plan"))
-        delta_source = open_source(spec.materialize.delta)
-        sources.append(delta_source)
+        delta_source = staged.source(open_source(spec.materialize.delta))
         where = f"{delta_source.uri.rstrip('/')}/{MANIFEST_FILE}"
         manifest = read_manifest(delta_source)
-        delta = CheckpointReader(delta_source, identify=True)
-        readers.append(delta)
-        base_source = open_source(spec.base)
-        sources.append(base_source)
-        base = CheckpointReader(base_source, identify=True)
-        readers.append(base)
+        delta = staged.reader(CheckpointReader(delta_source, identify=True))
+        base_source = staged.source(open_source(spec.base))
+        base = staged.reader(CheckpointReader(base_source, identify=True))
         _check_base_files(base, manifest["base"])
         entries = tensor_entries(manifest, where)
         _check_parts(entries, delta, base, where)
         planned = [PlannedTensor(e["name"], e["dtype"], tuple(e["shape"])) for e in entries]
         shards = plan_shards(planned, shard_size_of(manifest, spec.shard_size))
-        writer = WriterThread(
-            ShardedWriter(target.local_dir, shards, on_shard_complete=target.shard_done)
-        )
+        sink = ShardedWriter(target.local_dir, shards, on_shard_complete=target.shard_done)
+        writer = staged.writer(WriterThread(sink))
         if cancelled():
             raise JobCancelled("the job was cancelled")
         timings = {"plan": time.perf_counter() - started}
@@ -148,16 +141,6 @@ def run_materialize(
             target, report, timings, started, commit_message(job_id, "fapm materialize", what),
             report_progress, cancelled, len(entries),
         )  # fmt: skip
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        target.abort()
-        raise
-    finally:
-        for reader in readers:
-            reader.close()
-        for source in sources:
-            source.close()
     report_progress(Progress("done", len(entries), len(entries)))
     return PruneResult(location, report)
 

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -100,20 +102,14 @@ def run_prune(
     if published is not None:  # a re-run of a job that published before its worker died
         return published
     target = open_target(spec.output, spec.overwrite, job_id)
-    sources = []
-    readers: list[CheckpointReader | LoraMergedReader] = []
-    writer: WriterThread | None = None
-    try:
+    with Staged(target) as staged:
         report_progress(Progress("plan"))
-        base_source = open_source(spec.base)
-        sources.append(base_source)
-        base = CheckpointReader(base_source, identify=True)
-        readers.append(base)
+        base_source = staged.source(open_source(spec.base))
+        base = staged.reader(CheckpointReader(base_source, identify=True))
         _stop_if_cancelled(cancelled)
         # One fine-tune, an adapter, or a merge of several read as one (worker/engine/merge.py).
-        update = open_update(spec, base, base_source, sources, cancelled)
-        finetuned = update.reader
-        readers.append(finetuned)
+        update = open_update(spec, base, base_source, staged.sources, cancelled)
+        finetuned = staged.reader(update.reader)
         _stop_if_cancelled(cancelled)
         pruner = TensorPruner(update.pruner_spec)
         config = finetuned.config()
@@ -127,7 +123,7 @@ def run_prune(
             if spec.output_format == "sparse-delta"
             else ShardedWriter(target.local_dir, shards, on_shard_complete=target.shard_done)
         )
-        writer = WriterThread(sink)  # type: ignore[arg-type]
+        writer = staged.writer(WriterThread(sink))  # type: ignore[arg-type]
         timings["plan"] = time.perf_counter() - started
         if spec.scope == "model":
             pruner.global_threshold = _count_model_scope(
@@ -173,18 +169,60 @@ def run_prune(
             target, report, timings, started, _commit_message(spec, job_id), report_progress,
             cancelled, len(tasks),
         )  # fmt: skip
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        target.abort()
-        raise
-    finally:
-        for reader in readers:
-            reader.close()
-        for source in sources:
-            source.close()
     report_progress(Progress("done", len(tasks), len(tasks)))
     return PruneResult(location, report)
+
+
+class _Closeable(Protocol):
+    def close(self) -> None: ...
+
+
+Opened = TypeVar("Opened", bound=_Closeable)
+
+
+class Staged:
+    """What an operation holds while it builds its output in the staging directory, released
+    however the `with` block ends: the sources and readers it opened are closed, and on any
+    failure or cancellation the writer and the staging directory are aborted, so nothing is
+    published."""
+
+    def __init__(self, target: OutputTarget) -> None:
+        self.target = target
+        self.sources: list[Any] = []  # open_update appends the inputs' sources here
+        self.readers: list[_Closeable] = []
+        self._writer: WriterThread | None = None
+
+    def source(self, source: Opened) -> Opened:
+        self.sources.append(source)
+        return source
+
+    def reader(self, reader: Opened) -> Opened:
+        self.readers.append(reader)
+        return reader
+
+    def writer(self, writer: WriterThread) -> WriterThread:
+        self._writer = writer
+        return writer
+
+    def __enter__(self) -> Staged:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            if exc_type is not None:  # any exception: a failure, a cancel, an interrupt
+                if self._writer is not None:
+                    self._writer.abort()
+                self.target.abort()
+        finally:
+            for reader in self.readers:
+                reader.close()
+            for source in self.sources:
+                source.close()
 
 
 def _stop_if_cancelled(cancelled: Callable[[], bool]) -> None:
