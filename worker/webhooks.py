@@ -19,8 +19,10 @@ and no proxy settings from the environment are used.
 The secret is never logged and never written to the job record; the URL's query (often a
 token) is shown as REDACTED in the record, the delivered body and the logs. With FAPM_SECRETS_KEYS
 both are stored sealed (app/core/sealing.py); a URL or secret this worker cannot unseal (its keys
-lack the one that sealed it) ends the delivery as given up with the error `unseal_failed: ...`:
-nothing is POSTed, and retrying on the same keys could only fail the same way.
+lack the one that sealed it) is a failed attempt with the error `unseal_failed: ...`: nothing is
+POSTed, and it is retried on the usual schedule, because during a key rollout another worker (or
+this one, restarted with the new keys) may hold the key; a key no worker has gives up at the end
+of the retry window as any failing receiver does.
 """
 
 from __future__ import annotations
@@ -290,7 +292,7 @@ def deliver(
         url = record.webhook.delivery_url  # the full URL; the record (and body) show it redacted
         secret = store.webhook_secret(job_id)
     except UnsealError as exc:
-        outcome = AttemptOutcome(None, f"{UNSEAL_FAILED}: {exc}", delivered=False, retry=False)
+        outcome = AttemptOutcome(None, f"{UNSEAL_FAILED}: {exc}", delivered=False, retry=True)
         error = outcome.error
     else:
         outcome = post_event(url, body, signed_headers(secret, webhook_id, body), settings)

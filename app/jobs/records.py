@@ -24,10 +24,11 @@ from pydantic import (
     PrivateAttr,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
-from app.core.sealing import UnsealError
+from app.core.sealing import SEALED_PREFIX, UnsealError
 from app.core.unicode_text import scrub_surrogates
 from worker.spec import EvaluationJobSpec, JobKind, JobSpec
 
@@ -46,6 +47,14 @@ class WebhookRequest(BaseModel):
         description="Standard Webhooks signing secret (`whsec_<base64>` or any string); "
         "without one the delivery is unsigned.",
     )
+
+    @field_validator("secret")
+    @classmethod
+    def _not_sealed_looking(cls, secret: SecretStr | None) -> SecretStr | None:
+        # A stored value with this prefix is read as sealed (app/core/sealing.py).
+        if secret is not None and secret.get_secret_value().startswith(SEALED_PREFIX):
+            raise ValueError(f"a secret may not start with {SEALED_PREFIX!r}")
+        return secret
 
 
 class JobRequest(JobSpec):

@@ -63,3 +63,13 @@ def test_a_setting_with_a_bad_key_is_refused_at_start_without_quoting_it():
     assert "FAPM_SECRETS_KEYS: key 2 of 2 is not a Fernet key" in message
     assert bad not in message and KEY_A not in message
     assert Settings(secrets_keys=f"{KEY_B},{KEY_A}").secrets_keys is not None
+
+
+def test_a_secret_that_would_read_as_sealed_is_refused_at_submission():
+    from pydantic import ValidationError
+
+    from app.jobs.records import WebhookRequest
+
+    with pytest.raises(ValidationError, match="may not start with"):
+        WebhookRequest(url="https://example.com/hook", secret=SEALED_PREFIX + "abc")
+    assert WebhookRequest(url="https://example.com/hook", secret="whsec_abc").secret
