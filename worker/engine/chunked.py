@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import typing
-import zlib
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -31,8 +30,8 @@ import torch
 
 from worker.engine.compose import StatsStream, TensorStats, compose_output
 from worker.engine.methods import nps
-from worker.engine.methods.base import MethodParams, ScoredMethod
-from worker.engine.methods.fapm import EPS
+from worker.engine.methods.base import MethodParams, ScoredMethod, draw_generator
+from worker.engine.methods.fapm import coefficient, fapm_scores
 from worker.engine.model_scope import GlobalThreshold, find_global_thresholds
 from worker.engine.select import keep_count, order_keys, top_k_mask
 from worker.io.resident import MappedPages
@@ -59,12 +58,8 @@ def applies(method: str, n: int, chunk_bytes: int) -> bool:
 
 
 def draws(params: MethodParams, start: int, stop: int) -> np.ndarray:
-    """`methods.base.uniform_draws(params, n)[start:stop]` without drawing the first `start`:
-    PCG64 gives one 64-bit output per float64 draw, and `advance` skips them."""
-    seed_seq = np.random.SeedSequence([params.seed, zlib.crc32(params.tensor_name.encode())])
-    bit_generator = np.random.PCG64(seed_seq)
-    bit_generator.advance(start)
-    return np.random.Generator(bit_generator).random(stop - start)
+    """`methods.base.uniform_draws(params, n)[start:stop]` without drawing the first `start`."""
+    return draw_generator(params, start).random(stop - start)
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
@@ -115,21 +110,17 @@ class _Keys:
         self.method, self.params = pruner.spec.method, params
         self.c: torch.Tensor | None = None
         if self.method == "fapm":
-            # methods/fapm.py fapm_coefficient: float32(alpha * mean |W|), mean in float64.
+            # methods/fapm.py fapm_coefficient, the float64 sum of |W| taken chunk by chunk.
             parts = []
             for start, stop in walk.spans():
                 w32 = walk.w[start:stop].to(pruner.device).to(torch.float32)
                 parts.append(float(w32.abs().sum(dtype=torch.float64)))
             mean_abs = math.fsum(parts) / max(walk.n, 1)
-            c = float(params.alpha * mean_abs)
-            self.c = torch.tensor(c, dtype=torch.float32, device=pruner.device)
+            self.c = coefficient(params.alpha, mean_abs).to(pruner.device)
 
     def __call__(self, start: int, stop: int, w32: torch.Tensor, d32: torch.Tensor) -> torch.Tensor:
         if self.method == "fapm":
-            # methods/fapm.py Fapm.scores with the whole tensor's c, op for op.
-            a = d32.abs()
-            s = a - self.c * a / torch.maximum(w32.abs(), EPS.to(w32.device))
-            return order_keys(s.masked_fill_(d32 == 0, 0.0))
+            return order_keys(fapm_scores(w32, d32, self.c))  # with the whole tensor's c
         if self.method == "random":
             scores = torch.from_numpy(draws(self.params, start, stop)).to(torch.float32)
             return order_keys(scores.to(d32.device))

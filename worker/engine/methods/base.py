@@ -79,14 +79,22 @@ class ScoredMethod(PruningMethod):
 _RANDOM_CHUNK = 1 << 20
 
 
+def draw_generator(params: MethodParams, skip: int = 0) -> np.random.Generator:
+    """The tensor's stream of uniform draws, seeded by (seed, tensor name), `skip` draws in:
+    PCG64 gives one 64-bit output per float64 draw, and `advance` skips them unread."""
+    seed_seq = np.random.SeedSequence([params.seed, zlib.crc32(params.tensor_name.encode())])
+    bit_generator = np.random.PCG64(seed_seq)
+    bit_generator.advance(skip)
+    return np.random.Generator(bit_generator)
+
+
 def uniform_draws(params: MethodParams, n: int) -> np.ndarray:
     """n uniform float64 draws in [0, 1), a pure function of (seed, tensor name, index).
 
     numpy's PCG64 stream is fixed for a given seed, and drawing float64 in chunks gives the same
     values as one large draw, so any implementation can reproduce the mask exactly.
     """
-    seed_seq = np.random.SeedSequence([params.seed, zlib.crc32(params.tensor_name.encode())])
-    generator = np.random.Generator(np.random.PCG64(seed_seq))
+    generator = draw_generator(params)
     out = np.empty(n, dtype=np.float64)
     for start in range(0, n, _RANDOM_CHUNK):
         stop = min(n, start + _RANDOM_CHUNK)

@@ -10,10 +10,24 @@ from worker.engine.methods.base import MethodParams, ScoredMethod
 EPS = torch.tensor(1e-12, dtype=torch.float32)
 
 
+def coefficient(alpha: float, mean_abs: float) -> torch.Tensor:
+    """c = float32(alpha * mean(|W|)): the float64 mean times alpha, rounded once to float32
+    (fapm_coefficient's mean is over the whole tensor; chunked.py sums it over chunks)."""
+    return torch.tensor(float(alpha * mean_abs), dtype=torch.float32)
+
+
 def fapm_coefficient(w: torch.Tensor, alpha: float) -> torch.Tensor:
-    """c = float32(alpha * mean(|W|)), the mean accumulated in float64 over the whole tensor."""
+    """c of the whole tensor, the mean accumulated in float64."""
     mean_abs = w.abs().sum(dtype=torch.float64) / max(w.numel(), 1)
-    return torch.tensor(float(alpha * mean_abs.item()), dtype=torch.float32)
+    return coefficient(alpha, mean_abs.item())
+
+
+def fapm_scores(w: torch.Tensor, d: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """S = a - c * a / max(|W|, eps), a = |D|, evaluated left to right in float32 (c on d's
+    device). Where D == 0, S = 0 (the paper's code gets NaN there and wastes keep slots)."""
+    a = d.abs()
+    s = a - c * a / torch.maximum(w.abs(), EPS.to(w.device))
+    return s.masked_fill_(d == 0, 0.0)
 
 
 class Fapm(ScoredMethod):
@@ -22,9 +36,4 @@ class Fapm(ScoredMethod):
     paper_url = "https://arxiv.org/abs/2509.08255"
 
     def scores(self, w: torch.Tensor, d: torch.Tensor, params: MethodParams) -> torch.Tensor:
-        # S = a - c * a / max(|W|, eps), a = |D|, evaluated left to right in float32.
-        # Where D == 0, S = 0 (the paper's code gets NaN there and wastes keep slots).
-        c = fapm_coefficient(w, params.alpha).to(w.device)
-        a = d.abs()
-        s = a - c * a / torch.maximum(w.abs(), EPS.to(w.device))
-        return s.masked_fill_(d == 0, 0.0)
+        return fapm_scores(w, d, fapm_coefficient(w, params.alpha).to(w.device))
