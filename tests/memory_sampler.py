@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import threading
 import time
-from types import TracebackType
 
 
 def status_bytes(field: str) -> int:
@@ -54,11 +53,6 @@ class PeakAnon:
         self._thread.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self._done.set()
         self._thread.join()
