@@ -1,5 +1,5 @@
 """The merge's memory bound does not grow with the number of models: a TIES merge (two looks at
-every input per tensor) of 4 fine-tunes peaks at about the anonymous memory of a merge of 2.
+every input per tensor) of 6 fine-tunes peaks at about the anonymous memory of a merge of 2.
 
 Measured in a fresh process as the peak of its anonymous memory (RssAnon, sampled; mapped
 checkpoint pages are file-backed) above what it held before the job.
@@ -68,17 +68,20 @@ def _peak_growth(tmp_path: Path, base: Path, models: list[Path], name: str) -> i
 
 def test_peak_memory_does_not_grow_with_the_number_of_models(tmp_path):
     base = _write(tmp_path / "base", 0)
-    models = [tmp_path / f"ft{i}" for i in range(4)]
+    models = [tmp_path / f"ft{i}" for i in range(6)]
     for i, model in enumerate(models):
         _write(model, 1 + i, base)
-    two = _peak_growth(tmp_path, tmp_path / "base", models[:2], "two")
-    four = _peak_growth(tmp_path, tmp_path / "base", models, "four")
+    # The least of two runs each: the noise (below) only ever adds.
+    two = min(_peak_growth(tmp_path, tmp_path / "base", models[:2], f"two{i}") for i in range(2))
+    six = min(_peak_growth(tmp_path, tmp_path / "base", models, f"six{i}") for i in range(2))
     model_f32 = TENSORS * TENSOR_F32
-    print(f"peak anon growth: 2 models {two / 2**20:.1f} MiB, 4 models {four / 2**20:.1f} MiB; "
+    print(f"peak anon growth: 2 models {two / 2**20:.1f} MiB, 6 models {six / 2**20:.1f} MiB; "
           f"one tensor in float32 {TENSOR_F32 / 2**20:.0f} MiB, one model {model_f32 / 2**20:.0f} MiB")  # fmt: skip
-    # Holding the two extra models would add 192 MiB (one of them alone 96). The level itself is
-    # the stream loop's read-ahead (merged float32 tensors queued) and the allocator, which varied
-    # by up to 19 MiB from run to run in CI under two test processes (12 and 19 MiB seen; 4 and
-    # then 16 MiB margins each failed once): the margin is 12 tensors, 48 MiB, half a model.
-    assert four <= two + 12 * TENSOR_F32
-    assert four < len(models) * model_f32
+    # Holding the four extra models would add 192 MiB as stored (bf16), 384 in float32. The
+    # level itself is the stream loop's read-ahead (merged float32 tensors queued) and the
+    # allocator, which varied from run to run under load: the 2-model peak alone ranged 185-237
+    # MiB under two test processes, and a 48 MiB margin between 2 and 4 models failed once in
+    # CI. So 6 models against 2, each the least of two runs, and a margin of one float32 model
+    # (96 MiB): half of what holding the extra models as stored would add.
+    assert six <= two + model_f32
+    assert six < len(models) * model_f32
