@@ -47,6 +47,7 @@ from worker.engine.pipeline import (
     Progress,
     ProgressCallback,
     PruneResult,
+    Staged,
     commit_message,
     publish_with_report,
     published_result,
@@ -89,100 +90,95 @@ def run_compress(
         return published
     assert spec.model is not None
     target = open_target(spec.output, spec.overwrite, job_id)
-    writer: WriterThread | None = None
-    with ExitStack() as cleanup:
-        try:
-            report_progress(Progress("plan"))
-            source = open_source(spec.model)
-            cleanup.callback(source.close)
-            reader = CheckpointReader(source, identify=True)
-            cleanup.callback(reader.close)
-            config = reader.config()
-            layout = decoder_layout(config, spec.model)
-            layer_names = _layer_names(reader, layout)
-            order = [n for n in reader.names() if layout.layer_of(n) is None]
-            order += [name for names in layer_names for name in names]
-            planned = [PlannedTensor(n, reader.info(n).dtype, reader.info(n).shape) for n in order]
-            writer = WriterThread(
+    # Staged: sources and readers closed, and on any failure the writer and staging aborted;
+    # `cleanup` then frees the hidden states and their scratch.
+    with ExitStack() as cleanup, Staged(target) as staged:
+        report_progress(Progress("plan"))
+        source = staged.source(open_source(spec.model))
+        reader = staged.reader(CheckpointReader(source, identify=True))
+        config = reader.config()
+        layout = decoder_layout(config, spec.model)
+        layer_names = _layer_names(reader, layout)
+        order = [n for n in reader.names() if layout.layer_of(n) is None]
+        order += [name for names in layer_names for name in names]
+        planned = [PlannedTensor(n, reader.info(n).dtype, reader.info(n).shape) for n in order]
+        writer = staged.writer(
+            WriterThread(
                 ShardedWriter(
                     target.local_dir,
                     plan_shards(planned, spec.shard_size),
                     on_shard_complete=target.shard_done,
                 )
             )
-            outside = [n for n in order if layout.layer_of(n) is None]
-            for name in outside:  # embedding, final norm, head: unchanged, in their bytes
-                writer.write(name, _raw(reader.read(name)))
-            seconds["plan"] = time.perf_counter() - started
+        )
+        outside = [n for n in order if layout.layer_of(n) is None]
+        for name in outside:  # embedding, final norm, head: unchanged, in their bytes
+            writer.write(name, _raw(reader.read(name)))
+        seconds["plan"] = time.perf_counter() - started
 
-            sequences: list[CalibrationSequence] = []
-            if spec.calibration is not None:
-                report_progress(Progress(CALIBRATE_STAGE))
-                with model_tokenizer(source, spec.model, cancelled) as tokenizer:
-                    sequences = calibration_sequences(
-                        spec.calibration, tokenizer, context_length(config)
-                    )
-            # Hidden states that do not fit the budget go to a scratch directory of their own
-            # (TMPDIR), never into the staging directory that is published.
-            scratch = cleanup.enter_context(ScratchDir("calib"))  # swept if this process is killed
-            walk = _LayerWalk(spec, layout, reader, sequences, scratch, cancelled)
-            cleanup.callback(walk.close)
-            walk.capture_inputs()
-            seconds["calibrate"] = time.perf_counter() - started - seconds["plan"]
-            records = []
-            report_progress(Progress("prune", 0, layout.count))
-            for index in range(layout.count):
-                if cancelled():
-                    raise JobCancelled("the job was cancelled")
-                record, tensors = walk.layer(index)
-                for full in layer_names[index]:  # in the planned (input) order
-                    dtype = TORCH_DTYPES[reader.info(full).dtype]
-                    writer.write(full, _raw(tensors.pop(full).to(dtype)))
-                records.append(record)
-                report_progress(Progress("prune", index + 1, layout.count))
-            seconds["prune"] = time.perf_counter() - started - sum(seconds.values())
-            calibration_summary = walk.calibration_summary()
-            walk.close()  # the hidden states are not needed any more
+        sequences: list[CalibrationSequence] = []
+        if spec.calibration is not None:
+            report_progress(Progress(CALIBRATE_STAGE))
+            with model_tokenizer(source, spec.model, cancelled) as tokenizer:
+                sequences = calibration_sequences(
+                    spec.calibration, tokenizer, context_length(config)
+                )
+        # Hidden states that do not fit the budget go to a scratch directory of their own
+        # (TMPDIR), never into the staging directory that is published.
+        scratch = cleanup.enter_context(ScratchDir("calib"))  # swept if this process is killed
+        walk = _LayerWalk(spec, layout, reader, sequences, scratch, cancelled)
+        cleanup.callback(walk.close)
+        walk.capture_inputs()
+        seconds["calibrate"] = time.perf_counter() - started - seconds["plan"]
+        records = []
+        report_progress(Progress("prune", 0, layout.count))
+        for index in range(layout.count):
+            if cancelled():
+                raise JobCancelled("the job was cancelled")
+            record, tensors = walk.layer(index)
+            for full in layer_names[index]:  # in the planned (input) order
+                dtype = TORCH_DTYPES[reader.info(full).dtype]
+                writer.write(full, _raw(tensors.pop(full).to(dtype)))
+            records.append(record)
+            report_progress(Progress("prune", index + 1, layout.count))
+        seconds["prune"] = time.perf_counter() - started - sum(seconds.values())
+        calibration_summary = walk.calibration_summary()
+        walk.close()  # the hidden states are not needed any more
 
-            report_progress(Progress("finalize", layout.count, layout.count))
-            written = writer.finish()
-            carried = carry_over(source, target.local_dir, {}, cancelled)
-            totals = _totals(records)
-            report: dict = {
-                "format": "fapm-pruning-report/1",
-                **({"job_id": job_id} if job_id is not None else {}),
-                "spec": spec.model_dump(mode="json"),
-                "operation": "weights",
-                "implementation": f"torch-{walk.device.type}",
-                "device": walk.device.type,
-                "inputs": {"model": reader.identity()},
-                "calibration": calibration_summary,
-                "totals": totals,
-                "layers": records,
-                "output": {
-                    "shards": [vars(s) for s in written],
-                    "carried": carried.carried,
-                    "not_carried": carried.not_carried,
-                },
-                "notes": [],
-            }
-            evaluation = None
-            if spec.evaluate is not None:
-                evaluation = _evaluate(spec, target.local_dir, report_progress, cancelled)
-                report["evaluation"] = evaluation
-            (target.local_dir / "README.md").write_text(
-                weights_card(spec, totals, report["inputs"], report["calibration"], evaluation)
-            )
-            what = f"{spec.method} weights at sparsity {spec.sparsity:g}"
-            location, report = publish_with_report(
-                target, report, seconds, started, commit_message(job_id, "fapm prune", what),
-                report_progress, cancelled, layout.count,
-            )  # fmt: skip
-        except BaseException:
-            if writer is not None:
-                writer.abort()
-            target.abort()
-            raise
+        report_progress(Progress("finalize", layout.count, layout.count))
+        written = writer.finish()
+        carried = carry_over(source, target.local_dir, {}, cancelled)
+        totals = _totals(records)
+        report: dict = {
+            "format": "fapm-pruning-report/1",
+            **({"job_id": job_id} if job_id is not None else {}),
+            "spec": spec.model_dump(mode="json"),
+            "operation": "weights",
+            "implementation": f"torch-{walk.device.type}",
+            "device": walk.device.type,
+            "inputs": {"model": reader.identity()},
+            "calibration": calibration_summary,
+            "totals": totals,
+            "layers": records,
+            "output": {
+                "shards": [vars(s) for s in written],
+                "carried": carried.carried,
+                "not_carried": carried.not_carried,
+            },
+            "notes": [],
+        }
+        evaluation = None
+        if spec.evaluate is not None:
+            evaluation = _evaluate(spec, target.local_dir, report_progress, cancelled)
+            report["evaluation"] = evaluation
+        (target.local_dir / "README.md").write_text(
+            weights_card(spec, totals, report["inputs"], report["calibration"], evaluation)
+        )
+        what = f"{spec.method} weights at sparsity {spec.sparsity:g}"
+        location, report = publish_with_report(
+            target, report, seconds, started, commit_message(job_id, "fapm prune", what),
+            report_progress, cancelled, layout.count,
+        )  # fmt: skip
     report_progress(Progress("done", layout.count, layout.count))
     return PruneResult(location, report)
 
