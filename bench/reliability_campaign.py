@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import platform
@@ -49,6 +50,7 @@ import time
 import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +61,7 @@ import psutil  # noqa: E402
 import redis  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 from bench.submit_load import Load, Sample, verify  # noqa: E402
 from tests.models import make_llama_pair  # noqa: E402
@@ -73,7 +76,7 @@ from tests.service.test_worker_recovery import Workers, wait_for  # noqa: E402
 from tests.service.test_worker_webhooks import Receiver, tiny_spec  # noqa: E402
 from worker.engine.pipeline import REPORT_FILE  # noqa: E402
 from worker.io.staging import STAGING_MARK  # noqa: E402
-from worker.localstack import LocalStack, _spawn, free_port, wait_for_port  # noqa: E402
+from worker.localstack import LocalStack, _spawn, free_port, s3_env, wait_for_port  # noqa: E402
 from worker.webhooks import webhook_id_for  # noqa: E402
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -187,6 +190,8 @@ def cli_reference(spec: dict, out: Path) -> Path:
         argv = [str(fapm), "--debug", "prune", "--base", spec["base"]]
         argv += ["--finetuned", spec["finetuned"], "--out", str(out)]
         argv += ["--kernel", spec.get("kernel", "auto")]
+        if "shard_size" in spec:
+            argv += ["--shard-size", str(spec["shard_size"])]
         run = subprocess.run(argv, capture_output=True, text=True, timeout=600)
         if run.returncode != 0:
             raise RuntimeError(f"fapm prune exited {run.returncode}: {run.stderr[-2000:]}")
@@ -398,6 +403,479 @@ def redis_restarts(workers: Workers, root: Path, rounds: int, queued: int) -> di
                 name = signal.Signals(sig).name
                 result["failures"].append(f"{name} round {n}: {job_id} {status}")
     result["held"] = result["restarts"] > 0 and result["jobs_succeeded"] == result["jobs"]
+    return result
+
+
+# -- 2b. the webhooks worker SIGKILLed with deliveries in flight and retries scheduled ----------
+# Deliveries run on their own `-Q webhooks` worker; the CPU worker (which also sweeps owed
+# webhooks) stays up. Each round's jobs end while the webhooks worker holds one POST open per
+# `hold_first` job and one retry countdown per `fail_first` job; then its whole process group is
+# SIGKILLed, one more job ends while no webhooks worker lives, and a new one is started.
+# Holds first: they wait for the kill; the retries (due HOOK_FIRST_RETRY later) come last.
+HOOK_PLANS = ("hold_first", "hold_first", "ok", "fail_first", "fail_first")
+HOOK_TIMEOUT = 12.0  # longer than a hold lasts: a held POST is still in flight at the kill
+HOOK_FIRST_RETRY = 6.0  # +-25 %: the retry is still counting down when the last hold begins
+
+
+class HookReceiver:
+    """A webhook endpoint that answers each job by the plan in its URL (/hook/<plan>): `ok` 200;
+    `fail_first` 500 to the first POST of a webhook-id, then 200; `hold_first` holds the first
+    POST open until release(), then drops the connection unanswered (that POST dies with its
+    worker), then 200. Per webhook-id it keeps every POST and the answer it got: a webhook
+    delivered twice is two 200s for one id, counted, never merged."""
+
+    def __init__(self) -> None:
+        self.posts: dict[str, list[dict]] = {}
+        self.held: set[str] = set()
+        self._lock = threading.Lock()
+        self._release = threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["content-length"]))
+                hook_id = self.headers.get("webhook-id", "?")
+                plan = self.path.rsplit("/", 1)[-1]
+                entry: dict = {"at": time.time(), "plan": plan, "answer": None}
+                with receiver._lock:
+                    earlier = receiver.posts.setdefault(hook_id, [])
+                    first = not earlier
+                    earlier.append(entry)
+                    release = receiver._release
+                if first and plan == "hold_first":
+                    receiver.held.add(hook_id)
+                    release.wait(120)
+                    receiver.held.discard(hook_id)
+                    entry["answer"] = "dropped"
+                    self.close_connection = True
+                    return
+                code = 500 if first and plan == "fail_first" else 200
+                self.send_response(code)
+                self.send_header("content-length", "0")
+                self.end_headers()
+                entry["answer"] = code  # only once the answer was written
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, plan: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hook/{plan}"
+
+    def release(self) -> None:
+        """Drop every held POST unanswered; later first POSTs of hold_first jobs hold again."""
+        with self._lock:
+            self._release.set()
+            self._release = threading.Event()
+
+    def delivered_at(self, hook_id: str) -> list[float]:
+        """When each 200 this webhook-id got was answered."""
+        with self._lock:
+            return [p["at"] for p in self.posts.get(hook_id, []) if p["answer"] == 200]
+
+    def close(self) -> None:
+        self.release()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def hook_state(receiver: HookReceiver, record, now: float) -> str:
+    """Where a job's webhook stood when its worker was killed."""
+    hook_id = webhook_id_for(record.id)
+    attempts = record.webhook.deliveries if record.webhook else []
+    if receiver.delivered_at(hook_id):
+        return "delivered"
+    if hook_id in receiver.held:
+        return "in_flight"
+    if attempts and attempts[-1].next_attempt_at and attempts[-1].next_attempt_at.timestamp() > now:
+        return "retry_scheduled"
+    return "not_yet_posted"
+
+
+def kill_webhooks(stack: CampaignStack, root: Path, rounds: int, lease: float) -> dict:
+    jobs = Jobs(stack)
+    pair = make_llama_pair(root / "pair", dtype=torch.bfloat16, seed=11)
+    heartbeat = float(FAST_ENV["FAPM_HEARTBEAT_SECONDS"])
+    # A retry due just before the kill, then a POST that times out, then a lease to go stale.
+    bound = HOOK_FIRST_RETRY * 1.25 + HOOK_TIMEOUT + 2 * lease + heartbeat + 8
+    result: dict = {"kills": 0, "jobs": 0, "delivered_once": 0, "duplicated": 0, "lost": 0}
+    result |= {"owed_after": 0, "posts": 0, "at_kill": {}, "bound_seconds": bound}
+    result |= {"failures": [], "rounds": []}
+    from_kill: list[float] = []
+    from_restart: list[float] = []
+    receiver = HookReceiver()
+    hook_args = ["-Q", "webhooks", "--concurrency", str(1 + HOOK_PLANS.count("hold_first"))]
+    hooks = stack.start_worker("hooks0", extra_args=hook_args)
+    owed_by_round: list[dict[str, str]] = []
+    try:
+        for n in range(rounds):
+            plans: dict[str, str] = {}
+            for i, plan in enumerate(HOOK_PLANS):
+                out = root / "hooks" / f"r{n}-{i}-{plan}"
+                plans[jobs.submit(tiny_spec(pair, out), webhook={"url": receiver.url(plan)})] = plan
+
+            want = {"hold_first": "in_flight", "fail_first": "retry_scheduled"}
+
+            def ready(plans=plans, want=want) -> bool:
+                now = time.time()
+                records = {job_id: jobs.store.get(job_id) for job_id in plans}
+                return all(r.status in TERMINAL for r in records.values()) and all(
+                    hook_state(receiver, records[job_id], now) == want[plan]
+                    for job_id, plan in plans.items()
+                    if plan in want
+                )
+
+            deadline = time.monotonic() + 90
+            while not ready() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            hooks.kill(signal.SIGKILL)
+            hooks.popen.wait(10)
+            killed_at = time.time()
+            result["kills"] += 1
+            at_kill: dict[str, int] = {}
+            for job_id in plans:
+                state = hook_state(receiver, jobs.store.get(job_id), killed_at)
+                at_kill[state] = at_kill.get(state, 0) + 1
+            receiver.release()  # the held POSTs' client is dead: drop them unanswered
+            # One more job ends while no webhooks worker lives: its delivery waits in the queue.
+            late = jobs.submit(
+                tiny_spec(pair, root / "hooks" / f"r{n}-while-down"),
+                webhook={"url": receiver.url("ok")},
+            )
+            plans[late] = "ok_while_down"
+            at_kill["ended_while_down"] = 1
+            jobs.wait(late, timeout=120)
+            hooks = stack.start_worker(f"hooks{n + 1}", extra_args=hook_args)
+            restarted_at = time.time()
+            for state, count in at_kill.items():
+                result["at_kill"][state] = result["at_kill"].get(state, 0) + count
+            result["rounds"].append(
+                {"at_kill": at_kill, "restart_s": round(restarted_at - killed_at, 1)}
+            )
+            deadline = time.monotonic() + bound + 30
+            waiting = dict(plans)
+            while waiting and time.monotonic() < deadline:
+                for job_id in list(waiting):
+                    first = receiver.delivered_at(webhook_id_for(job_id))
+                    if first:
+                        waiting.pop(job_id)
+                        if first[0] > killed_at:
+                            from_kill.append(first[0] - killed_at)
+                            from_restart.append(max(0.0, first[0] - restarted_at))
+                time.sleep(0.05)
+            owed_by_round.append(plans)
+        # Quiet time for a second delivery chain to show itself: the sweeper re-queues what is
+        # still owed a lease after its stamp, and Celery restores an unacknowledged message after
+        # the visibility timeout.
+        time.sleep(HOOK_TIMEOUT + 2 * lease + heartbeat)
+        for plans in owed_by_round:
+            for job_id, plan in plans.items():
+                hook_id = webhook_id_for(job_id)
+                result["jobs"] += 1
+                delivered = receiver.delivered_at(hook_id)
+                result["posts"] += len(receiver.posts.get(hook_id, []))
+                owed = jobs.store.redis.zscore("fapm:webhooks-owed", job_id) is not None
+                record = jobs.store.get(job_id)
+                attempts = record.webhook.deliveries if record.webhook else []
+                recorded = bool(attempts) and attempts[-1].delivered
+                result["delivered_once"] += len(delivered) == 1
+                result["duplicated"] += len(delivered) > 1
+                result["lost"] += not delivered
+                result["owed_after"] += owed
+                if len(delivered) != 1 or owed or not recorded or record.status != "succeeded":
+                    answers = [p["answer"] for p in receiver.posts.get(hook_id, [])]
+                    result["failures"].append(
+                        f"{plan} {job_id}: {record.status}, answers {answers}, owed {owed}, "
+                        f"recorded attempts {[(a.attempt, a.delivered) for a in attempts]}"
+                    )
+        strangers = set(receiver.posts) - {
+            webhook_id_for(job_id) for plans in owed_by_round for job_id in plans
+        }
+        if strangers:
+            result["failures"].append(f"POSTs with unknown webhook-ids: {sorted(strangers)}")
+    finally:
+        receiver.close()
+    result["seconds_from_kill"] = spread(from_kill)
+    result["seconds_from_restart"] = spread(from_restart)
+    result["held"] = result["kills"] > 0 and not result["failures"]
+    return result
+
+
+# -- 2c. a worker SIGKILLed mid-upload to S3 (moto_server) ---------------------------------------
+# Where a kill lands: while shards stream to the staging prefix (a local or an s3:// source),
+# while a shard over the multipart threshold uploads to staging, while the promote copies objects
+# to the output (before the manifest, the commit point), and while a large object is copied
+# there part by part.
+S3_KILL_POINTS = (
+    ("stream", "local"),
+    ("stream", "s3"),
+    ("promote", "s3"),
+    ("multipart_staging", "local"),
+    ("multipart_promote", "local"),
+)
+S3_BUCKET = "models"
+S3_SHARD = "600KB"  # the 32-tensor pair in 32 shards, uploaded as they complete
+# One shard over S3Target's multipart threshold (64 MiB): uploaded, then copied, in parts.
+LARGE_TENSORS, LARGE_ROWS, LARGE_COLS = 10, 2048, 4096
+
+
+def campaign_s3(stack: CampaignStack):
+    import boto3
+
+    env = s3_env(stack.s3_url)
+    return boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
+
+
+def s3_listing(client, prefix: str) -> dict[str, int]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET, Prefix=prefix)
+    return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
+
+
+def open_uploads(client) -> list[str]:
+    return [u["Key"] for u in client.list_multipart_uploads(Bucket=S3_BUCKET).get("Uploads", [])]
+
+
+def write_large_pair(directory: Path) -> tuple[Path, Path]:
+    """A pair whose pruned output, one shard, is over the multipart threshold."""
+    base_dir, ft_dir = directory / "base", directory / "finetuned"
+    if (ft_dir / "model.safetensors").exists():
+        return base_dir, ft_dir
+    generator = torch.Generator().manual_seed(3)
+    base = {
+        f"model.layers.{i}.mlp.weight": torch.randn(LARGE_ROWS, LARGE_COLS, generator=generator).to(
+            torch.bfloat16
+        )
+        for i in range(LARGE_TENSORS)
+    }
+    for path, scale in ((base_dir, 0.0), (ft_dir, 0.01)):
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            name: (w.float() + scale * torch.randn(w.shape, generator=generator)).to(torch.bfloat16)
+            for name, w in base.items()
+        }
+        save_file(tensors, path / "model.safetensors")
+    return base_dir, ft_dir
+
+
+class PrefixWatcher(threading.Thread):
+    """Polls an S3 output prefix until stopped. The manifest is the commit point: whenever it is
+    listed, every file it names must be listed with its size ("broken" otherwise). Polls that
+    list objects but no manifest are the promote's copies before the commit, counted; the
+    first one sets `uncommitted`."""
+
+    def __init__(self, client, prefix: str) -> None:
+        super().__init__(daemon=True)
+        self.client = client
+        self.prefix = prefix
+        self.polls = 0
+        self.uncommitted_polls = 0
+        self.broken: list[str] = []
+        self.uncommitted = threading.Event()
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        from worker.io.publish import MANIFEST_FILE
+
+        manifest_files: list | None = None
+        while not self._halt.is_set():
+            try:
+                listing = s3_listing(self.client, self.prefix)
+                names = {key[len(self.prefix) :]: size for key, size in listing.items()}
+                if MANIFEST_FILE in names and manifest_files is None:
+                    raw = self.client.get_object(Bucket=S3_BUCKET, Key=self.prefix + MANIFEST_FILE)
+                    manifest_files = json.loads(raw["Body"].read())["files"]
+            except Exception as exc:  # moto busy: this poll saw nothing
+                self.broken.append(f"poll error {type(exc).__name__}: {exc}"[:200])
+                continue
+            self.polls += 1
+            if MANIFEST_FILE in names:
+                missing = [f["name"] for f in manifest_files if names.get(f["name"]) != f["size"]]
+                if missing:
+                    self.broken.append(f"manifest listed, missing or resized: {missing[:3]}")
+            elif names:
+                self.uncommitted_polls += 1
+                self.uncommitted.set()
+            time.sleep(0.005)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+def wait_until(check: Callable[[], bool], timeout: float, every: float = 0.005) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(every)
+    return False
+
+
+def kill_s3(workers: Workers, root: Path, kills: int, rng: random.Random, scratch: Path) -> dict:
+    from worker.io.publish import MANIFEST_FILE
+
+    stack = workers.stack
+    jobs = Jobs(stack)
+    client = campaign_s3(stack)
+    client.create_bucket(Bucket=S3_BUCKET)
+    small = write_big_pair(root / "big_pair")
+    large = write_large_pair(root / "large_pair")
+    for prefix, directory in (("big/base", small[0]), ("big/ft", small[1])):
+        client.upload_file(
+            str(directory / "model.safetensors"), S3_BUCKET, f"{prefix}/model.safetensors"
+        )
+    sources = {
+        "local": (str(small[0]), str(small[1])),
+        "s3": ("s3://models/big/base/", "s3://models/big/ft/"),
+    }
+    references = {
+        "small": cli_reference(
+            big_spec(small, root / "s3-ref-small", shard_size=S3_SHARD), root / "s3-ref-small"
+        ),
+        "large": cli_reference(
+            big_spec(large, root / "s3-ref-large", shard_size="1GB"), root / "s3-ref-large"
+        ),
+    }
+    result: dict = {"kills": 0, "missed_instant": 0, "succeeded": 0, "byte_identical": 0}
+    result |= {"staging_left": 0, "uploads_left": 0, "scratch_left": 0, "by_point": {}}
+    result |= {"output_polls": 0, "uncommitted_polls": 0, "broken_manifest_polls": 0}
+    result |= {"failures": [], "attempts": []}
+    recoveries: list[float] = []
+    for i in range(kills):
+        point, source = S3_KILL_POINTS[i % len(S3_KILL_POINTS)]
+        workers.keep(2)
+        prefix = f"out/kill{i}-{point}/"
+        large_job = point.startswith("multipart")
+        base, finetuned = (str(large[0]), str(large[1])) if large_job else sources[source]
+        spec = {
+            "base": base,
+            "finetuned": finetuned,
+            "output": f"s3://{S3_BUCKET}/{prefix}",
+            "shard_size": "1GB" if large_job else S3_SHARD,
+            "kernel": "torch",
+        }
+        reference = references["large" if large_job else "small"]
+        watcher = PrefixWatcher(campaign_s3(stack), prefix)
+        watcher.start()
+        tally = result["by_point"].setdefault(f"{point}/{source}", {"kills": 0, "held": 0})
+        try:
+            job_id = jobs.submit(spec)
+            jobs.wait(job_id, lambda r: r.status != "queued", timeout=120, every=0.01)
+            holder = None
+            deadline = time.monotonic() + 30
+            while holder is None and time.monotonic() < deadline:
+                holder = holder_of(workers, str(scratch))  # the process with the job's scratch
+                time.sleep(0.02)
+            if point == "stream":
+                target = rng.randint(4, 24)
+                jobs.wait(
+                    job_id,
+                    lambda r, t=target: r.status in TERMINAL or r.progress.tensors_done >= t,
+                    timeout=180,
+                    every=0.01,
+                )
+                hit = jobs.get(job_id).status == "running"
+            elif point == "promote":
+                hit = wait_until(watcher.uncommitted.is_set, 180)
+            else:
+                wanted = prefix if point == "multipart_promote" else "fapm-staging"
+                hit = wait_until(
+                    lambda w=wanted, mark=f".kill{i}-": any(
+                        k.startswith(w) or (w in k and mark in k) for k in open_uploads(client)
+                    ),
+                    180,
+                    0.01,
+                )
+            if not hit or holder is None or not holder.alive():
+                result["missed_instant"] += 1
+                record = jobs.wait(job_id, timeout=240)
+            else:
+                holder.kill(signal.SIGKILL)
+                holder.popen.wait(10)
+                killed_at = time.time()
+                result["kills"] += 1
+                tally["kills"] += 1
+                left = s3_listing(client, prefix)
+                tally.setdefault("objects_at_output_after_kill", []).append(len(left))
+                record = jobs.wait(job_id, timeout=240)
+                if record.status == "succeeded":
+                    recoveries.append(record.finished_at.timestamp() - killed_at)
+        finally:
+            watcher.stop()
+        failures: list[str] = []
+        result["attempts"].append(record.attempts)
+        result["output_polls"] += watcher.polls
+        result["uncommitted_polls"] += watcher.uncommitted_polls
+        result["broken_manifest_polls"] += len(watcher.broken)
+        failures += [f"output poll: {b}" for b in watcher.broken[:3]]
+        objects = {
+            key[len(prefix) :]: client.get_object(Bucket=S3_BUCKET, Key=key)["Body"].read()
+            for key in s3_listing(client, prefix)
+        }
+        if record.status == "succeeded":
+            result["succeeded"] += 1
+        else:
+            error = record.error and f"{record.error.code}: {record.error.message[:200]}"
+            failures.append(f"ended {record.status} ({error}); at the output: {sorted(objects)}")
+        expected = {p.name for p in reference.iterdir()} | {MANIFEST_FILE}
+        weights = [n for n in expected if n.endswith((".safetensors", ".index.json"))]
+        same = set(objects) == expected and all(
+            objects[n] == (reference / n).read_bytes() for n in weights
+        )
+        if same:
+            manifest = json.loads(objects[MANIFEST_FILE])
+            listed = {f["name"]: (f["size"], f["sha256"]) for f in manifest["files"]}
+            actual = {
+                n: (len(b), hashlib.sha256(b).hexdigest())
+                for n, b in objects.items()
+                if n != MANIFEST_FILE
+            }
+            same = manifest.get("job_id") == job_id and listed == actual
+        if same:
+            result["byte_identical"] += 1
+        elif record.status == "succeeded":
+            failures.append("output differs from `fapm prune`'s or from its manifest")
+        staging = [k for k in s3_listing(client, "out/") if "fapm-staging" in k]
+        uploads = open_uploads(client)
+        result["staging_left"] += len(staging)
+        result["uploads_left"] += len(uploads)
+        if staging:
+            failures.append(f"{len(staging)} staging objects left, e.g. {staging[0]}")
+        if uploads:
+            failures.append(f"open multipart uploads left: {uploads[:3]}")
+            for upload in client.list_multipart_uploads(Bucket=S3_BUCKET).get("Uploads", []):
+                client.abort_multipart_upload(  # not counted again for the next job
+                    Bucket=S3_BUCKET, Key=upload["Key"], UploadId=upload["UploadId"]
+                )
+        if staging:  # the same: each job's leftovers are counted once
+            client.delete_objects(
+                Bucket=S3_BUCKET, Delete={"Objects": [{"Key": k} for k in staging[:1000]]}
+            )
+        tally["held"] += not failures
+        result["failures"] += [f"{point}/{source} {job_id}: {f}" for f in failures]
+        if large_job:  # moto holds objects in memory: free the large ones once checked
+            keys = list(s3_listing(client, prefix))
+            if keys:
+                client.delete_objects(
+                    Bucket=S3_BUCKET, Delete={"Objects": [{"Key": k} for k in keys]}
+                )
+    # Each new pool process sweeps the scratch a killed one left (worker/io/scratch.py).
+    workers.keep(2)
+    scratch_left = [p.name for p in scratch.glob("fapm-*")]
+    result["scratch_left"] = len(scratch_left)
+    if scratch_left:
+        result["failures"].append(f"local scratch left after the kills: {scratch_left[:5]}")
+    result["recovery_seconds"] = spread(recoveries)
+    result["held"] = result["kills"] > 0 and not result["failures"]
     return result
 
 
@@ -1023,6 +1501,71 @@ def run_recovery(summary: dict, args, workdir: Path) -> None:
         stack.stop()
 
 
+def stop_unpaused(stack: CampaignStack) -> None:
+    """SIGKILL every process but redis-server (a worker holding a POST or a paused job would not
+    drain), then stop the stack."""
+    for process in stack.processes:
+        if process.name != "redis":
+            process.kill(signal.SIGKILL)
+    stack.stop()
+
+
+def run_webhooks(summary: dict, args, workdir: Path) -> None:
+    """Section 2b on its own stack: redis-server with AOF, the API, one CPU worker (which also
+    sweeps owed webhooks) and the `-Q webhooks` worker the section kills and replaces."""
+    root = (workdir / "webhooks-root").resolve()
+    root.mkdir(parents=True)
+    lease = 3.0
+    env = stack_env(
+        root,
+        FAPM_LEASE_SECONDS=str(int(lease)),
+        FAPM_VISIBILITY_TIMEOUT_SECONDS="5",
+        FAPM_WEBHOOK_TIMEOUT_SECONDS=str(HOOK_TIMEOUT),
+        FAPM_WEBHOOK_FIRST_RETRY_SECONDS=str(HOOK_FIRST_RETRY),
+        FAPM_WEBHOOK_RETRY_SECONDS="300",
+    )
+    stack = CampaignStack(workdir / "webhooks-stack", env=env)
+    stack.workdir.mkdir(parents=True)
+    try:
+        stack.start_redis()
+        stack.start_api()
+        stack.start_worker("runner", extra_args=["-Q", "cpu", "--concurrency", "1"])
+        section(
+            summary,
+            "kill_webhooks",
+            lambda: kill_webhooks(stack, root, args.webhook_rounds, lease),
+        )
+    finally:
+        stop_unpaused(stack)
+
+
+def run_s3(summary: dict, args, workdir: Path) -> None:
+    """Section 2c on its own stack: moto_server (every process pointed at it by the standard AWS
+    environment), redis-server with AOF, the API and one-process workers whose scratch lives in
+    a directory of the section's own (TMPDIR), so the holder of a job and leftovers are found."""
+    root = (workdir / "s3-root").resolve()
+    scratch = (workdir / "s3-scratch").resolve()
+    root.mkdir(parents=True)
+    scratch.mkdir()
+    env = stack_env(
+        root,
+        FAPM_LEASE_SECONDS="3",
+        FAPM_VISIBILITY_TIMEOUT_SECONDS="5",
+        TMPDIR=str(scratch),
+    )
+    stack = CampaignStack(workdir / "s3-stack", env=env)
+    stack.workdir.mkdir(parents=True)
+    workers = Workers(stack, workdir / "s3-no-pauses")  # FAPM_TEST_PAUSE_DIR unset: none pause
+    rng = random.Random(args.seed)
+    try:
+        stack.start_s3()
+        stack.start_redis()
+        stack.start_api()
+        section(summary, "kill_s3", lambda: kill_s3(workers, root, args.s3_kills, rng, scratch))
+    finally:
+        stop_unpaused(stack)
+
+
 def run_api_only(summary: dict, args, workdir: Path, tally: Tally) -> None:
     root = (workdir / "api-root").resolve()
     for name in ("base", "finetuned", "out"):
@@ -1109,6 +1652,37 @@ def markdown(summary: dict) -> str:
             f"API while down: {k['api_while_down']}",
             k["held"],
         )
+    k = summary.get("kill_webhooks")
+    if k and "crashed" not in k:
+        at = ", ".join(f"{state} {n}" for state, n in sorted(k["at_kill"].items()))
+        row(
+            "Webhooks worker SIGKILL",
+            "SIGKILL to the `-Q webhooks` worker's process group with POSTs in flight and "
+            "retries counting down; a new one started",
+            k["kills"],
+            f"{k['delivered_once']} of {k['jobs']} webhooks delivered exactly once "
+            f"({k['duplicated']} twice or more, {k['lost']} never), {k['owed_after']} left "
+            f"owed; at the kill: {at}; s to delivery from the kill "
+            f"{shown(k['seconds_from_kill'])}, from the restart "
+            f"{shown(k['seconds_from_restart'])} (min/median/max)",
+            k["held"],
+        )
+    k = summary.get("kill_s3")
+    if k and "crashed" not in k:
+        points = ", ".join(f"{name} {t['held']}/{t['kills']}" for name, t in k["by_point"].items())
+        row(
+            "Worker SIGKILL mid-S3-upload",
+            "SIGKILL to the worker's process group while shards stream, a multipart upload "
+            "runs or the promote copies (moto_server)",
+            k["kills"],
+            f"{k['succeeded']} succeeded, {k['byte_identical']} byte-identical to `fapm "
+            f"prune`; left: {k['staging_left']} staging objects, {k['uploads_left']} "
+            f"multipart uploads; manifest listed with an object missing in "
+            f"{k['broken_manifest_polls']} of {k['output_polls']:,} polls (objects before "
+            f"the manifest in {k['uncommitted_polls']}); held per point: {points}; recovery s "
+            f"{shown(k['recovery_seconds'])}",
+            k["held"],
+        )
     s = summary.get("submissions")
     if s and "crashed" not in s:
         b, i, q = s["burst"], s["idempotency"], s["quota"]
@@ -1184,6 +1758,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--redis-restarts", type=int, help="Redis restarts, SIGTERM and SIGKILL alternately (8; 4)"
     )
     parser.add_argument("--redis-queued", type=int, default=4, help="queued jobs per restart")
+    parser.add_argument(
+        "--webhook-rounds", type=int, help="webhooks worker kills, 6 jobs each (4; quick 2)"
+    )
+    parser.add_argument("--s3-kills", type=int, help="worker SIGKILLs mid-S3-upload (10; quick 5)")
     parser.add_argument("--burst", type=int, help="submissions at once (2000; quick 500)")
     parser.add_argument("--idempotency-keys", type=int, help="keys sent 2-5 times (300; 100)")
     parser.add_argument("--quota-limit", type=int, default=20)
@@ -1192,13 +1770,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fuzz-docs", type=int, default=1_500, help="per document parser")
     parser.add_argument("--no-schemathesis", action="store_true")
     parser.add_argument("--seed", type=int, default=12)
-    parser.add_argument("--only", help="comma list: recovery,api,tenants,fuzz,schemathesis")
+    parser.add_argument(
+        "--only",
+        help="comma list: recovery,kill_webhooks,kill_s3,api,tenants,fuzz,schemathesis",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the JSON summary here")
     parser.add_argument("--markdown", metavar="PATH", help="write the Markdown table here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args(argv)
     full = {"kills": 20, "instant_rounds": 3, "redis_restarts": 8, "burst": 2000}
+    full |= {"webhook_rounds": 4, "s3_kills": 10}
     quick = {"kills": 5, "instant_rounds": 1, "redis_restarts": 4, "burst": 500}
+    quick |= {"webhook_rounds": 2, "s3_kills": 5}
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -1224,12 +1807,17 @@ def main(argv: list[str] | None = None) -> int:
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
         ).stdout.strip(),
         "counts": vars(args),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
     started = time.monotonic()
     tally = Tally()
     try:
         if only is None or "recovery" in only:
             run_recovery(summary, args, workdir)
+        if args.webhook_rounds and (only is None or "kill_webhooks" in only):
+            run_webhooks(summary, args, workdir)
+        if args.s3_kills and (only is None or "kill_s3" in only):
+            run_s3(summary, args, workdir)
         if only is None or "api" in only:
             run_api_only(summary, args, workdir, tally)
         if only is None or "tenants" in only:
@@ -1243,6 +1831,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     summary["minutes"] = round((time.monotonic() - started) / 60, 1)
+    summary["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     sections = [v for v in summary.values() if isinstance(v, dict) and "held" in v]
     security_held = all(r["held"] == r["tried"] for r in tally.rows.values())
     summary["all_held"] = security_held and all(s["held"] is not False for s in sections)
