@@ -24,6 +24,13 @@ def _revision_rows(inputs: dict[str, dict]) -> str:
     return "".join(rows)
 
 
+def _update_kind(spec: JobSpec, inputs: dict[str, dict]) -> str:
+    """The update side's row label: the adapter's kind as its reader identified it (LoRA, DoRA)."""
+    if not spec.adapter:
+        return "fine-tuned model"
+    return f"{(inputs.get('adapter') or {}).get('adapter_type', 'LoRA')} adapter"
+
+
 def _pairing_section(name_map: NameMap, notes: list[str]) -> str:
     """How the fine-tune's tensors were paired with the base's, when it is not name for name."""
     if name_map.is_identity and not notes:
@@ -88,7 +95,7 @@ Built by fapm-service.
 | | |
 | --- | --- |
 | base model | `{spec.base}` |
-| {"LoRA adapter" if spec.adapter else "fine-tuned model"} | `{update}` |
+| {_update_kind(spec, inputs or {})} | `{update}` |
 {_revision_rows(inputs or {})}| method | `{spec.method}` |
 | sparsity (update dropped) | {spec.sparsity:g} |
 | density (update kept) | {spec.density:g} |

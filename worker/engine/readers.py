@@ -3,6 +3,8 @@
 `CheckpointReader` reads a safetensors checkpoint. `LoraMergedReader` presents a PEFT LoRA adapter
 as a fine-tuned checkpoint: F = cast(float32(W) + D) per targeted module, D = scale * B @ A in
 float32, one module at a time, so the rest of the engine never knows it came from an adapter.
+A DoRA adapter (`use_dora`) also rescales W + D to its magnitude vector m, as peft's merge does:
+F = cast(m / ||W + D|| * (W + D)), the norm per output row (per embedding column) in float32.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from worker.errors import CorruptCheckpoint, SourceNotFound, UnsupportedFormat
 from worker.exclude_pattern import ExcludePattern
 from worker.io.checkpoint import CONFIG_LIMITS, SafetensorsCheckpoint, read_config
 from worker.io.safe_json import check_size, load_json
+from worker.io.safetensors_format import FLOAT_DTYPES
 from worker.io.source import ModelSource
 from worker.io.torch_tensors import read_tensor
 
@@ -71,12 +74,21 @@ class _LoraModule:
     a: str  # adapter tensor names
     b: str
     scale: float
-    transpose: bool
+    transpose: bool  # D (and W) in [in, out] layout: an embedding, or fan_in_fan_out
+    magnitude: str | None = None  # DoRA's lora_magnitude_vector
+    base_layer: str | None = None  # W as peft saved it (`embed_tokens.base_layer.weight`)
 
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
+# What an adapter tensor is, by its name less _PEFT_PREFIX: (module, part). peft saves DoRA's
+# magnitude as `lora_magnitude_vector` (older releases' format, kept on save), and loads
+# `lora_magnitude_vector.weight` too; with an embedding in target_modules it saves the base layer.
+_ADAPTER_PART = re.compile(
+    r"(.+)\.(?:(lora_A|lora_B)(?:\.weight)?|(lora_embedding_A|lora_embedding_B)"
+    r"|(lora_magnitude_vector)(?:\.weight)?|(base_layer)\.weight)$"
+)
 
 
 def _alpha_number(value: object, where: str) -> float:
@@ -114,8 +126,6 @@ class LoraMergedReader:
         peft_type = str(config.get("peft_type", "LORA")).upper()
         if peft_type != "LORA":
             raise UnsupportedFormat(f"adapter type {peft_type} is not supported (LoRA only)")
-        if config.get("use_dora"):
-            raise UnsupportedFormat("DoRA adapters are not supported (plain LoRA only)")
         if config.get("lora_bias"):
             raise UnsupportedFormat("LoRA adapters with lora_bias are not supported")
 
@@ -133,6 +143,10 @@ class LoraMergedReader:
                 return _alpha_number(alpha, where)
         return _alpha_number(self.adapter_config.get("lora_alpha", 8), where)
 
+    @property
+    def dora(self) -> bool:
+        return bool(self.adapter_config.get("use_dora"))
+
     def _map_tensors(self) -> tuple[dict[str, _LoraModule], dict[str, str]]:
         """LoRA modules and full replacements, keyed by the base tensor each one updates.
 
@@ -146,17 +160,22 @@ class LoraMergedReader:
         replaced: dict[str, str] = {}  # adapter-side name -> adapter tensor key
         for key in self.checkpoint.names():
             name = key.removeprefix(_PEFT_PREFIX)
-            match = re.match(r"(.+)\.(lora_A|lora_B)(?:\.weight)?$", name) or re.match(
-                r"(.+)\.(lora_embedding_A|lora_embedding_B)$", name
-            )
-            if match:
-                module, part = match.groups()
-                pairs.setdefault(module, {})[part[-1]] = key
-                pairs[module]["embedding"] = "embedding" if "embedding" in part else ""
-            elif "lora_magnitude_vector" in name:
-                raise UnsupportedFormat("DoRA adapters are not supported (plain LoRA only)")
-            else:
+            match = _ADAPTER_PART.match(name)
+            if match is None:
                 replaced[name] = key  # modules_to_save: a full replacement tensor
+                continue
+            module, lora, embedding, magnitude, _ = match.groups()
+            parts = pairs.setdefault(module, {})
+            if lora or embedding:
+                parts[(lora or embedding)[-1]] = key
+                parts["embedding"] = "embedding" if embedding else ""
+            elif magnitude:
+                parts["magnitude"] = key
+            else:
+                parts["base_layer"] = key
+        for module in [m for m, parts in pairs.items() if set(parts) == {"base_layer"}]:
+            # A saved base layer without A and B (an untargeted, resized embedding): a replacement
+            replaced[f"{module}.weight"] = pairs.pop(module)["base_layer"]
         targets = [f"{module}.weight" for module in pairs]
         name_map = IDENTITY
         if not base_names.issuperset([*targets, *replaced]):
@@ -194,8 +213,50 @@ class LoraMergedReader:
                 alpha / math.sqrt(rank) if self.adapter_config.get("use_rslora") else alpha / rank
             )
             transpose = bool(parts["embedding"]) or fan_in_fan_out
-            modules[target] = _LoraModule(parts["A"], parts["B"], scale, transpose)
+            if "base_layer" in parts:
+                self._check_base_layer(parts["base_layer"], target)
+            if self.dora:
+                self._check_magnitude(module, parts.get("magnitude"), target, transpose)
+            elif "magnitude" in parts:
+                raise CorruptCheckpoint(
+                    f"{self.source.uri}: {parts['magnitude'][:80]!r} is a DoRA magnitude, but "
+                    f"{ADAPTER_CONFIG} does not set use_dora"
+                )
+            modules[target] = _LoraModule(
+                parts["A"], parts["B"], scale, transpose, parts.get("magnitude"),
+                parts.get("base_layer"),
+            )  # fmt: skip
         return modules, replaced_in_base
+
+    def _check_base_layer(self, key: str, target: str) -> None:
+        shape, base_shape = self.checkpoint.entry(key).shape, self.base.info(target).shape
+        if tuple(shape) != tuple(base_shape):
+            raise UnsupportedFormat(
+                f"{self.source.uri}: {key[:80]!r} has shape {tuple(shape)}, the base's "
+                f"{target!r} {tuple(base_shape)} (a resized embedding is not read)"
+            )
+
+    def _check_magnitude(self, module: str, key: str | None, target: str, transpose: bool) -> None:
+        """DoRA's m holds one norm per output row of W + D (per column of an embedding's); peft's
+        DoRA for a convolution scales whole kernels, which this reader does not compute."""
+        base_shape = tuple(self.base.info(target).shape)
+        if len(base_shape) != 2:
+            raise UnsupportedFormat(
+                f"{self.source.uri}: DoRA on {module!r} (a {len(base_shape)}-D weight, a "
+                "convolution) is not supported; DoRA is read for Linear and Embedding modules"
+            )
+        if key is None:
+            raise CorruptCheckpoint(
+                f"{self.source.uri}: {ADAPTER_CONFIG} sets use_dora, but {module!r} has no "
+                "lora_magnitude_vector"
+            )
+        entry = self.checkpoint.entry(key)
+        rows = base_shape[1] if transpose else base_shape[0]
+        if tuple(entry.shape) != (rows,) or entry.dtype not in FLOAT_DTYPES:
+            raise CorruptCheckpoint(
+                f"{self.source.uri}: DoRA magnitude {key[:80]!r} is {entry.dtype} "
+                f"{tuple(entry.shape)}; {target!r} {base_shape} needs a floating-point ({rows},)"
+            )
 
     def names(self) -> list[str]:
         return self.base.names()
@@ -206,7 +267,8 @@ class LoraMergedReader:
     def read_nbytes(self, name: str) -> int:
         if name in self.modules:
             module = self.modules[name]
-            return self.checkpoint.entry(module.a).nbytes + self.checkpoint.entry(module.b).nbytes
+            keys = [module.a, module.b, module.magnitude, module.base_layer]
+            return sum(self.checkpoint.entry(key).nbytes for key in keys if key is not None)
         if name in self.replaced:
             return self.checkpoint.entry(self.replaced[name]).nbytes
         return 0
@@ -220,6 +282,8 @@ class LoraMergedReader:
         module = self.modules.get(name)
         if module is None:
             return base
+        if module.base_layer is not None:  # peft's merge starts from the W it saved
+            base = read_tensor(self.checkpoint, module.base_layer).to(base.dtype)
         a = read_tensor(self.checkpoint, module.a).to(torch.float32)
         b = read_tensor(self.checkpoint, module.b).to(torch.float32)
         delta = (b @ a) * module.scale  # the same expression as peft's get_delta_weight
@@ -230,13 +294,33 @@ class LoraMergedReader:
                 f"{self.source.uri}: LoRA delta for {name!r} has shape {tuple(delta.shape)}, "
                 f"the base tensor {tuple(base.shape)}"
             )
-        return (base.to(torch.float32) + delta).to(base.dtype)
+        w = base.to(torch.float32)
+        if module.magnitude is None:
+            return (w + delta).to(base.dtype)
+        return self._dora(module.magnitude, module.transpose, w, delta).to(base.dtype)
+
+    def _dora(
+        self, magnitude_key: str, transpose: bool, w: torch.Tensor, delta: torch.Tensor
+    ) -> torch.Tensor:
+        """m / ||W + D|| * (W + D) in float32, op for op peft's DoraLinearVariant.merge (and the
+        embedding's): the norm over each row of the [out, in] view, so its summation order, and
+        with it the output's bits, are peft's."""
+        magnitude = read_tensor(self.checkpoint, magnitude_key).to(torch.float32)
+        rows = w.T + delta.T if transpose else w + delta
+        factor = magnitude / torch.linalg.norm(rows, dim=1)
+        del rows
+        merged = w + delta
+        return merged.mul_(factor.view(1, -1) if transpose else factor.view(-1, 1))
 
     def config(self) -> dict:
         return self.base.config()
 
     def identity(self) -> dict[str, object]:
-        return {**self.source.identity(), "shards": self.checkpoint.shard_digests()}
+        return {
+            **self.source.identity(),
+            "shards": self.checkpoint.shard_digests(),
+            "adapter_type": "DoRA" if self.dora else "LoRA",
+        }
 
     def close(self) -> None:
         self.checkpoint.close()
