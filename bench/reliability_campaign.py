@@ -13,6 +13,16 @@ and the campaign goes on):
                   worker: the job and its webhook both end, and how long that took;
   redis_restart   redis-server SIGTERMed and SIGKILLed with jobs queued and running: nothing lost,
                   every job ends, and what the API answered while Redis was down;
+  kill_webhooks   the `-Q webhooks` worker SIGKILLed (whole process group) with POSTs held open by
+                  the receiver and retries counting down after a 500, one job ending while no
+                  webhooks worker lives, then a new one started: every webhook-id answered 200
+                  exactly once at the receiver (duplicates counted), nothing left in
+                  fapm:webhooks-owed, time to delivery after the kill and after the restart;
+  kill_s3         a worker SIGKILLed mid-upload to moto_server (shards streaming from a local or
+                  s3:// source, a multipart upload to staging, the promote's copies before the
+                  manifest, a multipart copy to the output): every job succeeds with the bytes of
+                  `fapm prune`, no staging object, open multipart upload or local scratch left,
+                  and a manifest never listed before its objects (the output prefix polled);
   submissions     N submissions at once (exactly one job each, audited in Redis), idempotency keys
                   sent 2-5 times at once (one job per key), a burst against a quota (exactly the
                   limit accepted, the rest 429);
@@ -1749,7 +1759,7 @@ def markdown(summary: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the small counts (~15 min, 2 CPUs)")
+    parser.add_argument("--quick", action="store_true", help="the small counts (~20 min, 2 CPUs)")
     parser.add_argument("--kills", type=int, help="worker SIGKILLs mid-job (20; quick 5)")
     parser.add_argument(
         "--instant-rounds", type=int, help="rounds of the 8 instant kills (3; quick 1)"
