@@ -23,7 +23,7 @@ class SourceNotFound(FapmError):
 
 
 class UnsupportedFormat(FapmError):
-    """A pickle checkpoint, a DoRA adapter, a URI scheme we do not read yet, ..."""
+    """A pickle checkpoint, a DoRA adapter on a convolution, a URI scheme we do not read yet..."""
 
     code = "unsupported_format"
 

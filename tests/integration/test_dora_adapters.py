@@ -257,6 +257,7 @@ def test_a_dora_adapter_in_a_merge_is_its_merged_model(dora_cases, tmp_path):
         if kind == "adapter":
             models = result.report["inputs"]["models"]
             assert [m.get("adapter_type") for m in models] == [None, "DoRA"]
+            assert "(DoRA adapter)" in (out / "README.md").read_text()  # the merge's card
     assert set(outputs["adapter"]) == set(outputs["merged"])
     for name, tensor in outputs["adapter"].items():
         torch.testing.assert_close(tensor, outputs["merged"][name], rtol=0, atol=0, msg=name)

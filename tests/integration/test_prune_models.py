@@ -260,7 +260,9 @@ def test_lora_adapter_equals_pruning_peft_merge_and_unload(lora_fp32, tmp_path):
     ).read_bytes()
 
 
-def test_dora_adapter_is_refused(lora_fp32, tmp_path):
+def test_use_dora_without_magnitudes_is_refused(lora_fp32, tmp_path):
+    """DoRA is read (tests/integration/test_dora_adapters.py); an adapter that says DoRA but has
+    no magnitude vectors is not one, and nothing is published."""
     import shutil
 
     adapter = tmp_path / "dora"
@@ -268,9 +270,9 @@ def test_dora_adapter_is_refused(lora_fp32, tmp_path):
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["use_dora"] = True
     (adapter / "adapter_config.json").write_text(json.dumps(config))
-    from worker.errors import UnsupportedFormat
+    from worker.errors import CorruptCheckpoint
 
-    with pytest.raises(UnsupportedFormat, match="DoRA"):
+    with pytest.raises(CorruptCheckpoint, match="lora_magnitude_vector"):
         run_prune(
             JobSpec(base=str(lora_fp32.base), adapter=str(adapter), output=str(tmp_path / "o"))
         )

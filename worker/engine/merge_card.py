@@ -34,7 +34,7 @@ def merge_card(
         zip(merge["inputs"], inputs.get("models", []), strict=False)
     ):
         revision = f" @ `{identity['revision']}`" if identity.get("revision") else ""
-        kind = "LoRA adapter" if one["adapter"] else "fine-tune"
+        kind = f"{identity.get('adapter_type', 'LoRA')} adapter" if one["adapter"] else "fine-tune"
         kept = one["totals"]
         rows.append(
             f"| {i} | `{one['model']}`{revision} ({kind}) | {one['weight']:g} | `{one['method']}` "
