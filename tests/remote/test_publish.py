@@ -86,6 +86,60 @@ def test_s3_rerun_reuses_shards_staged_with_the_same_sha256(s3, bucket):
     assert _objects(s3, bucket, "out/")[f"out/{SHARDS[0]}"] == FILES[SHARDS[0]]
 
 
+class _Killed(BaseException):
+    """The worker dying mid-promote: commit's exception handling never runs (no abort)."""
+
+
+def _killed_after_first_copy(target, monkeypatch) -> None:
+    copies = []
+    real_copy = target.client.copy
+
+    def copy_then_die(*args, **kwargs):
+        if copies:
+            raise _Killed
+        copies.append(args)
+        return real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(target.client, "copy", copy_then_die)
+    with pytest.raises(_Killed):
+        target.commit("job job5")
+
+
+def test_s3_rerun_completes_a_promote_its_killed_attempt_began(s3, bucket, monkeypatch):
+    first = S3Target(f"s3://{bucket}/out/", bucket, "out/", False, "job5")
+    _stage(first, FILES, SHARDS)
+    _killed_after_first_copy(first, monkeypatch)
+    partial = _objects(s3, bucket, "out/")
+    assert len(partial) == 1 and f"out/{MANIFEST_FILE}" not in partial  # one object, no commit
+    # What a kill during a multipart copy to the output leaves, and someone else's upload.
+    s3.create_multipart_upload(Bucket=bucket, Key=f"out/{SHARDS[1]}")
+    s3.create_multipart_upload(Bucket=bucket, Key="out/not-ours.bin")
+
+    # Another job finds objects it did not stage: refused as before.
+    with pytest.raises(OutputExists):
+        S3Target(f"s3://{bucket}/out/", bucket, "out/", False, "other-job")
+    second = S3Target(f"s3://{bucket}/out/", bucket, "out/", False, "job5")  # the re-run
+    uploads = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    assert [u["Key"] for u in uploads] == ["out/not-ours.bin"]  # its own copy's upload aborted
+    _stage(second, FILES, SHARDS)
+    second.commit("job job5")
+    objects = _objects(s3, bucket)
+    assert set(objects) == {f"out/{n}" for n in FILES} | {f"out/{MANIFEST_FILE}"}
+    assert json.loads(objects[f"out/{MANIFEST_FILE}"])["job_id"] == "job5"
+    assert all(objects[f"out/{n}"] == data for n, data in FILES.items())
+
+
+def test_s3_objects_that_differ_from_what_the_job_staged_are_refused(s3, bucket, monkeypatch):
+    first = S3Target(f"s3://{bucket}/out/", bucket, "out/", False, "job6")
+    _stage(first, FILES, SHARDS)
+    first._uploads.wait()  # staged, then killed
+    s3.put_object(Bucket=bucket, Key=f"out/{SHARDS[0]}", Body=b"someone else's")  # other size
+    with pytest.raises(OutputExists):
+        S3Target(f"s3://{bucket}/out/", bucket, "out/", False, "job6")
+    # Refused: the attempt's staging is removed with the refusal, not stranded.
+    assert _objects(s3, bucket) == {f"out/{SHARDS[0]}": b"someone else's"}
+
+
 class HubApiStandIn:
     """Records what HubTarget asks of HfApi, in order."""
 

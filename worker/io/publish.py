@@ -301,7 +301,13 @@ class S3Target(OutputTarget):
             max_concurrency=8,
             use_threads=True,
         )
-        self._fail_if_exists()
+        try:
+            self._fail_if_exists()
+        except (OutputExists, OutputNotReplaceable):
+            # The output is not ours to write: what an earlier attempt of this job staged goes.
+            self._abort_multipart_uploads()
+            self._delete_prefix(self.staging)
+            raise
         self._abort_multipart_uploads()  # left by a killed earlier attempt of this job
         self._scratch = ScratchDir("out")  # swept if this process is killed
         self.local_dir = self._scratch.path
@@ -323,10 +329,23 @@ class S3Target(OutputTarget):
             existing = self._keys(self.prefix)
         except (ClientError, BotoCoreError) as exc:
             raise s3_error(exc, self.uri) from exc
-        if existing and not self.overwrite:
+        if existing and not self.overwrite and not self._own_unfinished_promote(existing):
             raise OutputExists(f"{self.uri} already holds objects; set overwrite to replace them")
-        if existing:
+        if existing and self.overwrite:
             self._check_replaceable(existing)
+
+    def _own_unfinished_promote(self, existing: list[dict]) -> bool:
+        """Whether the objects at the output are an earlier attempt of this job killed while it
+        copied its staged objects there (before the manifest, the commit point): no manifest,
+        and every object is one this job staged, at the same size. The re-run then completes the
+        promote instead of failing with output_exists, which would strand the job (and its
+        staging). Anything else at the output is someone else's, and refused as before."""
+        staged = {o["Key"][len(self.staging) :]: o["Size"] for o in self._keys(self.staging)}
+        return all(
+            (name := o["Key"][len(self.prefix) :]) != MANIFEST_FILE
+            and staged.get(name) == o["Size"]
+            for o in existing
+        )
 
     def _check_replaceable(self, existing: list[dict]) -> None:
         """OutputNotReplaceable unless the prefix holds a model fapm published: fapm's report,
@@ -351,14 +370,21 @@ class S3Target(OutputTarget):
             raise OutputNotReplaceable(f"{refusal} (it holds deeper prefixes)")
 
     def _abort_multipart_uploads(self) -> None:
-        pages = self.client.get_paginator("list_multipart_uploads").paginate(
-            Bucket=self.bucket, Prefix=self.staging
-        )
-        for page in pages:
-            for upload in page.get("Uploads", []):
-                self.client.abort_multipart_upload(
-                    Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                )
+        """Abort the multipart uploads a killed or failed attempt of this job left open: under
+        its staging prefix, and the multipart copies of its staged objects to the output (an
+        object over the multipart threshold is copied in parts by the promote)."""
+        staged = {o["Key"][len(self.staging) :] for o in self._keys(self.staging)}
+        for prefix, ours in ((self.staging, None), (self.prefix, staged)):
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=prefix
+            )
+            for page in pages:
+                for upload in page.get("Uploads", []):
+                    if ours is not None and upload["Key"][len(prefix) :] not in ours:
+                        continue  # not a copy of what this job staged: not ours to abort
+                    self.client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                    )
 
     def _upload(self, name: str, sha256: str, remove_local: bool) -> None:
         path = self.local_dir / name
@@ -418,7 +444,7 @@ class S3Target(OutputTarget):
             self._check_replaceable(existing)
         if self.overwrite:  # consumers must not take the old manifest for the new files
             self.client.delete_object(Bucket=self.bucket, Key=self.prefix + MANIFEST_FILE)
-        elif existing:
+        elif existing and not self._own_unfinished_promote(existing):
             raise OutputExists(f"{self.uri} appeared while the job ran; not replaced")
         for name in self._uploaded:
             self.client.copy(
