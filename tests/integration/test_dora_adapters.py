@@ -378,3 +378,40 @@ def test_dora_on_a_convolution_is_refused_naming_the_module(tmp_path):
         run_prune(JobSpec(base=str(base), adapter=str(tmp_path / "adapter"),
                           output=str(tmp_path / "o")))  # fmt: skip
     assert not (tmp_path / "o").exists()
+
+
+def test_a_lora_on_a_convolution_or_of_another_model_is_refused_before_writing(tmp_path):
+    """Plain LoRA too: factors that are not a matrix product of the base weight's shape (a
+    convolution's 4-D ones, or an adapter trained on another model) are refused from the
+    headers, naming the module, instead of failing mid-job in torch."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    from worker.errors import CorruptCheckpoint
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 8, 3)
+            self.proj = torch.nn.Linear(8, 8)
+
+    torch.manual_seed(0)
+    net = Net()
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()},
+              str(base / "model.safetensors"))  # fmt: skip
+    (base / "config.json").write_text("{}")
+    conv = tmp_path / "conv-adapter"
+    get_peft_model(Net(), LoraConfig(r=2, target_modules=["conv"])).save_pretrained(str(conv))
+    with pytest.raises(UnsupportedFormat, match=r"'conv' is not a matrix product"):
+        run_prune(JobSpec(base=str(base), adapter=str(conv), output=str(tmp_path / "o")))
+    other = tmp_path / "other-adapter"
+    get_peft_model(Net(), LoraConfig(r=2, target_modules=["proj"])).save_pretrained(str(other))
+    weights = load_file(str(other / "adapter_model.safetensors"))
+    (key,) = [k for k in weights if "lora_A" in k]
+    weights[key] = torch.zeros((2, 16))  # A of a 16-wide layer: not this base's proj
+    save_file(weights, str(other / "adapter_model.safetensors"))
+    with pytest.raises(CorruptCheckpoint, match=r"'.*proj' .* does not make the base's"):
+        run_prune(JobSpec(base=str(base), adapter=str(other), output=str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()

@@ -222,11 +222,31 @@ class LoraMergedReader:
                     f"{self.source.uri}: {parts['magnitude'][:80]!r} is a DoRA magnitude, but "
                     f"{ADAPTER_CONFIG} does not set use_dora"
                 )
+            self._check_factors(module, parts["A"], parts["B"], target, transpose)
             modules[target] = _LoraModule(
                 parts["A"], parts["B"], scale, transpose, parts.get("magnitude"),
                 parts.get("base_layer"),
             )  # fmt: skip
         return modules, replaced_in_base
+
+    def _check_factors(self, module: str, a: str, b: str, target: str, transpose: bool) -> None:
+        """B @ A must be the shape of the base weight (transposed for an embedding or a
+        fan_in_fan_out weight), checked from the headers before anything is written: a LoRA on
+        a convolution (4-D factors) or factors of another model would otherwise fail mid-job."""
+        a_shape, b_shape = self.checkpoint.entry(a).shape, self.checkpoint.entry(b).shape
+        base_shape = tuple(self.base.info(target).shape)
+        if len(a_shape) != 2 or len(b_shape) != 2 or len(base_shape) != 2:
+            raise UnsupportedFormat(
+                f"{self.source.uri}: the LoRA on {module!r} is not a matrix product (lora_A "
+                f"{tuple(a_shape)}, lora_B {tuple(b_shape)}, weight {base_shape}: a convolution?); "
+                "adapters are read for Linear, Conv1D and Embedding modules"
+            )
+        product = (a_shape[1], b_shape[0]) if transpose else (b_shape[0], a_shape[1])
+        if b_shape[1] != a_shape[0] or product != base_shape:
+            raise CorruptCheckpoint(
+                f"{self.source.uri}: the LoRA on {module!r} (lora_A {tuple(a_shape)}, lora_B "
+                f"{tuple(b_shape)}) does not make the base's {target!r} {base_shape}"
+            )
 
     def _check_base_layer(self, key: str, target: str) -> None:
         shape, base_shape = self.checkpoint.entry(key).shape, self.base.info(target).shape
