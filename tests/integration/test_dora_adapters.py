@@ -354,26 +354,33 @@ def test_what_is_refused_is_refused_before_any_output(dora_cases, what, tmp_path
     assert not (tmp_path / "o").exists()
 
 
+class _ConvNet(torch.nn.Module):
+    """A convolution beside a Linear: what an adapter on a convolution is trained on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 8, 3)
+        self.proj = torch.nn.Linear(8, 8)
+
+
+def _conv_base(tmp_path) -> Path:
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file({k: v.contiguous() for k, v in _ConvNet().state_dict().items()},
+              str(base / "model.safetensors"))  # fmt: skip
+    (base / "config.json").write_text("{}")
+    return base
+
+
 def test_dora_on_a_convolution_is_refused_naming_the_module(tmp_path):
     """peft's DoRA for Conv layers scales whole kernels; the reader computes Linear and Embedding
     DoRA only, and says so for a convolution rather than computing something else."""
     from peft import LoraConfig, get_peft_model
 
-    class Net(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = torch.nn.Conv2d(4, 8, 3)
-            self.proj = torch.nn.Linear(8, 8)
-
-    torch.manual_seed(0)
-    net = Net()
-    base = tmp_path / "base"
-    base.mkdir()
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()},
-              str(base / "model.safetensors"))  # fmt: skip
-    (base / "config.json").write_text("{}")
+    base = _conv_base(tmp_path)
     config = LoraConfig(r=2, lora_alpha=4, target_modules=["conv", "proj"], use_dora=True)
-    get_peft_model(net, config).save_pretrained(str(tmp_path / "adapter"))
+    get_peft_model(_ConvNet(), config).save_pretrained(str(tmp_path / "adapter"))
     with pytest.raises(UnsupportedFormat, match=r"DoRA on 'conv' \(a 4-D weight"):
         run_prune(JobSpec(base=str(base), adapter=str(tmp_path / "adapter"),
                           output=str(tmp_path / "o")))  # fmt: skip
@@ -389,25 +396,13 @@ def test_a_lora_on_a_convolution_or_of_another_model_is_refused_before_writing(t
 
     from worker.errors import CorruptCheckpoint
 
-    class Net(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = torch.nn.Conv2d(4, 8, 3)
-            self.proj = torch.nn.Linear(8, 8)
-
-    torch.manual_seed(0)
-    net = Net()
-    base = tmp_path / "base"
-    base.mkdir()
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()},
-              str(base / "model.safetensors"))  # fmt: skip
-    (base / "config.json").write_text("{}")
+    base = _conv_base(tmp_path)
     conv = tmp_path / "conv-adapter"
-    get_peft_model(Net(), LoraConfig(r=2, target_modules=["conv"])).save_pretrained(str(conv))
+    get_peft_model(_ConvNet(), LoraConfig(r=2, target_modules=["conv"])).save_pretrained(str(conv))
     with pytest.raises(UnsupportedFormat, match=r"'conv' is not a matrix product"):
         run_prune(JobSpec(base=str(base), adapter=str(conv), output=str(tmp_path / "o")))
     other = tmp_path / "other-adapter"
-    get_peft_model(Net(), LoraConfig(r=2, target_modules=["proj"])).save_pretrained(str(other))
+    get_peft_model(_ConvNet(), LoraConfig(r=2, target_modules=["proj"])).save_pretrained(str(other))
     weights = load_file(str(other / "adapter_model.safetensors"))
     (key,) = [k for k in weights if "lora_A" in k]
     weights[key] = torch.zeros((2, 16))  # A of a 16-wide layer: not this base's proj
