@@ -86,7 +86,13 @@ from tests.service.test_worker_recovery import Workers, wait_for  # noqa: E402
 from tests.service.test_worker_webhooks import Receiver, tiny_spec  # noqa: E402
 from worker.engine.pipeline import REPORT_FILE  # noqa: E402
 from worker.io.staging import STAGING_MARK  # noqa: E402
-from worker.localstack import LocalStack, _spawn, free_port, s3_env, wait_for_port  # noqa: E402
+from worker.localstack import (  # noqa: E402
+    LocalStack,
+    _spawn,
+    free_port,
+    local_s3_client,
+    wait_for_port,
+)
 from worker.webhooks import webhook_id_for  # noqa: E402
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -633,16 +639,7 @@ LARGE_TENSORS, LARGE_ROWS, LARGE_COLS = 10, 2048, 4096
 
 
 def campaign_s3(stack: CampaignStack):
-    import boto3
-
-    env = s3_env(stack.s3_url)
-    return boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name=env["AWS_DEFAULT_REGION"],
-    )
+    return local_s3_client(stack.s3_url)
 
 
 def s3_listing(client, prefix: str) -> dict[str, int]:

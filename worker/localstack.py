@@ -49,6 +49,20 @@ def s3_env(endpoint: str) -> dict[str, str]:
     }
 
 
+def local_s3_client(endpoint: str):
+    """A boto3 S3 client of the local endpoint, with the settings s3_env gives the workers."""
+    import boto3  # only the S3 users of this module need it
+
+    env = s3_env(endpoint)
+    return boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
+
+
 @dataclass
 class Process:
     """A child process in its own process group (so a kill reaches its children too)."""

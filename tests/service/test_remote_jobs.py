@@ -8,12 +8,11 @@ import json
 import signal
 from pathlib import Path
 
-import boto3
 import pytest
 
 from tests.service.test_worker_jobs import Jobs, reference_output, write_big_pair
 from worker.io.publish import MANIFEST_FILE
-from worker.localstack import s3_env
+from worker.localstack import local_s3_client
 
 WEIGHTS_AND_SIDE = ("config.json", "generation_config.json", "tokenizer.json")
 
@@ -34,14 +33,7 @@ def remote_stack(tmp_path_factory, local_root):
 
 @pytest.fixture(scope="module")
 def s3(remote_stack):
-    env = s3_env(remote_stack.s3_url)
-    return boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name=env["AWS_DEFAULT_REGION"],
-    )
+    return local_s3_client(remote_stack.s3_url)
 
 
 @pytest.fixture(scope="module")
