@@ -10,11 +10,8 @@ receiver on 127.0.0.1 (allowed by FAST_ENV's FAPM_WEBHOOK_ALLOW)."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -26,6 +23,8 @@ from app.jobs.records import JobRecord
 from app.jobs.store import JobStore
 from tests.service.conftest import FAST_ENV, client
 from tests.service.test_worker_jobs import Jobs
+from tests.service.test_worker_webhooks import Delivery
+from tests.service.test_worker_webhooks import Receiver as WebhookReceiver
 from worker.localstack import LocalStack
 from worker.webhooks import UNSEAL_FAILED, verify
 
@@ -34,37 +33,12 @@ TOKEN = "tok-7c1d9e2f4a6b"
 SECRET = "whsec_c2VhbGVkLXNlY3JldC1mb3ItdGVzdHMtMDEyMzQ1"
 
 
-@dataclass
-class Delivery:
-    target: str  # the request line's path and query
-    headers: dict[str, str]
-    body: bytes
+class Receiver(WebhookReceiver):
+    """test_worker_webhooks' receiver (200 to every POST), reached under per-job paths with a
+    token in the query, as a registry's webhook URL often is."""
 
-
-class Receiver:
-    """Answers 200 to every POST and records where it went, its headers and its body."""
-
-    def __init__(self) -> None:
-        self.deliveries: list[Delivery] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["content-length"]))
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                receiver.deliveries.append(Delivery(self.path, headers, body))
-                self.send_response(200)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def url(self, label: str) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hook/{label}?token={TOKEN}&t=1"
+    def url(self, label: str) -> str:  # type: ignore[override]
+        return super().url(f"/hook/{label}?token={TOKEN}&t=1")
 
     def delivery_for(self, job_id: str, timeout: float = 60) -> Delivery:
         deadline = time.monotonic() + timeout
@@ -80,8 +54,7 @@ class Receiver:
 def receiver() -> Iterator[Receiver]:
     receiver = Receiver()
     yield receiver
-    receiver.server.shutdown()
-    receiver.server.server_close()
+    receiver.close()
 
 
 def _aof_enabled(client: redis.Redis) -> bool:

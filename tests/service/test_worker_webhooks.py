@@ -29,6 +29,7 @@ class Delivery:
     at: float
     headers: dict[str, str]
     body: bytes
+    target: str = ""  # the request line's path and query
 
 
 class Receiver:
@@ -45,7 +46,7 @@ class Receiver:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["content-length"]))
                 headers = {k.lower(): v for k, v in self.headers.items()}
-                receiver.deliveries.append(Delivery(time.time(), headers, body))
+                receiver.deliveries.append(Delivery(time.time(), headers, body, self.path))
                 index = min(len(receiver.deliveries), len(receiver.answers)) - 1
                 if receiver.answers[index] is None:
                     receiver.released.wait(120)
