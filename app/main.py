@@ -6,7 +6,6 @@ the torch-free JobSpec with the workers, so it starts in a second and runs on sm
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,9 +19,6 @@ from app.api.services import Services
 from app.api.webhooks_out import declare_outbound_webhooks
 from app.core.config import Settings, get_settings
 from app.core.problems import install_problem_handlers, move_problem_schemas
-from app.core.sealing import parse_keys
-
-log = logging.getLogger(__name__)
 
 DESCRIPTION = """
 Prune fine-tuned checkpoints as a service: submit a job (base + fine-tuned model or adapter,
@@ -54,12 +50,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        keys = settings.secrets_keys.get_secret_value() if settings.secrets_keys else ""
-        if not parse_keys(keys):
-            log.warning(
-                "FAPM_SECRETS_KEYS is not set: jobs' webhook URLs (their tokens) and signing "
-                "secrets are stored in clear in Redis and its AOF (README: Settings that matter)"
-            )
         yield
         await services.aclose()
 

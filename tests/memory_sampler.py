@@ -49,10 +49,11 @@ class PeakAnon:
             time.sleep(self.interval_s)
 
     def __enter__(self) -> PeakAnon:
-        self.base = rss_anon()
+        self.base = self.peak = rss_anon()  # a block shorter than a sample still has a peak
         self._thread.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self._done.set()
         self._thread.join()
+        self.peak = max(self.peak, rss_anon())  # what the block left, sampled or not

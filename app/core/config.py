@@ -26,7 +26,10 @@ def _split_list(value: object) -> object:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FAPM_", env_file=None, extra="ignore")
+    # hide_input_in_errors: a setting refused at start is named, never echoed (keys, secrets).
+    model_config = SettingsConfigDict(
+        env_prefix="FAPM_", env_file=None, extra="ignore", hide_input_in_errors=True
+    )
 
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",

@@ -69,10 +69,21 @@ def parse_rules(
             for location in (request.base, request.output):
                 if location is not None:  # prune "weights" has no base
                     parse_uri(location)  # bucket, repo and revision names by their services' rules
-        except (ValidationError, ValueError) as exc:
+        except ValidationError as exc:
+            raise error(f"{where}: rule {number}: {_without_input(exc)}") from None
+        except ValueError as exc:
             raise error(f"{where}: rule {number}: {exc}") from exc
         rules.append(rule)
     return rules
+
+
+def _without_input(exc: ValidationError) -> str:
+    """Each refused field and why, never its value: a rule may hold a webhook URL's token or a
+    secret, and this message reaches logs and the webhook's 503 answer."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in item['loc']) or 'rule'}: {item['msg']}"
+        for item in exc.errors(include_input=False, include_url=False)
+    )
 
 
 class RulesFile(Generic[Rule]):

@@ -31,6 +31,7 @@ Keys (prefix `fapm:`):
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ from worker.io import strict_json
 
 if TYPE_CHECKING:
     from app.core.config import Settings
+
+log = logging.getLogger(__name__)
 
 PREFIX = "fapm:"
 EVENTS_MAXLEN = 10_000
@@ -346,6 +349,11 @@ class JobStore:
         """The store of a service process (API or worker): its Redis, retention and keys."""
         keys = settings.secrets_keys
         sealer = Sealer.from_setting(keys.get_secret_value() if keys else None)
+        if not sealer.enabled:  # said by the API and by each worker process, as they start
+            log.warning(
+                "FAPM_SECRETS_KEYS is not set: jobs' webhook URLs (their tokens) and signing "
+                "secrets are stored in clear in Redis and its AOF (README: Settings that matter)"
+            )
         return cls.from_url(settings.redis_url, settings.job_ttl_seconds, sealer)
 
     def _expire_finished(self, job_id: str) -> None:

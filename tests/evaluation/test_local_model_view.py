@@ -61,4 +61,5 @@ def test_an_unconfined_local_model_is_viewed_too(tmp_path):
     model.mkdir()
     (model / "config.json").write_text("{}")
     with local_model_dir(str(model)) as directory:
+        assert directory != model and (directory / "config.json").is_symlink()
         assert Path(directory, "config.json").read_text() == "{}"

@@ -61,7 +61,7 @@ def _prune(mode: str, tmp_path, env: dict | None = None, method: str = "breadcru
 def test_a_tuned_prune_gives_the_same_bytes(tmp_path):
     _write(tmp_path / "base", 0.0)
     _write(tmp_path / "ft", 0.01)
-    assert _prune("plain", tmp_path)["applied"] is None
+    _prune("plain", tmp_path)
     assert _prune("tuned", tmp_path)["applied"] is True
     out = "model.safetensors"
     assert (tmp_path / "out-plain-0" / out).read_bytes() == (tmp_path / "out-tuned-0" / out).read_bytes()  # fmt: skip

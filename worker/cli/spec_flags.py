@@ -135,8 +135,7 @@ def read_spec_file(path: str) -> dict:
         values = load_json(data, f"--spec {path}", JsonLimits(MAX_SPEC_FILE_BYTES), FapmError)
     except FapmError as exc:
         raise SpecFileError(exc.message) from None
-    assert isinstance(values, dict)  # load_json's expect
-    return values
+    return typing.cast(dict, values)  # load_json's expect: an object
 
 
 def _section(values: dict, field: str) -> dict:
