@@ -129,6 +129,42 @@ def test_s3_rerun_completes_a_promote_its_killed_attempt_began(s3, bucket, monke
     assert all(objects[f"out/{n}"] == data for n, data in FILES.items())
 
 
+def test_s3_overwrite_rerun_after_a_kill_mid_promote_of_a_fresh_output(s3, bucket, monkeypatch):
+    # The report is copied first, so even a fresh output holds fapm's report at the kill.
+    files = {**FILES, REPORT_FILE: json.dumps({"format": "fapm-pruning-report/1"}).encode()}
+    first = S3Target(f"s3://{bucket}/fresh/", bucket, "fresh/", True, "job7")
+    _stage(first, files, SHARDS)
+    _killed_after_first_copy(first, monkeypatch)
+    assert set(_objects(s3, bucket, "fresh/")) == {f"fresh/{REPORT_FILE}"}
+    second = S3Target(f"s3://{bucket}/fresh/", bucket, "fresh/", True, "job7")
+    _stage(second, files, SHARDS)
+    second.commit("job job7")
+    assert set(_objects(s3, bucket, "fresh/")) == {f"fresh/{n}" for n in files} | {
+        f"fresh/{MANIFEST_FILE}"
+    }
+
+
+def test_s3_abort_takes_back_a_promote_the_job_began(s3, bucket, monkeypatch):
+    first = S3Target(f"s3://{bucket}/out/", bucket, "out/", False, "job8")
+    _stage(first, FILES, SHARDS)
+    _killed_after_first_copy(first, monkeypatch)
+    second = S3Target(f"s3://{bucket}/out/", bucket, "out/", False, "job8")
+    second.abort()  # the re-run fails or is cancelled before it publishes
+    assert _objects(s3, bucket) == {}  # the next attempt finds the output free
+
+
+def test_s3_same_size_other_bytes_at_the_output_are_not_taken_for_the_job_s(s3, bucket):
+    first = S3Target(f"s3://{bucket}/out/", bucket, "out/", False, "job9")
+    _stage(first, FILES, SHARDS)
+    first._uploads.wait()
+    other = b"z" * len(FILES[SHARDS[1]])  # the same name and size, another upload's bytes
+    s3.put_object(Bucket=bucket, Key=f"out/{SHARDS[1]}", Body=other,
+                  Metadata={"sha256": hashlib.sha256(other).hexdigest()})  # fmt: skip
+    with pytest.raises(OutputExists):
+        S3Target(f"s3://{bucket}/out/", bucket, "out/", False, "job9")
+    assert _objects(s3, bucket) == {f"out/{SHARDS[1]}": other}
+
+
 def test_s3_objects_that_differ_from_what_the_job_staged_are_refused(s3, bucket, monkeypatch):
     first = S3Target(f"s3://{bucket}/out/", bucket, "out/", False, "job6")
     _stage(first, FILES, SHARDS)

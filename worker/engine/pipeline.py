@@ -215,9 +215,11 @@ class Staged:
     ) -> None:
         try:
             if exc_type is not None:  # any exception: a failure, a cancel, an interrupt
-                if self._writer is not None:
-                    self._writer.abort()
-                self.target.abort()
+                try:
+                    if self._writer is not None:
+                        self._writer.abort()
+                finally:  # the staging goes even if the writer's abort fails
+                    self.target.abort()
         finally:
             for reader in self.readers:
                 reader.close()

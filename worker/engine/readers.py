@@ -205,13 +205,6 @@ class LoraMergedReader:
                     f"{self.source.uri}: adapter targets {module + '.weight'!r}, which the base "
                     "lacks"
                 )
-            rank = self.checkpoint.entry(parts["A"]).shape[0]
-            if rank == 0:
-                raise CorruptCheckpoint(f"{self.source.uri}: {parts['A'][:80]!r} has rank 0")
-            alpha = self._alpha_for(module)
-            scale = (
-                alpha / math.sqrt(rank) if self.adapter_config.get("use_rslora") else alpha / rank
-            )
             transpose = bool(parts["embedding"]) or fan_in_fan_out
             if "base_layer" in parts:
                 self._check_base_layer(parts["base_layer"], target)
@@ -223,6 +216,13 @@ class LoraMergedReader:
                     f"{ADAPTER_CONFIG} does not set use_dora"
                 )
             self._check_factors(module, parts["A"], parts["B"], target, transpose)
+            rank = self.checkpoint.entry(parts["A"]).shape[0]
+            if rank == 0:
+                raise CorruptCheckpoint(f"{self.source.uri}: {parts['A'][:80]!r} has rank 0")
+            alpha = self._alpha_for(module)
+            scale = (
+                alpha / math.sqrt(rank) if self.adapter_config.get("use_rslora") else alpha / rank
+            )
             modules[target] = _LoraModule(
                 parts["A"], parts["B"], scale, transpose, parts.get("magnitude"),
                 parts.get("base_layer"),
@@ -326,10 +326,8 @@ class LoraMergedReader:
         embedding's): the norm over each row of the [out, in] view, so its summation order, and
         with it the output's bits, are peft's."""
         magnitude = read_tensor(self.checkpoint, magnitude_key).to(torch.float32)
-        rows = w.T + delta.T if transpose else w + delta
-        factor = magnitude / torch.linalg.norm(rows, dim=1)
-        del rows
-        merged = w + delta
+        merged = w + delta  # once: the [out, in] rows are its transpose's where transposed
+        factor = magnitude / torch.linalg.norm(merged.T if transpose else merged, dim=1)
         return merged.mul_(factor.view(1, -1) if transpose else factor.view(-1, 1))
 
     def config(self) -> dict:

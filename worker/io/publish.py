@@ -329,23 +329,34 @@ class S3Target(OutputTarget):
             existing = self._keys(self.prefix)
         except (ClientError, BotoCoreError) as exc:
             raise s3_error(exc, self.uri) from exc
-        if existing and not self.overwrite and not self._own_unfinished_promote(existing):
+        if not existing or self._own_unfinished_promote(existing):
+            return
+        if not self.overwrite:
             raise OutputExists(f"{self.uri} already holds objects; set overwrite to replace them")
-        if existing and self.overwrite:
-            self._check_replaceable(existing)
+        self._check_replaceable(existing)
 
     def _own_unfinished_promote(self, existing: list[dict]) -> bool:
         """Whether the objects at the output are an earlier attempt of this job killed while it
         copied its staged objects there (before the manifest, the commit point): no manifest,
         and every object is one this job staged, at the same size. The re-run then completes the
         promote instead of failing with output_exists, which would strand the job (and its
-        staging). Anything else at the output is someone else's, and refused as before."""
+        staging). Anything else at the output is someone else's, and refused as before.
+
+        Where the copy kept the staged object's sha256 metadata (a single-request copy does; a
+        multipart copy may not), it must be the staged one too. Only asked when objects without
+        a manifest are found, so the HEADs are on that path alone."""
         staged = {o["Key"][len(self.staging) :]: o["Size"] for o in self._keys(self.staging)}
-        return all(
-            (name := o["Key"][len(self.prefix) :]) != MANIFEST_FILE
-            and staged.get(name) == o["Size"]
-            for o in existing
-        )
+        for obj in existing:
+            name = obj["Key"][len(self.prefix) :]
+            if name == MANIFEST_FILE or staged.get(name) != obj["Size"]:
+                return False
+            copied = self._sha256_metadata(obj["Key"])
+            if copied is not None and copied != self._sha256_metadata(self.staging + name):
+                return False
+        return True
+
+    def _sha256_metadata(self, key: str) -> str | None:
+        return self.client.head_object(Bucket=self.bucket, Key=key)["Metadata"].get("sha256")
 
     def _check_replaceable(self, existing: list[dict]) -> None:
         """OutputNotReplaceable unless the prefix holds a model fapm published: fapm's report,
@@ -440,13 +451,15 @@ class S3Target(OutputTarget):
     def _promote(self, manifest: dict) -> None:
         """Copy staged objects to the final prefix; the manifest goes last (the commit point)."""
         existing = self._keys(self.prefix)
-        if existing and self.overwrite:  # it may have changed while the job ran
+        if existing and not self._own_unfinished_promote(existing):  # it may have changed
+            if not self.overwrite:
+                raise OutputExists(f"{self.uri} appeared while the job ran; not replaced")
             self._check_replaceable(existing)
         if self.overwrite:  # consumers must not take the old manifest for the new files
             self.client.delete_object(Bucket=self.bucket, Key=self.prefix + MANIFEST_FILE)
-        elif existing and not self._own_unfinished_promote(existing):
-            raise OutputExists(f"{self.uri} appeared while the job ran; not replaced")
-        for name in self._uploaded:
+        # The report first: at every moment of the copy the output holds fapm's report, so a
+        # re-run with overwrite after a kill here finds it replaceable (_check_replaceable).
+        for name in sorted(self._uploaded, key=lambda name: name != REPORT_FILE):
             self.client.copy(
                 {"Bucket": self.bucket, "Key": self.staging + name},
                 self.bucket,
@@ -477,6 +490,11 @@ class S3Target(OutputTarget):
         self._uploads.cancel()
         try:
             self._abort_multipart_uploads()
+            # A promote this job began (an earlier attempt killed in it, or this one failing in
+            # it) is taken back, or every later attempt would find the output taken.
+            existing = self._keys(self.prefix)
+            if existing and self._own_unfinished_promote(existing):
+                self._delete_keys([o["Key"] for o in existing])
             self._delete_prefix(self.staging)
         finally:
             self._scratch.remove()

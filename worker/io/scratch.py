@@ -76,6 +76,10 @@ class ScratchDir:
             os.rename(pending, lock_path)
             return path, lock_path, fd
         except FileNotFoundError:
+            if not made_dir:  # the temp dir itself is gone: nothing to retry
+                pending.unlink(missing_ok=True)
+                os.close(fd)
+                raise
             os.rmdir(path)
             os.close(fd)
             return None
