@@ -130,18 +130,43 @@ def test_s3_rerun_completes_a_promote_its_killed_attempt_began(s3, bucket, monke
 
 
 def test_s3_overwrite_rerun_after_a_kill_mid_promote_of_a_fresh_output(s3, bucket, monkeypatch):
-    # The report is copied first, so even a fresh output holds fapm's report at the kill.
+    # A fresh output holds no report of fapm's yet: the job's own copies are recognised first.
     files = {**FILES, REPORT_FILE: json.dumps({"format": "fapm-pruning-report/1"}).encode()}
     first = S3Target(f"s3://{bucket}/fresh/", bucket, "fresh/", True, "job7")
     _stage(first, files, SHARDS)
     _killed_after_first_copy(first, monkeypatch)
-    assert set(_objects(s3, bucket, "fresh/")) == {f"fresh/{REPORT_FILE}"}
+    assert set(_objects(s3, bucket, "fresh/")) == {f"fresh/{SHARDS[0]}"}
     second = S3Target(f"s3://{bucket}/fresh/", bucket, "fresh/", True, "job7")
     _stage(second, files, SHARDS)
     second.commit("job job7")
     assert set(_objects(s3, bucket, "fresh/")) == {f"fresh/{n}" for n in files} | {
         f"fresh/{MANIFEST_FILE}"
     }
+
+
+def test_s3_rerun_completes_a_promote_whose_report_differs_from_its_own(s3, bucket, monkeypatch):
+    """Killed after every copy but before the manifest: the re-run writes a report of its own
+    (other timings, another size) and still completes the promote it found at open."""
+    report = {"format": "fapm-pruning-report/1", "seconds": 1.5}
+    first = S3Target(f"s3://{bucket}/out/", bucket, "out/", False, "job10")
+    _stage(first, {**FILES, REPORT_FILE: json.dumps(report).encode()}, SHARDS)
+    real_put = first.client.put_object
+
+    def die_at_the_manifest(**kwargs):
+        if kwargs["Key"].endswith(MANIFEST_FILE):
+            raise _Killed
+        return real_put(**kwargs)
+
+    monkeypatch.setattr(first.client, "put_object", die_at_the_manifest)
+    with pytest.raises(_Killed):
+        first.commit("job job10")
+    monkeypatch.undo()
+    second = S3Target(f"s3://{bucket}/out/", bucket, "out/", False, "job10")
+    rerun_report = json.dumps({**report, "seconds": 12.25}).encode()
+    _stage(second, {**FILES, REPORT_FILE: rerun_report}, SHARDS)
+    second.commit("job job10")
+    objects = _objects(s3, bucket, "out/")
+    assert objects[f"out/{REPORT_FILE}"] == rerun_report and f"out/{MANIFEST_FILE}" in objects
 
 
 def test_s3_abort_takes_back_a_promote_the_job_began(s3, bucket, monkeypatch):

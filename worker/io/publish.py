@@ -301,6 +301,7 @@ class S3Target(OutputTarget):
             max_concurrency=8,
             use_threads=True,
         )
+        self._resumed: dict[str, int] = {}  # an earlier attempt's unfinished promote: key -> size
         try:
             self._fail_if_exists()
         except (OutputExists, OutputNotReplaceable):
@@ -329,7 +330,9 @@ class S3Target(OutputTarget):
             existing = self._keys(self.prefix)
         except (ClientError, BotoCoreError) as exc:
             raise s3_error(exc, self.uri) from exc
-        if not existing or self._own_unfinished_promote(existing):
+        if existing and self._own_unfinished_promote(existing):
+            self._resumed = {o["Key"]: o["Size"] for o in existing}
+        if not existing or self._resumed:
             return
         if not self.overwrite:
             raise OutputExists(f"{self.uri} already holds objects; set overwrite to replace them")
@@ -354,6 +357,13 @@ class S3Target(OutputTarget):
             if copied is not None and copied != self._sha256_metadata(self.staging + name):
                 return False
         return True
+
+    def _ours(self, existing: list[dict]) -> bool:
+        """Whether every object at the output is this job's: found at open as an earlier
+        attempt's unfinished promote (as it was then: the report and card of that attempt may
+        differ from this one's, timings), or a copy of what this attempt staged."""
+        rest = [o for o in existing if self._resumed.get(o["Key"]) != o["Size"]]
+        return not rest or self._own_unfinished_promote(rest)
 
     def _sha256_metadata(self, key: str) -> str | None:
         return self.client.head_object(Bucket=self.bucket, Key=key)["Metadata"].get("sha256")
@@ -451,15 +461,13 @@ class S3Target(OutputTarget):
     def _promote(self, manifest: dict) -> None:
         """Copy staged objects to the final prefix; the manifest goes last (the commit point)."""
         existing = self._keys(self.prefix)
-        if existing and not self._own_unfinished_promote(existing):  # it may have changed
+        if existing and not self._ours(existing):  # it may have changed while the job ran
             if not self.overwrite:
                 raise OutputExists(f"{self.uri} appeared while the job ran; not replaced")
             self._check_replaceable(existing)
         if self.overwrite:  # consumers must not take the old manifest for the new files
             self.client.delete_object(Bucket=self.bucket, Key=self.prefix + MANIFEST_FILE)
-        # The report first: at every moment of the copy the output holds fapm's report, so a
-        # re-run with overwrite after a kill here finds it replaceable (_check_replaceable).
-        for name in sorted(self._uploaded, key=lambda name: name != REPORT_FILE):
+        for name in self._uploaded:
             self.client.copy(
                 {"Bucket": self.bucket, "Key": self.staging + name},
                 self.bucket,
@@ -493,7 +501,7 @@ class S3Target(OutputTarget):
             # A promote this job began (an earlier attempt killed in it, or this one failing in
             # it) is taken back, or every later attempt would find the output taken.
             existing = self._keys(self.prefix)
-            if existing and self._own_unfinished_promote(existing):
+            if existing and self._ours(existing):
                 self._delete_keys([o["Key"] for o in existing])
             self._delete_prefix(self.staging)
         finally:
